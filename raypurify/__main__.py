@@ -1,0 +1,3 @@
+from raypurify.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,129 @@
+"""Typed configs: pydantic models loaded from YAML, with `--set key.path=value` overrides.
+
+Every config model rejects unknown keys and wrong types; errors carry the dotted key path
+(``train.epochs: Input should be a valid integer``) so a user can find the offending line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from raypurify.errors import ConfigError
+
+
+class Config(BaseModel):
+    """Base for all configs: strict about keys, validated on assignment too."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def digest(self) -> str:
+        """A stable hash of the config's content (key order does not matter)."""
+        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+
+C = TypeVar("C", bound=BaseModel)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Split ``a.b.c=value`` into (["a", "b", "c"], value), the value parsed as YAML."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.epochs=5")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {key}: value {raw!r} is not valid YAML ({e.problem})") from None
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """Return a copy of `data` with each ``key.path=value`` override set (nested dicts created)."""
+    out = json.loads(json.dumps(data))  # deep copy of plain data
+    for item in overrides:
+        path, value = parse_override(item)
+        node = out
+        for i, part in enumerate(path[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                where = ".".join(path[: i + 1])
+                raise ConfigError(f"--set {'.'.join(path)}: '{where}' is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return out
+
+
+def format_validation_error(err: ValidationError, prefix: str = "") -> str:
+    """One line: ``key.path: message (got value)`` for each problem, joined with '; '."""
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        if prefix:
+            loc = f"{prefix}.{loc}"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif "input" in e and not isinstance(e["input"], (dict, list)):
+            msg = f"{msg} (got {e['input']!r})"
+        parts.append(f"{loc}: {msg}")
+    return "; ".join(parts)
+
+
+def validate(model: type[C], data: Mapping[str, Any], *, source: str = "config") -> C:
+    """Validate plain data into `model`, raising a one-line ConfigError on failure."""
+    try:
+        return model.model_validate(dict(data))
+    except ValidationError as e:
+        raise ConfigError(f"{source}: {format_validation_error(e)}") from None
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{where}: invalid YAML") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def load(
+    model: type[C],
+    base: Mapping[str, Any] | str | Path | None = None,
+    overrides: Iterable[str] = (),
+) -> C:
+    """Build a config from a YAML file or dict, apply `--set` overrides, then validate."""
+    source = str(base) if isinstance(base, (str, Path)) else "config"
+    data = read_yaml(base) if isinstance(base, (str, Path)) else dict(base or {})
+    return validate(model, apply_overrides(data, overrides), source=source)
+
+
+def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flatten nested dicts to dotted keys (MLflow params are flat)."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat

@@ -1,0 +1,30 @@
+"""Export any registered dataset to the interchange format through Ray Data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from raypurify.atomic import check_new
+from raypurify.data import registry
+from raypurify.data.interchange import DatasetInfo, write_ray
+from raypurify.data.spec import DatasetSpec
+from raypurify.runtime import init_ray
+
+
+def export(
+    spec: DatasetSpec, out: str | Path, *, overwrite: bool = False, num_cpus: int | None = None
+) -> DatasetInfo:
+    """Decode `spec`'s split, PNG-encode it in Ray Data and write it atomically to `out`."""
+    check_new(out, overwrite)
+    init_ray(num_cpus)
+    stream = registry.stream(spec)
+    source = {"source": spec.name, "split": spec.split}
+    return write_ray(
+        stream.ds,
+        out,
+        classes=stream.classes,
+        shape=stream.shape,
+        config={"dataset": spec.to_dict()},
+        parents=[source],
+        overwrite=overwrite,
+    )

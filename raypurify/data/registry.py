@@ -1,0 +1,64 @@
+"""The dataset registry: every dataset by name. Adding one is a module in `sources/` and a
+line here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from raypurify.data.imageset import ImageSet
+from raypurify.data.interchange import MANIFEST, imageset_to_ray
+from raypurify.data.sources import cifar, folder, parquet, sample, synthetic
+from raypurify.data.spec import DatasetSpec, Source, Stream
+from raypurify.errors import DatasetError
+
+SOURCES: dict[str, Source] = {
+    s.name: s
+    for s in (
+        cifar.CIFAR10,
+        cifar.CIFAR100,
+        folder.IMAGENET_SUBSET,
+        folder.FOLDER,
+        parquet.SOURCE,
+        synthetic.SOURCE,
+        sample.SOURCE,
+    )
+}
+
+
+def is_dataset_dir(ref: str | Path) -> bool:
+    p = Path(ref)
+    return (p / MANIFEST).exists() or (p / "train" / MANIFEST).exists()
+
+
+def spec_for(ref: str, **fields) -> DatasetSpec:
+    """A DatasetSpec for `ref`: a dataset directory (our format) or a registry name."""
+    if is_dataset_dir(ref):
+        return DatasetSpec(name="parquet", path=str(ref), **fields)
+    if ref in SOURCES:
+        return DatasetSpec(name=ref, **fields)
+    if Path(ref).exists():
+        raise DatasetError(f"{ref}: not a dataset directory (no {MANIFEST})")
+    raise DatasetError(f"unknown dataset '{ref}': not a directory, nor one of {sorted(SOURCES)}")
+
+
+def source(spec: DatasetSpec) -> Source:
+    try:
+        return SOURCES[spec.name]
+    except KeyError:
+        raise DatasetError(
+            f"name: unknown dataset '{spec.name}' (known: {sorted(SOURCES)})"
+        ) from None
+
+
+def load(spec: DatasetSpec) -> ImageSet:
+    """The split in memory as an ImageSet (small data)."""
+    return source(spec).load(spec)
+
+
+def stream(spec: DatasetSpec) -> Stream:
+    """The split as a Ray Dataset of decoded rows (any size)."""
+    src = source(spec)
+    if src.stream is not None:
+        return src.stream(spec)
+    data = src.load(spec)
+    return Stream(imageset_to_ray(data), data.classes, data.shape)

@@ -1,0 +1,1 @@
+"""Dataset sources, one module each; `registry.SOURCES` lists them."""

@@ -1,0 +1,22 @@
+"""`cifar10-sample`: a small class-balanced CIFAR-10 subset shipped inside the package.
+
+1,000 train and 500 test images, drawn with seed 0 from the offline copy by
+scripts/make_cifar10_sample.py and kept as the original JPEG bytes (about 1.4 MB), so the
+quickstart runs on any machine with no network and no data directory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from raypurify.data.interchange import read_images
+from raypurify.data.spec import DatasetSpec, Source, subset_of
+
+SAMPLE_DIR = Path(__file__).resolve().parent.parent / "sample" / "cifar10-sample"
+
+
+def load(spec: DatasetSpec):
+    return subset_of(read_images(SAMPLE_DIR / spec.split), spec)
+
+
+SOURCE = Source("cifar10-sample", "bundled CIFAR-10 subset (1,000 train / 500 test)", load)

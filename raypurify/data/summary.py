@@ -1,0 +1,91 @@
+"""`datasets show`: row count, class histogram, pixel statistics and a sample grid."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from raypurify.data.interchange import DatasetInfo, iter_images, open_dataset
+from raypurify.reports.images import class_rows, grid
+
+PER_CLASS = 8
+
+
+@dataclass
+class Summary:
+    info: DatasetInfo
+    class_counts: np.ndarray
+    poisoned: int | None
+    mean: np.ndarray  # per channel, in [0, 255]
+    std: np.ndarray
+    low: np.ndarray
+    high: np.ndarray
+    grid_path: Path
+
+    def lines(self) -> list[str]:
+        i = self.info
+        h, w, c = i.shape
+        out = [
+            f"dataset   {i.path}  (id {i.id})",
+            f"rows      {i.rows}   images {h}x{w}x{c}   classes {len(i.classes)}"
+            + ("" if self.poisoned is None else f"   poisoned {self.poisoned}"),
+            "classes:",
+        ]
+        peak = max(1, int(self.class_counts.max()))
+        for k, (name, n) in enumerate(zip(i.classes, self.class_counts, strict=True)):
+            out.append(f"  {k:>3} {name:<14} {n:>7}  {'#' * round(30 * n / peak)}")
+        chans = "RGB" if c == 3 else "L"
+        for label, v in (
+            ("mean", self.mean),
+            ("std", self.std),
+            ("min", self.low),
+            ("max", self.high),
+        ):
+            out.append(
+                f"pixel {label:<4} "
+                + "  ".join(f"{ch} {x:7.2f}" for ch, x in zip(chans, v, strict=True))
+            )
+        parents = ", ".join(
+            p.get("id") or p.get("source", "?") for p in i.manifest.get("parents", [])
+        )
+        out.append(f"lineage   {parents or '-'}")
+        out.append(f"grid      {self.grid_path}")
+        return out
+
+
+def summarize(path: str | Path, grid_path: str | Path | None = None) -> Summary:
+    """Stream the dataset once (file by file) and save a grid of examples per class."""
+    info = open_dataset(path)
+    counts = np.zeros(len(info.classes), np.int64)
+    c = info.shape[2]
+    total, sq = np.zeros(c), np.zeros(c)
+    low, high = np.full(c, 255.0), np.zeros(c)
+    poisoned = 0 if info.has_poisoned else None
+    examples = {k: [] for k in range(min(10, len(info.classes)))}
+    bar = tqdm(total=info.rows, desc="reading", unit="img", leave=False)
+    for chunk in iter_images(info.path, info=info):
+        counts += chunk.class_counts()
+        px = chunk.images.reshape(-1, c).astype(np.float64)
+        total += px.sum(0)
+        sq += (px**2).sum(0)
+        low, high = np.minimum(low, px.min(0)), np.maximum(high, px.max(0))
+        if poisoned is not None:
+            poisoned += int(chunk.poisoned.sum())
+        for r in class_rows(chunk.labels, chunk.num_classes, PER_CLASS):
+            k = int(chunk.labels[r])
+            if len(examples[k]) < PER_CLASS:
+                examples[k].append(chunk.images[r])
+        bar.update(len(chunk))
+    bar.close()
+    n = info.rows * info.shape[0] * info.shape[1]
+    mean = total / n
+    std = np.sqrt(np.maximum(sq / n - mean**2, 0))
+    grid_path = Path(grid_path) if grid_path else info.path.parent / f"{info.path.name}-grid.png"
+    tiles = [img for k in sorted(examples) for img in examples[k]]
+    scale = max(1, 64 // info.shape[0])
+    Image.fromarray(grid(np.stack(tiles), ncol=PER_CLASS, scale=scale)).save(grid_path)
+    return Summary(info, counts, poisoned, mean, std, low, high, grid_path)

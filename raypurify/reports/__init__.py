@@ -1,0 +1,1 @@
+"""Figures and tables: image grids, result tables and plots."""

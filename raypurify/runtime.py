@@ -1,0 +1,69 @@
+"""Where code runs: the Ray cluster, the torch device, precision and seeds.
+
+This is the one place that starts or joins Ray. With RAY_ADDRESS set (a cluster, or
+`ray job submit`, which sets it) we join that cluster; otherwise we start a local Ray
+with a bounded object store so a laptop or a 2-core CI box is not swamped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+
+import numpy as np
+import torch
+
+DEFAULT_OBJECT_STORE_BYTES = 2 * 1024**3
+
+
+def init_ray(num_cpus: int | None = None, *, object_store_bytes: int | None = None) -> None:
+    """Join the cluster in RAY_ADDRESS, or start a local Ray (idempotent)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return
+    store = object_store_bytes or int(
+        os.environ.get("RAYPURIFY_OBJECT_STORE_BYTES", DEFAULT_OBJECT_STORE_BYTES)
+    )
+    ray.init(
+        address="local",
+        num_cpus=num_cpus,
+        object_store_memory=store,
+        include_dashboard=False,
+        log_to_driver=True,
+    )
+
+
+def device() -> torch.device:
+    """CUDA when this process sees a GPU, else CPU (decided at run time, never configured)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def autocast(dev: torch.device, enabled: bool = True):
+    """bf16 autocast on CPU and CUDA alike (`precision: fp32` in a config turns it off)."""
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=dev.type, dtype=torch.bfloat16)
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python, numpy and torch; return a torch Generator for explicit use."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def cpu_threads() -> int:
+    """Threads torch should use in this process: Ray's CPU grant when inside Ray, else all."""
+    granted = os.environ.get("OMP_NUM_THREADS")
+    if granted and granted.isdigit() and int(granted) > 0:
+        return int(granted)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
