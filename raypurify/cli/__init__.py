@@ -6,10 +6,10 @@ import argparse
 import sys
 
 from raypurify import __version__
-from raypurify.cli import datasets
+from raypurify.cli import datasets, train
 from raypurify.errors import user_error
 
-COMMANDS = [datasets]
+COMMANDS = [datasets, train]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,42 @@
+"""Defences by name. Adding one: a module with a `Defense` entry and a line in DEFENSES."""
+
+from __future__ import annotations
+
+from raypurify import config
+from raypurify.defenses import adversarial, mixing, squeeze, ueraser
+from raypurify.defenses.base import Defense
+from raypurify.registry import Registry
+
+NONE = Defense("none", "no defence: the undefended baseline", "none")
+
+DEFENSES = Registry(
+    "defense",
+    [
+        NONE,
+        squeeze.JPEG,
+        squeeze.GRAYSCALE,
+        squeeze.BDR,
+        squeeze.ISS,
+        mixing.CUTOUT,
+        mixing.MIXUP,
+        mixing.CUTMIX,
+        adversarial.ADVERSARIAL,
+        ueraser.UERASER,
+    ],
+)
+
+
+def options(name: str, raw: dict | None = None, overrides=(), *, key: str = "defense"):
+    """The defence `name` and its validated options (errors quote `key`)."""
+    defense = DEFENSES.get(name, key=f"{key}.name")
+    return defense, config.load(defense.options, raw or {}, overrides)
+
+
+def training_loss(train_cfg):
+    """The classifier's LossFn: the training-time defence's, or plain cross-entropy."""
+    from raypurify.training.engine import cross_entropy
+
+    defense, opts = options(train_cfg.defense.name, train_cfg.defense.options)
+    if defense.kind == "train":
+        return defense.loss(opts, train_cfg)
+    return cross_entropy(train_cfg.optim.label_smoothing)

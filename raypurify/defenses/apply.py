@@ -1,0 +1,52 @@
+"""Run a pre-training defence over a dataset and write the defended set.
+
+Transform defences (JPEG, grayscale, BDR, ISS) run in Ray Data `map_batches` over the
+decoded rows, so they scale from the bundled sample to ImageNet-size folders; the output
+is a new dataset in the interchange format whose manifest names the defence and its input.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from raypurify.data.interchange import MANIFEST, DatasetInfo, open_dataset, write_ray
+from raypurify.data.spec import Stream
+from raypurify.defenses.base import Defense
+from raypurify.runtime import init_ray
+
+
+def transform_dataset(
+    defense: Defense,
+    options,
+    source: Stream,
+    out: str | Path,
+    *,
+    parents: list[dict] = (),
+    overwrite: bool = False,
+) -> DatasetInfo:
+    """Apply `defense.transform` to every image of `source`, writing `out` atomically."""
+    if defense.kind != "transform":
+        raise ValueError(f"defense '{defense.name}' is not a dataset transform")
+    init_ray()
+
+    def apply(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return batch | {"image": defense.transform(np.asarray(batch["image"]), options)}
+
+    ds = source.ds.map_batches(apply, batch_format="numpy", batch_size=512)
+    config = {"defense": defense.name, "options": options.to_dict()}
+    return write_ray(
+        ds,
+        out,
+        classes=source.classes,
+        shape=source.shape,
+        config=config,
+        parents=list(parents),
+        overwrite=overwrite,
+    )
+
+
+def reuse(out: str | Path) -> DatasetInfo | None:
+    """The complete dataset already at `out` (left by an earlier run), or None."""
+    return open_dataset(out) if (Path(out) / MANIFEST).exists() else None

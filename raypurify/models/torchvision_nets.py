@@ -1,0 +1,27 @@
+"""DenseNet-121 and MobileNetV2 from torchvision, with stems adapted to 32 px images.
+
+The ImageNet stems downsample 4x before the first block (DenseNet) or 2x twice early
+(MobileNetV2), which leaves too little of a 32 px image; the usual CIFAR adaptation keeps
+the early resolution. For 64 px and larger images the ImageNet models are used unchanged.
+"""
+
+from __future__ import annotations
+
+import torch.nn as nn
+import torchvision
+
+
+def densenet121(num_classes: int, image_size: int) -> nn.Module:
+    model = torchvision.models.densenet121(num_classes=num_classes)
+    if image_size <= 32:
+        model.features.conv0 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        model.features.pool0 = nn.Identity()
+    return model
+
+
+def mobilenet_v2(num_classes: int, image_size: int) -> nn.Module:
+    model = torchvision.models.mobilenet_v2(num_classes=num_classes)
+    if image_size <= 32:
+        model.features[0][0].stride = (1, 1)  # stem: 32 -> 32 instead of 32 -> 16
+        model.features[2].conv[1][0].stride = (1, 1)  # first stride-2 block kept at 32 px
+    return model

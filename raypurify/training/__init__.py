@@ -1,0 +1,1 @@
+"""Classifier training: recipes, the per-batch engine, and the Ray Train glue."""
