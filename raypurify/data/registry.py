@@ -61,4 +61,4 @@ def stream(spec: DatasetSpec) -> Stream:
     if src.stream is not None:
         return src.stream(spec)
     data = src.load(spec)
-    return Stream(imageset_to_ray(data), data.classes, data.shape)
+    return Stream(imageset_to_ray(data), data.classes, data.shape, len(data), data.name)

@@ -33,6 +33,8 @@ class Stream:
     ds: object
     classes: list[str]
     shape: tuple[int, int, int]
+    rows: int | None = None  # when known without executing the pipeline
+    name: str = "stream"
 
 
 @dataclass(frozen=True)

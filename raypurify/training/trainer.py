@@ -14,32 +14,30 @@ from typing import Any
 
 import numpy as np
 import ray
-import ray.train
-import torch
-from ray.train.torch import TorchTrainer
-from ray.train.v2.api.config import LoggingConfig
 
 from raypurify.atomic import save_torch, write_json
 from raypurify.data.imageset import ImageSet
-from raypurify.errors import DatasetError, TrainingError, user_error
+from raypurify.data.interchange import imageset_to_ray
+from raypurify.data.spec import Stream
+from raypurify.distributed import fit, use_gpu
+from raypurify.errors import DatasetError
 from raypurify.models import ARCHS
-from raypurify.progress import Progress
 from raypurify.runtime import init_ray
 from raypurify.tracking import Run
 from raypurify.training import data as batches
 from raypurify.training.config import TrainConfig
-from raypurify.training.worker import CHECKPOINT_FILE, train_worker
+from raypurify.training.worker import train_worker
 
 METRICS_FILE = "metrics.json"
 MODEL_FILE = "model.pt"
 
 
-def check_compatible(train: ImageSet, test: ImageSet) -> None:
+def check_compatible(train: ImageSet | Stream, test: ImageSet) -> None:
     """The test set must have the train set's classes and image shape."""
     if train.classes != test.classes:
         raise DatasetError(
             f"test set {test.name}: classes {test.classes[:5]}... ({test.num_classes}) differ "
-            f"from the train set's {train.classes[:5]}... ({train.num_classes})"
+            f"from the train set's {train.classes[:5]}... ({len(train.classes)})"
         )
     if train.shape != test.shape:
         raise DatasetError(
@@ -48,37 +46,22 @@ def check_compatible(train: ImageSet, test: ImageSet) -> None:
         )
 
 
-def _load_state(checkpoint) -> dict:
-    with checkpoint.as_directory() as d:
-        return torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
-
-
-def _completed_epochs(out: Path) -> int:
-    """Epochs already done by an earlier run in `out` (for the progress bar)."""
-    latest = sorted(p for p in (out / "checkpoints" / "train").glob("checkpoint_*") if p.is_dir())
-    if not latest:
-        return 0
-    return int(torch.load(latest[-1] / CHECKPOINT_FILE, weights_only=True)["epoch"])
-
-
-def use_gpu(cfg: TrainConfig) -> bool:
-    if cfg.device == "auto":
-        return ray.cluster_resources().get("GPU", 0) >= 1
-    return cfg.device == "cuda"
-
-
 def train_classifier(
-    train: ImageSet,
+    train: ImageSet | Stream,
     test: ImageSet,
     cfg: TrainConfig,
     out_dir: str | Path,
     *,
     run: Run | None = None,
 ) -> dict[str, Any]:
-    """Train `cfg` on `train`, evaluate on `test`; resumable; returns the metrics dict."""
+    """Train `cfg` on `train`, evaluate on `test`; resumable; returns the metrics dict.
+
+    An in-memory `train` set reaches the workers as uint8 tensors through the object store
+    (unless `data_path: ray_data`); a `Stream` arrives through Ray Data shards.
+    """
     ARCHS.get(cfg.arch, key="arch")
     check_compatible(train, test)
-    if len(np.unique(train.labels)) < 2:
+    if isinstance(train, ImageSet) and len(np.unique(train.labels)) < 2:
         raise DatasetError(f"{train.name}: training needs at least 2 classes with images")
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -90,43 +73,36 @@ def train_classifier(
         eval_rows = np.sort(
             np.random.default_rng(cfg.seed).permutation(len(test))[: cfg.eval_subset]
         )
+    datasets = None
+    if isinstance(train, ImageSet) and cfg.data_path != "ray_data":
+        train_arrays, rows = ray.put(batches.pack(train)), len(train)
+    else:
+        if isinstance(train, ImageSet):
+            train = Stream(imageset_to_ray(train), train.classes, train.shape, len(train))
+        train_arrays, rows = None, train.rows or train.ds.count()
+        datasets = {"train": train.ds}
     loop = {
         "train": cfg.to_dict(),
-        "num_classes": train.num_classes,
+        "num_classes": len(train.classes),
         "image_size": train.shape[0],
-        "train_arrays": ray.put(batches.pack(train)),
+        "train_arrays": train_arrays,
+        "train_rows": rows,
         "test_arrays": ray.put(batches.pack(test)),
         "eval_rows": eval_rows,
         "mlflow": None if run is None else {"uri": run.uri, "run_id": run.run_id},
     }
-    gpu = use_gpu(cfg)
-    done = _completed_epochs(out)
-    resources = {"GPU": 1, "CPU": 1} if gpu else {"CPU": 1}
-    trainer = TorchTrainer(
+    gpu = use_gpu(cfg.device)
+    final, state = fit(
         train_worker,
-        train_loop_config=loop,
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.workers, use_gpu=gpu, resources_per_worker=resources
-        ),
-        run_config=ray.train.RunConfig(
-            name="train",
-            storage_path=str(out / "checkpoints"),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            logging_config=LoggingConfig(log_level="WARNING"),
-        ),
+        loop,
+        workers=cfg.workers,
+        gpu=gpu,
+        storage=out / "checkpoints",
+        name="train",
+        epochs=cfg.epochs,
+        desc=f"train {cfg.arch}",
+        datasets=datasets,
     )
-    try:
-        with Progress(cfg.epochs, f"train {cfg.arch}", initial=done) as progress:
-            loop["progress"] = progress.queue
-            result = trainer.fit()
-    except Exception as e:
-        err = user_error(e)
-        if err is not None:
-            raise err from None
-        raise TrainingError(f"classifier training in {out} failed: {e}") from e
-
-    final = result.metrics
-    state = _load_state(result.checkpoint)
     history = state["history"]
     metrics = {
         "accuracy": final["test_acc"],
@@ -138,7 +114,7 @@ def train_classifier(
         "images_per_s": float(np.mean([h["train_images_per_s"] for h in history])),
         "device": "cuda" if gpu else "cpu",
         "workers": cfg.workers,
-        "train_rows": len(train),
+        "train_rows": rows,
         "test_rows": len(test),
         "history": history,
         "config": cfg.to_dict(),

@@ -108,7 +108,7 @@ def _loader(max_classes: int | None, default_size: int | None):
             return {"image": images, "label": batch["label"], "index": batch["index"]}
 
         ds = ray.data.from_items(items).map_batches(decode, batch_format="numpy", batch_size=64)
-        return Stream(ds, classes, (size, size, 3))
+        return Stream(ds, classes, (size, size, 3), len(items), spec.path)
 
     return load, stream
 

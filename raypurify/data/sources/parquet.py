@@ -34,9 +34,9 @@ def load(spec: DatasetSpec):
 def stream(spec: DatasetSpec) -> Stream:
     if spec.subset:
         data = load(spec)
-        return Stream(imageset_to_ray(data), data.classes, data.shape)
+        return Stream(imageset_to_ray(data), data.classes, data.shape, len(data), data.name)
     info = open_dataset(locate(spec))
-    return Stream(read_ray(info.path), info.classes, info.shape)
+    return Stream(read_ray(info.path), info.classes, info.shape, info.rows, str(info.path))
 
 
 SOURCE = Source("parquet", "a dataset directory in the interchange format", load, stream)

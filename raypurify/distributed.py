@@ -1,0 +1,141 @@
+"""Ray Train glue shared by every trained model (classifiers, D-VAE stages).
+
+Workers: `setup_worker` picks the device and threads, `restore` finds the last checkpoint,
+`report` checkpoints rank 0's state and reports metrics from every rank (report is a
+barrier). Driver: `fit` runs a TorchTrainer whose storage path and name are fixed by the
+caller, so a rerun resumes, and shows an epoch progress bar.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+import ray.train.torch
+import torch
+from ray.train.torch import TorchTrainer
+from ray.train.v2.api.config import LoggingConfig
+
+from raypurify.errors import TrainingError, user_error
+from raypurify.progress import Progress
+
+STATE_FILE = "state.pt"
+
+
+# ---------------------------------------------------------------------------------------
+# In the workers
+
+
+def setup_worker(threads: int | None) -> tuple[int, int, torch.device]:
+    """(rank, world size, device); on CPU, `threads` torch threads (default: cores/world)."""
+    # Ray Train logs each report (metrics included) at INFO under a logger named by file
+    # path, which RunConfig's log level does not reach.
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    dev = ray.train.torch.get_device()
+    if dev.type == "cpu":
+        torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // world))
+    return rank, world, dev
+
+
+def restore(device: torch.device) -> dict[str, Any] | None:
+    """The state saved with the last checkpoint of this run, or None on a fresh start."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as d:
+        return torch.load(Path(d) / STATE_FILE, map_location=device, weights_only=True)
+
+
+def report(metrics: dict[str, Any], state: dict[str, Any] | None, rank: int) -> None:
+    """Report `metrics` from every rank; rank 0 also checkpoints `state` (if given)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if rank == 0 and state is not None:
+            torch.save(state, Path(tmp) / STATE_FILE)
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside DDP (for saving and for evaluation)."""
+    return model.module if hasattr(model, "module") else model
+
+
+# ---------------------------------------------------------------------------------------
+# In the driver
+
+
+def use_gpu(device: str) -> bool:
+    """'auto' means: GPU when the cluster has one."""
+    if device == "auto":
+        return ray.cluster_resources().get("GPU", 0) >= 1
+    return device == "cuda"
+
+
+def saved_state(storage: Path, name: str) -> dict[str, Any] | None:
+    """The newest checkpoint's state of run `name` under `storage`, or None."""
+    run_dir = Path(storage) / name
+    dirs = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir()) if run_dir.exists() else []
+    if not dirs:
+        return None
+    return torch.load(dirs[-1] / STATE_FILE, map_location="cpu", weights_only=True)
+
+
+def fit(
+    worker: Callable[[dict], None],
+    loop: dict[str, Any],
+    *,
+    workers: int,
+    gpu: bool,
+    storage: Path,
+    name: str,
+    epochs: int,
+    desc: str,
+    datasets: dict[str, Any] | None = None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Run `worker` on `workers` Ray Train workers; return (last metrics, last state).
+
+    The run lives at storage/name: rerunning with the same pair resumes from its last
+    checkpoint. Errors the user can act on come back as themselves, not as Ray wrappers.
+    """
+    previous = saved_state(storage, name)
+    cpus = 1.0
+    if datasets:  # leave Ray Data a CPU to feed the workers (or it waits forever)
+        cpus = min(1.0, max(0.25, (ray.cluster_resources().get("CPU", 1) - 1) / workers))
+    resources = {"CPU": cpus, "GPU": 1} if gpu else {"CPU": cpus}
+    try:
+        with Progress(epochs, desc, initial=previous["epoch"] if previous else 0) as progress:
+            trainer = TorchTrainer(
+                worker,
+                train_loop_config=loop | {"progress": progress.queue},
+                datasets=datasets,
+                scaling_config=ray.train.ScalingConfig(
+                    num_workers=workers, use_gpu=gpu, resources_per_worker=resources
+                ),
+                run_config=ray.train.RunConfig(
+                    name=name,
+                    storage_path=str(storage),
+                    checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+                    logging_config=LoggingConfig(log_level="WARNING"),
+                ),
+            )
+            result = trainer.fit()
+    except Exception as e:
+        err = user_error(e)
+        if err is not None:
+            raise err from None
+        raise TrainingError(f"{desc}: training failed ({type(e).__name__}: {e})") from e
+    state = saved_state(storage, name)
+    if state is None:
+        raise TrainingError(f"{desc}: finished without a checkpoint in {storage / name}")
+    return result.metrics, state
