@@ -39,8 +39,10 @@ class Progress:
                 continue
             if item is None:
                 return
-            n, postfix = item
-            if n is not None:  # absolute position (a resumed run starts where it left off)
+            n, postfix, relative = item
+            if relative:  # several actors each add what they did
+                self._bar.n += n
+            else:  # absolute position (a resumed run starts where it left off)
                 self._bar.n = n
             if postfix:
                 self._bar.set_postfix(postfix, refresh=False)
@@ -60,4 +62,10 @@ def advance(queue, position: int, **postfix: Any) -> None:
     """Called in a worker: move the driver's bar to `position` (no-op without a queue)."""
     if queue is not None:
         shown = {k: f"{v:.4g}" if isinstance(v, float) else v for k, v in postfix.items()}
-        queue.put_nowait((position, shown))
+        queue.put_nowait((position, shown, False))
+
+
+def add(queue, count: int) -> None:
+    """Called in a worker or actor: add `count` units to the driver's bar."""
+    if queue is not None:
+        queue.put_nowait((count, None, True))

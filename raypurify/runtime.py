@@ -23,6 +23,7 @@ def init_ray(num_cpus: int | None = None, *, object_store_bytes: int | None = No
 
     if ray.is_initialized():
         return
+    quiet_data_logs()
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
     address = os.environ.get("RAY_ADDRESS")
@@ -39,6 +40,20 @@ def init_ray(num_cpus: int | None = None, *, object_store_bytes: int | None = No
         include_dashboard=False,
         log_to_driver=True,
     )
+
+
+def quiet_data_logs() -> None:
+    """Ray Data logs every operator's progress at INFO (a screenful per dataset when stdout is
+    not a terminal); we draw our own bars, so keep its warnings only. RAYPURIFY_VERBOSE=1
+    restores them."""
+    import logging
+
+    if os.environ.get("RAYPURIFY_VERBOSE") == "1":
+        return
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
 def device() -> torch.device:

@@ -6,10 +6,10 @@ import argparse
 import sys
 
 from raypurify import __version__
-from raypurify.cli import datasets, train
+from raypurify.cli import datasets, purify, train
 from raypurify.errors import user_error
 
-COMMANDS = [datasets, train]
+COMMANDS = [datasets, train, purify]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,34 +1,51 @@
 """How training batches reach a worker: from uint8 tensors in memory, or from Ray Data.
 
 Small sets (CIFAR-size) travel once through the object store and each worker draws its
-shard of a seeded per-epoch permutation, so every worker takes the same number of steps
-(DDP needs that) and a resumed run sees the same order. Large sets stream through Ray
-Data's `get_dataset_shard`.
+share of a seeded per-epoch permutation, so every worker takes the same number of steps
+(DDP needs that) and a resumed run sees the same order. Large sets, or any set when asked,
+stream through Ray Data (`get_dataset_shard`). Classifiers and D-VAE stages share this.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
+import ray
 import torch
 
 from raypurify.data.imageset import ImageSet
+from raypurify.data.interchange import imageset_to_ray
+from raypurify.data.spec import Stream
 
 MEMORY_LIMIT_BYTES = 2 * 1024**3
 
 
 def pack(data: ImageSet) -> dict[str, np.ndarray]:
     """Arrays to ship to workers: images as (N, C, H, W) uint8, labels int64."""
-    return {
-        "images": np.ascontiguousarray(data.images.transpose(0, 3, 1, 2)),
-        "labels": data.labels,
-    }
+    images = np.ascontiguousarray(data.images.transpose(0, 3, 1, 2))
+    return {"images": images, "labels": data.labels}
 
 
 def unpack(arrays: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
     # Copies: the object store hands out read-only buffers.
     return torch.from_numpy(arrays["images"].copy()), torch.from_numpy(arrays["labels"].copy())
+
+
+def ship(data: ImageSet | Stream, data_path: str = "auto") -> dict[str, Any]:
+    """Loop-config entries that bring `data` to the workers, and the `datasets` for Train.
+
+    In memory unless `data_path` is "ray_data", the data is a Stream, or it is larger than
+    MEMORY_LIMIT_BYTES decoded.
+    """
+    if isinstance(data, ImageSet):
+        big = data.images.nbytes > MEMORY_LIMIT_BYTES
+        if data_path == "memory" or (data_path == "auto" and not big):
+            return {"arrays": ray.put(pack(data)), "rows": len(data), "datasets": None}
+        data = Stream(imageset_to_ray(data), data.classes, data.shape, len(data), data.name)
+    rows = data.rows if data.rows is not None else data.ds.count()
+    return {"arrays": None, "rows": rows, "datasets": {"train": data.ds}}
 
 
 def epoch_order(n: int, seed: int, epoch: int, rank: int, world: int) -> torch.Tensor:
@@ -38,26 +55,56 @@ def epoch_order(n: int, seed: int, epoch: int, rank: int, world: int) -> torch.T
     return torch.from_numpy(perm[rank * per_worker : (rank + 1) * per_worker])
 
 
-def memory_batches(
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    rows: torch.Tensor,
-    batch_size: int,
-    device: torch.device,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Full batches only (the last partial one is dropped, a different one each epoch)."""
-    for i in range(0, len(rows) - batch_size + 1, batch_size):
-        idx = rows[i : i + batch_size]
-        yield images[idx].to(device, non_blocking=True), labels[idx].to(device, non_blocking=True)
+class EpochBatches:
+    """In a worker: this worker's (uint8 NCHW images, labels) batches for each epoch."""
 
-
-def ray_batches(shard, batch_size: int, seed: int, epoch: int, device: torch.device):
-    """Batches from a Ray Data shard: (N, H, W, C) uint8 rows become (N, C, H, W)."""
-    for batch in shard.iter_torch_batches(
-        batch_size=batch_size,
-        local_shuffle_buffer_size=4 * batch_size,
-        local_shuffle_seed=seed * 100_003 + epoch,
-        drop_last=True,
-        device=device,
+    def __init__(
+        self,
+        arrays,
+        rows: int,
+        batch_size: int,
+        seed: int,
+        rank: int,
+        world: int,
+        device: torch.device,
     ):
-        yield batch["image"].permute(0, 3, 1, 2), batch["label"]
+        self.batch_size, self.seed, self.rank, self.world, self.device = (
+            batch_size,
+            seed,
+            rank,
+            world,
+            device,
+        )
+        self.rows = rows
+        self.steps = max(1, (rows // world) // batch_size)
+        if arrays is not None:
+            self.images, self.labels = unpack(ray.get(arrays))
+            self.shard = None
+        else:
+            self.shard = ray.train.get_dataset_shard("train")
+
+    def __call__(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self.shard is not None:
+            yield from self._from_shard(epoch)
+            return
+        order = epoch_order(self.rows, self.seed, epoch, self.rank, self.world)
+        bs = self.batch_size
+        for i in range(0, len(order) - bs + 1, bs):  # full batches only
+            idx = order[i : i + bs]
+            yield (
+                self.images[idx].to(self.device, non_blocking=True),
+                self.labels[idx].to(self.device, non_blocking=True),
+            )
+
+    def _from_shard(self, epoch: int):
+        batches = self.shard.iter_torch_batches(
+            batch_size=self.batch_size,
+            local_shuffle_buffer_size=4 * self.batch_size,
+            local_shuffle_seed=self.seed * 100_003 + epoch,
+            drop_last=True,
+            device=self.device,
+        )
+        for step, batch in enumerate(batches):
+            if step == self.steps:  # equal step counts across workers (DDP)
+                return
+            yield batch["image"].permute(0, 3, 1, 2), batch["label"]

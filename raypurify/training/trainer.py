@@ -17,7 +17,6 @@ import ray
 
 from raypurify.atomic import save_torch, write_json
 from raypurify.data.imageset import ImageSet
-from raypurify.data.interchange import imageset_to_ray
 from raypurify.data.spec import Stream
 from raypurify.distributed import fit, use_gpu
 from raypurify.errors import DatasetError
@@ -73,20 +72,13 @@ def train_classifier(
         eval_rows = np.sort(
             np.random.default_rng(cfg.seed).permutation(len(test))[: cfg.eval_subset]
         )
-    datasets = None
-    if isinstance(train, ImageSet) and cfg.data_path != "ray_data":
-        train_arrays, rows = ray.put(batches.pack(train)), len(train)
-    else:
-        if isinstance(train, ImageSet):
-            train = Stream(imageset_to_ray(train), train.classes, train.shape, len(train))
-        train_arrays, rows = None, train.rows or train.ds.count()
-        datasets = {"train": train.ds}
+    shipped = batches.ship(train, cfg.data_path)
     loop = {
         "train": cfg.to_dict(),
         "num_classes": len(train.classes),
         "image_size": train.shape[0],
-        "train_arrays": train_arrays,
-        "train_rows": rows,
+        "arrays": shipped["arrays"],
+        "rows": shipped["rows"],
         "test_arrays": ray.put(batches.pack(test)),
         "eval_rows": eval_rows,
         "mlflow": None if run is None else {"uri": run.uri, "run_id": run.run_id},
@@ -101,7 +93,7 @@ def train_classifier(
         name="train",
         epochs=cfg.epochs,
         desc=f"train {cfg.arch}",
-        datasets=datasets,
+        datasets=shipped["datasets"],
     )
     history = state["history"]
     metrics = {
@@ -114,7 +106,7 @@ def train_classifier(
         "images_per_s": float(np.mean([h["train_images_per_s"] for h in history])),
         "device": "cuda" if gpu else "cpu",
         "workers": cfg.workers,
-        "train_rows": rows,
+        "train_rows": shipped["rows"],
         "test_rows": len(test),
         "history": history,
         "config": cfg.to_dict(),

@@ -51,17 +51,13 @@ def train_worker(loop: dict) -> None:
     num_classes = loop["num_classes"]
     model = build_model(cfg.arch, num_classes, loop["image_size"], **cfg.arch_options)
     model = ray.train.torch.prepare_model(model.to(memory_format=torch.channels_last))
-    per_worker_batch = max(2, cfg.batch_size // world)
-    in_memory = loop["train_arrays"] is not None
-    if in_memory:
-        images, labels = batches.unpack(ray.get(loop["train_arrays"]))
-    else:
-        shard = ray.train.get_dataset_shard("train")
+    data = batches.EpochBatches(
+        loop["arrays"], loop["rows"], max(2, cfg.batch_size // world), cfg.seed, rank, world, dev
+    )
     test_images, test_labels = batches.unpack(ray.get(loop["test_arrays"]))
     eval_rows = loop.get("eval_rows")
     if eval_rows is not None:
         eval_rows = torch.tensor(eval_rows, dtype=torch.int64)
-    steps_per_epoch = max(1, (loop["train_rows"] // world) // per_worker_batch)
 
     o = cfg.optim
     # Linear scaling: `lr` is per 128 images of global batch (the paper's batch).
@@ -72,7 +68,7 @@ def train_worker(loop: dict) -> None:
         nesterov=o.nesterov,
         weight_decay=o.weight_decay,
     )
-    total, warmup = cfg.epochs * steps_per_epoch, int(o.warmup_epochs * steps_per_epoch)
+    total, warmup = cfg.epochs * data.steps, int(o.warmup_epochs * data.steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(o.schedule, s, total, warmup)
     )
@@ -91,18 +87,13 @@ def train_worker(loop: dict) -> None:
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch * 101 + rank)
-        if in_memory:
-            rows = batches.epoch_order(len(labels), cfg.seed, epoch, rank, world)
-            it = batches.memory_batches(images, labels, rows, per_worker_batch, dev)
-        else:
-            it = batches.ray_batches(shard, per_worker_batch, cfg.seed, epoch, dev)
         step = Step(epoch=epoch, epochs=cfg.epochs, gen=gen, amp=amp)
         try:
             stats = train_epoch(
                 model,
                 optimizer,
                 scheduler,
-                it,
+                data(epoch),
                 loss_fn,
                 step,
                 augment=cfg.augment,

@@ -1,0 +1,155 @@
+"""Purification inference as Ray Data `map_batches` over an actor pool.
+
+Each actor loads one trained stage model once and purifies batches of decoded rows:
+- "subtract":  x -> clip(x - p_hat(x))                      (P0 -> P1, P1 -> P2)
+- "subtract_reconstruct": x -> x2 = clip(x - p_hat(x)), x3 = x_hat(x2); x2 stays float
+  between the two steps and is also returned (as `p2`) so P2 and P3 come from one pass
+- "reconstruct": x -> x_hat(x)                              (the plain VAE)
+With `sample`, z is drawn from q(z|x) with noise seeded by (seed, row index), so results
+do not depend on how Ray Data batches the rows; otherwise z = mu.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray.data
+import torch
+
+from raypurify.data.interchange import DatasetInfo, read_ray, write_ray
+from raypurify.progress import add
+from raypurify.runtime import autocast
+
+from .config import PurifyConfig
+from .stage import build
+
+MODES = ("subtract", "subtract_reconstruct", "reconstruct")
+
+
+class PurifyPass:
+    """Ray Data callable class: one stage model, applied batch by batch."""
+
+    def __init__(
+        self, weights: str, purify: dict, num_classes: int, image_size: int, mode: str, actors: int
+    ):
+        cfg = PurifyConfig.model_validate(purify)
+        self.dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.dev.type == "cpu":
+            torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // actors))
+        self.model = build(cfg, num_classes, image_size)
+        self.model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        self.model = self.model.to(self.dev, memory_format=torch.channels_last).eval()
+        self.amp, self.sample, self.seed, self.mode = (
+            cfg.precision == "bf16",
+            cfg.sample,
+            cfg.seed,
+            mode,
+        )
+
+    def _z(self, x: torch.Tensor, index: np.ndarray) -> torch.Tensor:
+        mu, logvar = self.model.encode(x)
+        mu, logvar = mu.float(), logvar.float()
+        if not self.sample:
+            return mu
+        eps = torch.stack(
+            [
+                torch.randn(
+                    mu.shape[1:],
+                    generator=torch.Generator().manual_seed(self.seed * 1_000_003 + int(i)),
+                )
+                for i in index
+            ]
+        ).to(self.dev)
+        return mu + eps * torch.exp(0.5 * logvar)
+
+    def _subtract(self, x, y, index):
+        return torch.clamp(x - self.model.perturbation(self._z(x, index), y).float(), 0, 1)
+
+    def _reconstruct(self, x, index):
+        return self.model.reconstruct(self._z(x, index)).float()
+
+    @torch.no_grad()
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        x = torch.from_numpy(np.ascontiguousarray(batch["image"])).to(self.dev)
+        x = (x.permute(0, 3, 1, 2).float() / 255.0).contiguous(memory_format=torch.channels_last)
+        y = torch.from_numpy(np.asarray(batch["label"])).to(self.dev)
+        index = np.asarray(batch["index"])
+        out = dict(batch)
+        with autocast(self.dev, self.amp):
+            if self.mode == "subtract":
+                result = self._subtract(x, y, index)
+            elif self.mode == "reconstruct":
+                result = self._reconstruct(x, index)
+            else:
+                x2 = self._subtract(x, y, index)
+                result = self._reconstruct(x2.contiguous(memory_format=torch.channels_last), index)
+                out["p2"] = to_hwc_uint8(x2)
+        out["image"] = to_hwc_uint8(result)
+        add(self.progress, len(index))
+        return out
+
+
+def to_hwc_uint8(x: torch.Tensor) -> np.ndarray:
+    """Floats in [0, 1], (N, C, H, W), to uint8 (N, H, W, C) by rounding (not flooring)."""
+    x = torch.round(torch.clamp(x.float(), 0, 1) * 255).to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def run_pass(
+    source: DatasetInfo,
+    outputs: dict[str, Path],
+    *,
+    weights: Path,
+    cfg: PurifyConfig,
+    mode: str,
+    gpu: bool,
+    lineage: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """Purify `source` with one stage model and write each output dataset.
+
+    `outputs` maps "image" (and, for "subtract_reconstruct", "p2") to output directories.
+    Returns timing: seconds, rows and images/s for this pass.
+    """
+    start = time.perf_counter()
+    ds = read_ray(source.path).map_batches(
+        PurifyPass,
+        fn_constructor_kwargs={
+            "weights": str(weights),
+            "purify": cfg.to_dict(),
+            "num_classes": len(source.classes),
+            "image_size": source.shape[0],
+            "mode": mode,
+            "actors": cfg.infer_actors,
+        },
+        compute=ray.data.ActorPoolStrategy(size=cfg.infer_actors),
+        batch_size=cfg.infer_batch_size,
+        batch_format="numpy",
+        **({"num_gpus": 1} if gpu else {"num_cpus": 1}),
+    )
+    config = {"purify": cfg.to_dict(), "pass": mode, "weights": str(weights)}
+    if "p2" in outputs:
+        ds = ds.materialize()  # one inference, two datasets
+        p2 = ds.drop_columns(["image"]).rename_columns({"p2": "image"})
+        write_ray(
+            p2,
+            outputs["p2"],
+            classes=source.classes,
+            shape=source.shape,
+            config=config | {"output": "p2"},
+            parents=lineage,
+        )
+        ds = ds.drop_columns(["p2"])
+    write_ray(
+        ds,
+        outputs["image"],
+        classes=source.classes,
+        shape=source.shape,
+        config=config,
+        parents=lineage,
+    )
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "rows": source.rows, "images_per_s": source.rows / seconds}

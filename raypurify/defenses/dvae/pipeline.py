@@ -1,0 +1,153 @@
+"""Algorithm 1 of the paper, as a pipeline of Ray Train stages and Ray Data passes.
+
+    Stage 1: train a fresh D-VAE on P0 with kld1;   P1 = clip(x0 - p_hat(x0))
+    Stage 2: train a fresh D-VAE on P1 with kld2;   P2 = clip(x1 - p_hat(x1))   (float)
+                                                    P3 = x_hat(P2)
+The plain VAE (Eq. 3) is one stage with P1 = x_hat(x0).
+
+Everything lands in the output directory: p1/, p2/, p3/ (interchange format, same `index`
+and `label` as the input, lineage in their manifests), the stage weights, the Ray Train
+checkpoints and summary.json. A rerun resumes: finished passes are reused, an interrupted
+stage continues from its last epoch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from raypurify.atomic import check_new, save_torch, write_json
+from raypurify.data.interchange import MANIFEST, DatasetInfo, open_dataset, read_images
+from raypurify.distributed import use_gpu
+from raypurify.errors import DatasetError, RaypurifyError
+from raypurify.runtime import init_ray
+from raypurify.tracking import Run, active_run, start_run
+
+from .config import PurifyConfig
+from .passes import run_pass
+from .stage import images_per_s, train_stage
+
+SUMMARY = "summary.json"
+CONFIG = "config.json"
+
+
+def prepare_output(out: Path, cfg: PurifyConfig, overwrite: bool) -> None:
+    """Create `out`, or check that the purification already there used the same config."""
+    if overwrite and out.exists():
+        shutil.rmtree(out)
+    stamp = out / CONFIG
+    if stamp.exists():
+        if json.loads(stamp.read_text()) != cfg.to_dict():
+            raise RaypurifyError(
+                f"{out} holds a purification with another config; pass --overwrite or "
+                "choose another --out"
+            )
+        return
+    if out.exists() and any(out.iterdir()):
+        check_new(out, overwrite=False)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(stamp, cfg.to_dict())
+
+
+def check_input(info: DatasetInfo, data) -> None:
+    present = np.unique(data.labels)
+    if len(present) < 2:
+        raise DatasetError(
+            f"{info.path}: purification needs images of at least 2 classes, found only "
+            f"class {present.tolist()}"
+        )
+
+
+def _done(path: Path) -> DatasetInfo | None:
+    return open_dataset(path) if (path / MANIFEST).exists() else None
+
+
+def purify(
+    data_dir: str | Path,
+    out_dir: str | Path,
+    cfg: PurifyConfig,
+    *,
+    overwrite: bool = False,
+    run: Run | None = None,
+) -> dict[str, Any]:
+    """Purify the dataset at `data_dir` into `out_dir`; returns the summary."""
+    info = open_dataset(data_dir)  # checked before any work
+    out = Path(out_dir).resolve()
+    if (out / SUMMARY).exists() and not overwrite:
+        prepare_output(out, cfg, overwrite=False)
+        return json.loads((out / SUMMARY).read_text())
+    data0 = read_images(info.path)
+    check_input(info, data0)
+    prepare_output(out, cfg, overwrite)
+    init_ray()
+    gpu = use_gpu(cfg.device)
+    start = time.perf_counter()
+    parent = run or start_run("purify", out.name, params={"data": str(info.path), **cfg.to_dict()})
+    summary: dict[str, Any] = {
+        "input": info.lineage(),
+        "config": cfg.to_dict(),
+        "stages": {},
+        "passes": {},
+    }
+    with active_run(parent) if run is None else contextlib.nullcontext():
+        source, data = info, data0
+        for name, stage in cfg.stages:
+            t0 = time.perf_counter()
+            child = parent.child(name, params={"stage": name, **stage.to_dict()})
+            with active_run(child):
+                state = train_stage(name, data, cfg, stage, out / "checkpoints", run=child)
+                weights = out / f"{name}.pt"
+                save_torch(weights, state["model"])
+                child.log_artifact(weights, "checkpoint")
+            summary["stages"][name] = {
+                "kld_limit": stage.kld_limit,
+                "final": state["history"][-1],
+                "history": state["history"],
+                "train_s": time.perf_counter() - t0,
+                "images_per_s": images_per_s(state["history"]),
+            }
+            source, data = _run_passes(name, source, out, weights, cfg, gpu, summary, parent)
+        summary["wall_s"] = time.perf_counter() - start
+        summary["output"] = str(source.path)
+        summary["outputs"] = {
+            p: open_dataset(out / p).lineage() for p in ("p1", "p2", "p3") if (out / p).exists()
+        }
+        parent.log_metrics({"wall_s": summary["wall_s"]})
+        write_json(out / SUMMARY, summary)
+        parent.log_artifact(out / SUMMARY)
+    return summary
+
+
+def _run_passes(name, source, out, weights, cfg, gpu, summary, run):
+    """The inference pass(es) after stage `name`; returns (output info, its data or None)."""
+    lineage = [source.lineage()]
+    if cfg.method == "vae":
+        outputs, mode, key = {"image": out / "p1"}, "reconstruct", "p1"
+    elif name == "stage1":
+        outputs, mode, key = {"image": out / "p1"}, "subtract", "p1"
+    else:
+        outputs, mode, key = (
+            {"image": out / "p3", "p2": out / "p2"},
+            "subtract_reconstruct",
+            "p2_p3",
+        )
+    if all(_done(p) for p in outputs.values()):
+        timing = summary["passes"].get(key, {"seconds": 0.0, "reused": True})
+    else:
+        for p in outputs.values():  # a pass interrupted between its two writes
+            if p.exists():
+                shutil.rmtree(p)
+        timing = run_pass(
+            source, outputs, weights=weights, cfg=cfg, mode=mode, gpu=gpu, lineage=lineage
+        )
+        run.log_metrics({f"pass_{key}_images_per_s": timing["images_per_s"]})
+    summary["passes"][key] = timing
+    result = open_dataset(outputs["image"])
+    needs_data = cfg.method == "dvae" and name == "stage1"
+    return result, (read_images(result.path) if needs_data else None)

@@ -1,0 +1,228 @@
+"""One training stage of Algorithm 1 as a Ray Train job: a fresh D-VAE fitted to one set.
+
+Workers train with DDP, bf16 autocast and channels_last, Adam with a cosine schedule,
+checkpointing every epoch; a rerun with the same storage path resumes. A non-finite loss
+stops the stage with an error naming it and the epoch, before the bad weights can reach a
+checkpoint, so the last good one is kept. At the end, rank 0 logs image grids of x, x_hat,
+p_hat (rescaled) and the stage's output to the stage's MLflow run.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import ray.train.torch
+import torch
+import torch.distributed as dist
+
+from raypurify.data.imageset import ImageSet
+from raypurify.data.spec import Stream
+from raypurify.distributed import fit, report, restore, setup_worker, unwrap, use_gpu
+from raypurify.errors import TrainingError
+from raypurify.progress import advance
+from raypurify.reports.images import amplify, class_rows, grid, to_uint8
+from raypurify.runtime import autocast
+from raypurify.tracking import Run
+from raypurify.training import data as batches
+
+from .config import PurifyConfig, StageConfig
+from .loss import dvae_loss, psnr
+from .model import DVAE
+
+GRID_PER_CLASS = 4
+
+
+def build(cfg: PurifyConfig, num_classes: int, image_size: int) -> DVAE:
+    return DVAE(
+        num_classes,
+        image_size,
+        width=cfg.model.width,
+        latent=cfg.model.latent,
+        perturbation_decoder=cfg.method == "dvae",
+    )
+
+
+def stage_worker(loop: dict[str, Any]) -> None:
+    cfg = PurifyConfig.model_validate(loop["purify"])
+    stage: StageConfig = StageConfig.model_validate(loop["stage"])
+    name = loop["name"]
+    rank, world, dev = setup_worker(cfg.threads)
+    amp = cfg.precision == "bf16"
+    torch.manual_seed(cfg.seed)
+    model = build(cfg, loop["num_classes"], loop["image_size"])
+    model = ray.train.torch.prepare_model(model.to(memory_format=torch.channels_last))
+    per_worker = max(2, stage.batch_size // world)
+    data = batches.EpochBatches(
+        loop["arrays"], loop["rows"], per_worker, cfg.seed, rank, world, dev
+    )
+    optimizer = torch.optim.Adam(model.parameters(), lr=stage.lr, weight_decay=stage.weight_decay)
+    total = stage.epochs * data.steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
+    )
+    start_epoch, history = 0, []
+    state = restore(dev)
+    if state is not None:
+        unwrap(model).load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, history = state["epoch"], list(state["history"])
+
+    for epoch in range(start_epoch, stage.epochs):
+        t0 = time.perf_counter()
+        torch.manual_seed(cfg.seed * 1_000_003 + epoch * 101 + rank)  # z ~ q(z|x) draws
+        sums = torch.zeros(7, dtype=torch.float64)  # loss rec rec_p kl p_energy psnr psnr_p
+        model.train()
+        for x8, y in data(epoch):
+            x = (x8.float() / 255.0).contiguous(memory_format=torch.channels_last)
+            with autocast(dev, amp):
+                out = model(x, y, sample=True)
+            x_hat, p_hat, mu, logvar = (None if t is None else t.float() for t in out)
+            hinge = stage.phat_weight if epoch >= stage.phat_start_epoch else 0.0
+            loss, terms = dvae_loss(
+                x,
+                x_hat,
+                p_hat,
+                mu,
+                logvar,
+                kld_limit=stage.kld_limit,
+                kl_weight=stage.kl_weight,
+                phat_weight=hinge,
+                phat_floor=stage.phat_floor,
+            )
+            if not torch.isfinite(loss):
+                raise TrainingError(
+                    f"{name}: loss became {loss.item()} at epoch {epoch + 1}; the last good "
+                    f"checkpoint (epoch {epoch}) is kept in {loop['storage']}"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), stage.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            with torch.no_grad():
+                x_p = x_hat if p_hat is None else torch.clamp(x_hat + p_hat, 0, 1)
+                sums += torch.tensor(
+                    [
+                        loss.item(),
+                        terms["rec"].item(),
+                        terms.get("rec_p", loss * 0).item(),
+                        terms["kl"].item(),
+                        terms.get("p_energy", loss * 0).item(),
+                        psnr(x_hat, x).item(),
+                        psnr(x_p, x).item(),
+                    ],
+                    dtype=torch.float64,
+                ) * len(y)
+        count = torch.tensor([data.steps * per_worker], dtype=torch.float64)
+        if world > 1:
+            dist.all_reduce(sums)
+            dist.all_reduce(count)
+        means = (sums / count).tolist()
+        keys = ["loss", "rec", "rec_p", "kl", "p_energy", "psnr_xhat", "psnr_xhat_phat"]
+        metrics = dict(zip(keys, means, strict=True))
+        if p_hat is None:
+            for k in ("rec_p", "p_energy", "psnr_xhat_phat"):
+                metrics.pop(k)
+        seconds = time.perf_counter() - t0
+        metrics |= {
+            "epoch": epoch + 1,
+            "epoch_s": seconds,
+            "images_per_s": float(count.item()) / seconds,
+            "lr": scheduler.get_last_lr()[0],
+        }
+        history.append(metrics)
+        if rank == 0:
+            if loop.get("mlflow"):
+                Run(**loop["mlflow"]).log_metrics(metrics, step=epoch + 1)
+            advance(loop["progress"], epoch + 1, loss=metrics["loss"], kl=metrics["kl"])
+        state = {
+            "model": unwrap(model).state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "epoch": epoch + 1,
+            "history": history,
+        }
+        report(metrics, state, rank)
+
+    if rank == 0 and loop.get("mlflow") and start_epoch < stage.epochs:
+        images, labels = batches.unpack(ray.get(loop["grid_arrays"]))
+        final = name == cfg.stages[-1][0]
+        log_grids(Run(**loop["mlflow"]), unwrap(model), images, labels, cfg, dev, final)
+
+
+@torch.no_grad()
+def log_grids(run: Run, model: DVAE, images, labels, cfg: PurifyConfig, dev, final: bool) -> None:
+    """Grids of x, x_hat, p_hat (rescaled) and the stage output for a few images per class."""
+    x = images.to(dev).float() / 255.0
+    y = labels.to(dev)
+    model.eval()
+    mu, logvar = model.encode(x)
+    z = model.sample(mu, logvar) if cfg.sample else mu
+    x_hat = model.reconstruct(z)
+    tiles = {"x": x, "x_hat": x_hat}
+    if model.perturbation_decoder is not None:
+        p_hat = model.perturbation(z, y)
+        tiles["p_hat"] = torch.from_numpy(amplify(p_hat.cpu().numpy()))
+        tiles["x_minus_p_hat"] = torch.clamp(x - p_hat, 0, 1)
+        if final:  # stage 2: the purified image x3 = x_hat(x2)
+            mu2, logvar2 = model.encode(tiles["x_minus_p_hat"])
+            tiles["x3"] = model.reconstruct(model.sample(mu2, logvar2) if cfg.sample else mu2)
+    for key, t in tiles.items():
+        run.log_png(grid(to_uint8(t.cpu().numpy()), ncol=GRID_PER_CLASS * 2), f"grids/{key}.png")
+
+
+def grid_sample(data: ImageSet | Stream) -> ImageSet:
+    """A few training images per class for the end-of-stage grids."""
+    if not isinstance(data, ImageSet):
+        rows = data.ds.take_batch(50 * GRID_PER_CLASS * len(data.classes), batch_format="numpy")
+        data = ImageSet(rows["image"], rows["label"], rows["index"], data.classes)
+    return data.take(class_rows(data.labels, data.num_classes, GRID_PER_CLASS))
+
+
+def train_stage(
+    name: str,
+    data: ImageSet | Stream,
+    cfg: PurifyConfig,
+    stage: StageConfig,
+    storage: Path,
+    run: Run | None = None,
+) -> dict[str, Any]:
+    """Train a fresh D-VAE on `data` for `stage` (resuming from storage/name if present).
+
+    Returns the final state: weights under "model", per-epoch metrics under "history".
+    """
+    shipped = batches.ship(data)
+    loop = {
+        "purify": cfg.to_dict(),
+        "stage": stage.to_dict(),
+        "name": name,
+        "num_classes": len(data.classes),
+        "image_size": data.shape[0],
+        "arrays": shipped["arrays"],
+        "rows": shipped["rows"],
+        "grid_arrays": ray.put(batches.pack(grid_sample(data))),
+        "storage": str(storage / name),
+        "mlflow": None if run is None else {"uri": run.uri, "run_id": run.run_id},
+    }
+    _, state = fit(
+        stage_worker,
+        loop,
+        workers=cfg.workers,
+        gpu=use_gpu(cfg.device),
+        storage=storage,
+        name=name,
+        epochs=stage.epochs,
+        desc=f"{name} (kld {stage.kld_limit:g})",
+        datasets=shipped["datasets"],
+    )
+    return state
+
+
+def images_per_s(history: list[dict]) -> float:
+    return float(np.mean([h["images_per_s"] for h in history])) if history else 0.0
