@@ -34,7 +34,14 @@ class PurifyPass:
     """Ray Data callable class: one stage model, applied batch by batch."""
 
     def __init__(
-        self, weights: str, purify: dict, num_classes: int, image_size: int, mode: str, actors: int
+        self,
+        weights: str,
+        purify: dict,
+        num_classes: int,
+        image_size: int,
+        mode: str,
+        actors: int,
+        progress=None,
     ):
         cfg = PurifyConfig.model_validate(purify)
         self.dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -49,6 +56,7 @@ class PurifyPass:
             cfg.seed,
             mode,
         )
+        self.progress = progress  # a Ray queue feeding the driver's bar
 
     def _z(self, x: torch.Tensor, index: np.ndarray) -> torch.Tensor:
         mu, logvar = self.model.encode(x)

@@ -1,0 +1,80 @@
+"""Shared by the bench/ scripts: machine facts and JSON + markdown result files.
+
+Every benchmark writes bench/results/<name>.json (rows plus the machine and command that
+produced them) and bench/results/<name>.md (the same rows as a table), and prints the table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+
+
+def machine() -> dict[str, Any]:
+    import ray
+    import torch
+
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {
+        "cpu": cpu,
+        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "gpu": gpu,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "ray": ray.__version__,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+    }
+
+
+def fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:,.1f}" if abs(value) >= 10 else f"{value:.3g}"
+    return str(value)
+
+
+def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(fmt(row.get(c, "")) for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def write_results(
+    name: str, rows: list[dict[str, Any]], columns: list[str], notes: str = ""
+) -> Path:
+    """Print and save the results of benchmark `name`; returns the JSON path."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    info = machine()
+    md = [f"# {name}", "", table(rows, columns), ""]
+    if notes:
+        md += [notes, ""]
+    md.append(
+        f"Machine: {info['cpu']}, {info['cores']} cores, GPU {info['gpu'] or 'none'}; "
+        f"torch {info['torch']}, ray {info['ray']}; {info['date']}."
+    )
+    md.append(f"Command: `{info['command']}`")
+    text = "\n".join(md) + "\n"
+    (RESULTS / f"{name}.md").write_text(text)
+    path = RESULTS / f"{name}.json"
+    path.write_text(
+        json.dumps({"name": name, "machine": info, "rows": rows, "notes": notes}, indent=2) + "\n"
+    )
+    print(text)
+    return path

@@ -1,0 +1,88 @@
+"""D-VAE model and loss: the paper's shapes and parameter count, the KL hinge."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from raypurify.defenses.dvae.loss import dvae_loss, kl_divergence, psnr
+from raypurify.defenses.dvae.model import DVAE, downsampling_stages
+
+
+def trained_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def test_paper_configuration_has_the_authors_size():
+    # dvae-reference.md: about 1.18 M trained parameters for 10 classes, 4.13 M for 100.
+    assert trained_parameters(DVAE(10)) == pytest.approx(1.18e6, rel=0.005)
+    assert trained_parameters(DVAE(100)) == pytest.approx(4.13e6, rel=0.005)
+
+
+def test_plain_vae_has_no_perturbation_decoder_or_embedding():
+    vae = DVAE(10, perturbation_decoder=False)
+    names = {n for n, _ in vae.named_parameters()}
+    assert not any(n.startswith(("perturbation_decoder", "class_embedding")) for n in names)
+    x_hat, p_hat, _, _ = vae(torch.rand(2, 3, 32, 32), torch.tensor([0, 1]))
+    assert p_hat is None and x_hat.shape == (2, 3, 32, 32)
+
+
+@pytest.mark.parametrize("size,grid", [(32, 16), (64, 16), (224, 14)])
+def test_shapes_at_each_image_size(size, grid):
+    model = DVAE(10, image_size=size, width=16, latent=32)
+    x = torch.rand(2, 3, size, size)
+    x_hat, p_hat, mu, logvar = model(x, torch.tensor([3, 7]))
+    assert x_hat.shape == p_hat.shape == x.shape
+    assert mu.shape == logvar.shape == (2, 32, grid, grid)
+    assert downsampling_stages(size) == {32: 1, 64: 2, 224: 4}[size]
+    # D has a Sigmoid output, D_p is linear (p_hat may be negative).
+    assert 0.0 <= float(x_hat.min()) and float(x_hat.max()) <= 1.0
+
+
+def test_class_embedding_changes_only_the_perturbation():
+    torch.manual_seed(0)
+    model = DVAE(10, width=16, latent=32).eval()
+    x = torch.rand(1, 3, 32, 32)
+    a = model(x, torch.tensor([0]), sample=False)
+    b = model(x, torch.tensor([5]), sample=False)
+    assert torch.equal(a[0], b[0])  # x_hat does not see the label
+    assert not torch.allclose(a[1], b[1])  # p_hat does
+
+
+def kl_gradient(mu: torch.Tensor, limit: float) -> torch.Tensor:
+    mu = mu.clone().requires_grad_(True)
+    logvar = torch.zeros_like(mu)
+    x = torch.rand(2, 3, 4, 4)
+    loss, _ = dvae_loss(x, x.clone(), None, mu, logvar, kld_limit=limit, kl_weight=0.01)
+    loss.backward()
+    return mu.grad
+
+
+def test_kl_hinge_has_no_gradient_below_the_limit_and_some_above():
+    mu = torch.full((2, 8, 4, 4), 0.1)  # KL = 8 * 0.005 = 0.04 nats per location
+    assert float(kl_divergence(mu, torch.zeros_like(mu))) == pytest.approx(0.04)
+    assert torch.count_nonzero(kl_gradient(mu, limit=1.0)) == 0
+    above = kl_gradient(mu, limit=0.01)
+    assert torch.count_nonzero(above) == above.numel()
+
+
+def test_loss_terms_follow_eq_14():
+    x = torch.rand(2, 3, 8, 8)
+    x_hat = torch.full_like(x, 0.5)
+    p_hat = x - x_hat  # a perfect perturbation decoder
+    mu, logvar = torch.zeros(2, 4, 2, 2), torch.zeros(2, 4, 2, 2)
+    loss, terms = dvae_loss(
+        x,
+        x_hat,
+        p_hat,
+        mu,
+        logvar,
+        kld_limit=1.0,
+        kl_weight=0.01,
+        phat_weight=1.0,
+        phat_floor=0.002,
+    )
+    assert float(terms["rec_p"]) == pytest.approx(0.0, abs=1e-12)
+    expected = terms["rec"] + 0.01 * 1.0 + max(float(terms["p_energy"]), 0.002)
+    assert float(loss) == pytest.approx(float(expected), rel=1e-6)
+    assert float(psnr(x, x)) > 90
