@@ -48,20 +48,36 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
-    """Return a copy of `data` with each ``key.path=value`` override set (nested dicts created)."""
+    """Return a copy of `data` with each ``key.path=value`` override set.
+
+    Missing sections are created; a numeric part indexes into a list
+    (``classifiers.0.recipe=paper``).
+    """
     out = json.loads(json.dumps(data))  # deep copy of plain data
     for item in overrides:
         path, value = parse_override(item)
         node = out
-        for i, part in enumerate(path[:-1]):
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            elif not isinstance(child, dict):
-                where = ".".join(path[: i + 1])
-                raise ConfigError(f"--set {'.'.join(path)}: '{where}' is a value, not a section")
-            node = child
-        node[path[-1]] = value
+        for i, part in enumerate(path):
+            where = ".".join(path[: i + 1])
+            last = i == len(path) - 1
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(f"--set {'.'.join(path)}: '{where}' is not an item")
+                key = int(part)
+            elif isinstance(node, dict):
+                key = part
+                if not last and node.get(key) is None:
+                    node[key] = {}
+            else:
+                raise ConfigError(f"--set {'.'.join(path)}: '{where}' is inside a value")
+            if last:
+                node[key] = value
+            else:
+                node = node[key]
+                if not isinstance(node, (dict, list)):
+                    raise ConfigError(
+                        f"--set {'.'.join(path)}: '{where}' is a value, not a section"
+                    )
     return out
 
 

@@ -7,10 +7,24 @@ The queue is an actor, so this works across the nodes of a cluster as it does lo
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import threading
 from typing import Any
 
 from tqdm import tqdm
+
+# Which terminal line a thread's bars use (the experiment runner gives each step a slot).
+_SLOT: contextvars.ContextVar[int | None] = contextvars.ContextVar("bar_slot", default=None)
+
+
+@contextlib.contextmanager
+def bar_slot(slot: int):
+    token = _SLOT.set(slot)
+    try:
+        yield
+    finally:
+        _SLOT.reset(token)
 
 
 class Progress:
@@ -24,7 +38,15 @@ class Progress:
         from ray.util.queue import Queue
 
         self.queue = Queue(actor_options={"num_cpus": 0})
-        self._bar = tqdm(total=self.total, desc=self.desc, unit=self.unit, initial=self.initial)
+        slot = _SLOT.get()
+        self._bar = tqdm(
+            total=self.total,
+            desc=self.desc,
+            unit=self.unit,
+            initial=self.initial,
+            position=slot,
+            leave=slot is None,
+        )
         self._thread = threading.Thread(target=self._follow, daemon=True)
         self._thread.start()
         return self

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from raypurify import config
-from raypurify.defenses import adversarial, mixing, squeeze, ueraser
+from raypurify.defenses import adversarial, mixing, purifiers, squeeze, ueraser
 from raypurify.defenses.base import Defense
 from raypurify.registry import Registry
 
@@ -22,6 +22,8 @@ DEFENSES = Registry(
         mixing.CUTMIX,
         adversarial.ADVERSARIAL,
         ueraser.UERASER,
+        purifiers.VAE,
+        purifiers.DVAE,
     ],
 )
 

@@ -31,7 +31,9 @@ def scan(
     """Classes, files and labels of an ImageFolder split (sorted, so reproducible)."""
     if not root.is_dir():
         raise DatasetError(f"{root}: no such image folder")
-    base = root / split if (root / split).is_dir() else root
+    # ImageNet calls its test split "val".
+    named = [root / split] + ([root / "val"] if split == "test" else [])
+    base = next((d for d in named if d.is_dir()), root)
     classes = sorted(d.name for d in base.iterdir() if d.is_dir())
     if max_classes:
         classes = classes[:max_classes]

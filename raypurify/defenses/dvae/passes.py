@@ -5,6 +5,7 @@ Each actor loads one trained stage model once and purifies batches of decoded ro
 - "subtract_reconstruct": x -> x2 = clip(x - p_hat(x)), x3 = x_hat(x2); x2 stays float
   between the two steps and is also returned (as `p2`) so P2 and P3 come from one pass
 - "reconstruct": x -> x_hat(x)                              (the plain VAE)
+- "perturbation": x -> p_hat(x) as floats                    (detection, Table 1 check)
 With `sample`, z is drawn from q(z|x) with noise seeded by (seed, row index), so results
 do not depend on how Ray Data batches the rows; otherwise z = mu.
 """
@@ -21,13 +22,13 @@ import ray.data
 import torch
 
 from raypurify.data.interchange import DatasetInfo, read_ray, write_ray
-from raypurify.progress import add
+from raypurify.progress import Progress, add
 from raypurify.runtime import autocast
 
 from .config import PurifyConfig
 from .stage import build
 
-MODES = ("subtract", "subtract_reconstruct", "reconstruct")
+MODES = ("subtract", "subtract_reconstruct", "reconstruct", "perturbation")
 
 
 class PurifyPass:
@@ -88,6 +89,10 @@ class PurifyPass:
         index = np.asarray(batch["index"])
         out = dict(batch)
         with autocast(self.dev, self.amp):
+            if self.mode == "perturbation":  # p_hat itself, for the analyses
+                p_hat = self.model.perturbation(self._z(x, index), y).float()
+                add(self.progress, len(index))
+                return {"index": index, "label": batch["label"], "p_hat": p_hat.cpu().numpy()}
             if self.mode == "subtract":
                 result = self._subtract(x, y, index)
             elif self.mode == "reconstruct":
@@ -107,6 +112,44 @@ def to_hwc_uint8(x: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
+def _purify_batches(
+    source: DatasetInfo, weights: Path, cfg: PurifyConfig, mode: str, gpu: bool, progress
+):
+    return read_ray(source.path).map_batches(
+        PurifyPass,
+        fn_constructor_kwargs={
+            "weights": str(weights),
+            "purify": cfg.to_dict(),
+            "num_classes": len(source.classes),
+            "image_size": source.shape[0],
+            "mode": mode,
+            "actors": cfg.infer_actors,
+            "progress": progress.queue,
+        },
+        compute=ray.data.ActorPoolStrategy(size=cfg.infer_actors),
+        batch_size=cfg.infer_batch_size,
+        batch_format="numpy",
+        **({"num_gpus": 1} if gpu else {"num_cpus": 1}),
+    )
+
+
+def perturbations(source: DatasetInfo, weights: Path, cfg: PurifyConfig, gpu: bool):
+    """p_hat(x) for every row of `source` (z = mu): (index, label, p_hat NCHW float32),
+    sorted by index."""
+    cfg = cfg.model_copy(update={"sample": False})
+    with Progress(source.rows, "p_hat", unit="img") as progress:
+        parts = list(
+            _purify_batches(source, weights, cfg, "perturbation", gpu, progress).iter_batches(
+                batch_size=None, batch_format="numpy"
+            )
+        )
+    index = np.concatenate([p["index"] for p in parts])
+    order = np.argsort(index)
+    label = np.concatenate([p["label"] for p in parts])[order]
+    p_hat = np.concatenate([p["p_hat"] for p in parts])[order]
+    return index[order], label, p_hat
+
+
 def run_pass(
     source: DatasetInfo,
     outputs: dict[str, Path],
@@ -123,41 +166,16 @@ def run_pass(
     Returns timing: seconds, rows and images/s for this pass.
     """
     start = time.perf_counter()
-    ds = read_ray(source.path).map_batches(
-        PurifyPass,
-        fn_constructor_kwargs={
-            "weights": str(weights),
-            "purify": cfg.to_dict(),
-            "num_classes": len(source.classes),
-            "image_size": source.shape[0],
-            "mode": mode,
-            "actors": cfg.infer_actors,
-        },
-        compute=ray.data.ActorPoolStrategy(size=cfg.infer_actors),
-        batch_size=cfg.infer_batch_size,
-        batch_format="numpy",
-        **({"num_gpus": 1} if gpu else {"num_cpus": 1}),
-    )
+    names = " + ".join(Path(p).name for p in outputs.values())
     config = {"purify": cfg.to_dict(), "pass": mode, "weights": str(weights)}
-    if "p2" in outputs:
-        ds = ds.materialize()  # one inference, two datasets
-        p2 = ds.drop_columns(["image"]).rename_columns({"p2": "image"})
-        write_ray(
-            p2,
-            outputs["p2"],
-            classes=source.classes,
-            shape=source.shape,
-            config=config | {"output": "p2"},
-            parents=lineage,
-        )
-        ds = ds.drop_columns(["p2"])
-    write_ray(
-        ds,
-        outputs["image"],
-        classes=source.classes,
-        shape=source.shape,
-        config=config,
-        parents=lineage,
-    )
+    common = {"classes": source.classes, "shape": source.shape, "parents": lineage}
+    with Progress(source.rows, f"pass -> {names}", unit="img") as progress:
+        ds = _purify_batches(source, weights, cfg, mode, gpu, progress)
+        if "p2" in outputs:
+            ds = ds.materialize()  # one inference, two datasets
+            p2 = ds.drop_columns(["image"]).rename_columns({"p2": "image"})
+            write_ray(p2, outputs["p2"], config=config | {"output": "p2"}, **common)
+            ds = ds.drop_columns(["p2"])
+        write_ray(ds, outputs["image"], config=config, **common)
     seconds = time.perf_counter() - start
     return {"seconds": seconds, "rows": source.rows, "images_per_s": source.rows / seconds}

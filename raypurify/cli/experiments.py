@@ -1,0 +1,66 @@
+"""`raypurify run`, `raypurify report`, `raypurify presets`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from raypurify.cli.common import common_options
+
+
+def register(sub) -> None:
+    common = common_options()
+    p = sub.add_parser(
+        "run",
+        parents=[common],
+        help="run a whole attack x defence experiment (a preset or a YAML)",
+        description="Run an experiment; OUT receives results.csv, results.md, plots and the "
+        "step store. Rerunning with the same OUT skips finished steps and resumes the rest.",
+    )
+    p.add_argument("spec", help="a preset name (see `raypurify presets`) or a YAML file")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument(
+        "--force",
+        action="append",
+        default=[],
+        metavar="STEP",
+        help="re-run steps whose name matches (glob, e.g. 'train/lsp/*')",
+    )
+    p.set_defaults(run=run)
+
+    r = sub.add_parser("report", parents=[common], help="rebuild an experiment's table and plots")
+    r.add_argument("dir", help="an experiment output directory")
+    r.set_defaults(run=run_report)
+
+    ls = sub.add_parser("presets", parents=[common], help="list the shipped experiment presets")
+    ls.set_defaults(run=run_presets)
+
+
+def run(args) -> int:
+    from raypurify.experiments import load_spec
+    from raypurify.experiments.runner import run_experiment
+
+    spec = load_spec(args.spec, args.overrides)
+    run_experiment(spec, args.out, force=args.force, num_cpus=args.num_cpus)
+    print((Path(args.out) / "results.md").read_text())
+    print(f"results -> {args.out}/results.md, results.csv, accuracy.png, images.png")
+    return 0
+
+
+def run_report(args) -> int:
+    from raypurify.experiments import report
+
+    out = Path(args.dir)
+    spec, records = report.load_run(out)
+    results = report.collect(spec, records)
+    report.write(spec, results, out, records)
+    print(report.markdown(spec, results))
+    return 0
+
+
+def run_presets(args) -> int:
+    from raypurify.experiments import load_spec, presets
+
+    for name in presets():
+        spec = load_spec(name)
+        print(f"{name:<20} {spec.description.strip().splitlines()[0] if spec.description else ''}")
+    return 0

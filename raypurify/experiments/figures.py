@@ -1,0 +1,88 @@
+"""The paper-style image figure: for each attack, a clean image, its poisoned version, the
+perturbation (amplified), and the D-VAE's P1 and P3."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from raypurify.data.codec import decode_image
+from raypurify.data.interchange import open_dataset
+from raypurify.experiments.spec import ExperimentSpec
+from raypurify.reports.images import amplify, to_uint8
+
+PER_ATTACK = 2
+
+
+def images_by_index(path: str | Path, wanted: np.ndarray) -> np.ndarray:
+    """Decode only the rows whose `index` is in `wanted`, in that order."""
+    info = open_dataset(path)
+    found: dict[int, np.ndarray] = {}
+    for f in info.files:
+        t = pq.read_table(f, columns=["image", "index"])
+        ids = t["index"].to_numpy()
+        for r in np.flatnonzero(np.isin(ids, wanted)):
+            found[int(ids[r])] = decode_image(t["image"][int(r)].as_py(), info.shape[2])
+    return np.stack([found[int(i)] for i in wanted])
+
+
+def pipeline_figure(spec: ExperimentSpec, records: list[dict[str, Any]], path: Path) -> Path | None:
+    from raypurify.reports.plots import plt
+
+    by_name = {r["name"]: r for r in records}
+    clean = by_name.get("data/clean")
+    dvae_cols = [d.column for d in spec.defenses if d.name == "dvae"]
+    if clean is None:
+        return None
+    panels = []
+    for a in spec.attacks:
+        poison = by_name.get(f"poison/{a.row}")
+        purify = by_name.get(f"purify/{a.row}/{dvae_cols[0]}") if dvae_cols else None
+        if poison is None:
+            continue
+        ids = np.sort(
+            pq.read_table(open_dataset(poison["result"]["path"]).files[0], columns=["index"])[
+                "index"
+            ].to_numpy()
+        )[:PER_ATTACK]
+        x = images_by_index(clean["result"]["path"], ids)
+        xp = images_by_index(poison["result"]["path"], ids)
+        row = {
+            "clean": x,
+            "poisoned": xp,
+            "perturbation x8": to_uint8(amplify(xp.astype(np.float32) - x)),
+        }
+        if purify is not None:
+            pdir = Path(purify["result"]["purify_dir"])
+            for name in ("p1", "p3"):
+                if (pdir / name).exists():
+                    row[name.upper()] = images_by_index(pdir / name, ids)
+        panels.append((a.row, row))
+    if not panels:
+        return None
+    titles = list(max((p[1] for p in panels), key=len))
+    n_rows = sum(len(p[1]["clean"]) for p in panels)
+    fig, axes = plt.subplots(
+        n_rows, len(titles), figsize=(1.6 * len(titles), 1.6 * n_rows), squeeze=False
+    )
+    r = 0
+    for label, row in panels:
+        for k in range(len(row["clean"])):
+            for j, title in enumerate(titles):
+                ax = axes[r, j]
+                ax.axis("off")
+                if title in row:
+                    ax.imshow(
+                        row[title][k].squeeze(), cmap="gray" if row[title].shape[-1] == 1 else None
+                    )
+                if r == 0:
+                    ax.set_title(title, fontsize=8)
+            axes[r, 0].text(-4, 16, label, ha="right", va="center", fontsize=8)
+            r += 1
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,218 @@
+"""The experiment's outputs: the attack x defence table (CSV, markdown, JSON), a grouped
+bar chart, and a figure of images through the pipeline (clean, poisoned, amplified
+perturbation, P1, P3) for each attack.
+
+Everything is rebuilt from the finished steps' records, so `raypurify report DIR` can
+redo it without re-running anything.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from raypurify.atomic import write_json
+from raypurify.experiments.spec import ExperimentSpec
+
+RUN_FILE = "run.json"
+
+
+def collect(spec: ExperimentSpec, records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Cells (row, column, classifier -> accuracy), derived columns included."""
+    cells = [
+        {**r["meta"], **{k: v for k, v in r["result"].items() if k != "per_class"}}
+        for r in records
+        if r["kind"] == "train" and r.get("result")
+    ]
+    for d in spec.defenses:
+        if not d.best_of:
+            continue
+        for row in rows(spec):
+            for c in spec.classifiers:
+                found = [
+                    x
+                    for x in cells
+                    if x["row"] == row and x["classifier"] == c.name and x["column"] in d.best_of
+                ]
+                if len(found) == len(d.best_of):
+                    best = max(found, key=lambda x: x["accuracy"])
+                    cells.append(
+                        {
+                            "row": row,
+                            "column": d.column,
+                            "classifier": c.name,
+                            "accuracy": best["accuracy"],
+                            "chosen": best["column"],
+                        }
+                    )
+    budgets = {
+        r["meta"]["row"]: r["result"].get("budget")
+        for r in records
+        if r["kind"] == "poison" and r.get("result")
+    }
+    purifications = {
+        f"{r['meta']['row']}/{r['meta']['column']}": r["result"].get("wall_s")
+        for r in records
+        if r["kind"] == "purify" and r.get("result")
+    }
+    return {"name": spec.name, "cells": cells, "budgets": budgets, "purify_wall_s": purifications}
+
+
+def rows(spec: ExperimentSpec) -> list[str]:
+    return (["clean"] if spec.clean_row else []) + [a.row for a in spec.attacks]
+
+
+def columns(spec: ExperimentSpec) -> list[str]:
+    from raypurify.experiments.steps import DISENTANGLE_COLUMN
+
+    extra = [DISENTANGLE_COLUMN] if "disentangle" in spec.analyses else []
+    return [d.column for d in spec.defenses] + extra
+
+
+def lookup(results, row, column, classifier) -> float | None:
+    for c in results["cells"]:
+        if (c["row"], c["column"], c["classifier"]) == (row, column, classifier):
+            return c["accuracy"]
+    return None
+
+
+def markdown(spec: ExperimentSpec, results: dict[str, Any]) -> str:
+    out = [f"# {spec.name}", ""]
+    if spec.description:
+        out += [spec.description.strip(), ""]
+    cols = columns(spec)
+    attack_rows = [a.row for a in spec.attacks]
+    for c in spec.classifiers:
+        out += [f"Clean test accuracy (%), classifier `{c.name}` (recipe `{c.recipe}`):", ""]
+        out.append("| attack | " + " | ".join(cols) + " |")
+        out.append("|---|" + "---:|" * len(cols))
+        for row in rows(spec):
+            vals = [lookup(results, row, col, c.name) for col in cols]
+            out.append(f"| {row} | " + " | ".join(pct(v) for v in vals) + " |")
+        means = [mean([lookup(results, r, col, c.name) for r in attack_rows]) for col in cols]
+        out.append("| **mean (attacks)** | " + " | ".join(pct(v) for v in means) + " |")
+        if spec.clean_row:
+            clean = lookup(results, "clean", cols[0], c.name)
+            drops = [None if m is None or clean is None else clean - m for m in means]
+            out.append(f"| drop vs clean ({cols[0]}) | " + " | ".join(pct(v) for v in drops) + " |")
+        out.append("")
+    out += detection_markdown(results.get("detection", []))
+    chosen = [x for x in results["cells"] if "chosen" in x]
+    if chosen:
+        picks = ", ".join(f"{x['row']}: {x['chosen']}" for x in chosen)
+        out += [f"Derived columns pick the better input column per row ({picks}).", ""]
+    if results.get("wall_s"):
+        out.append(f"Wall time of this run: {results['wall_s'] / 60:.1f} min.")
+    return "\n".join(out) + "\n"
+
+
+def detection_markdown(detection: list[dict[str, Any]]) -> list[str]:
+    """UE detection from the stage-1 p_hat (paper Table 8), one row per attack."""
+    scored = [d for d in detection if "norm" in d]
+    if not scored:
+        return []
+    out = [
+        "UE detection from the stage-1 p_hat, Otsu threshold, no labels (%):",
+        "",
+        "| attack | statistic | accuracy | precision | recall | F1 |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for d in scored:
+        for stat in ("norm", "class_cosine"):
+            m = d[stat]
+            out.append(
+                f"| {d['row']} | {stat} | {pct(m['accuracy'])} | {pct(m['precision'])} "
+                f"| {pct(m['recall'])} | {pct(m['f1'])} |"
+            )
+    return [*out, ""]
+
+
+def pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.2f}"
+
+
+def mean(values: list[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return float(np.mean(vals)) if vals and len(vals) == len(values) else None
+
+
+def write_csv(results: dict[str, Any], path: Path) -> None:
+    keys = ["row", "column", "classifier", "accuracy", "epochs", "wall_s", "chosen"]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+        w.writeheader()
+        for cell in sorted(
+            results["cells"], key=lambda c: (c["classifier"], c["row"], c["column"])
+        ):
+            w.writerow(cell)
+
+
+def bar_chart(spec: ExperimentSpec, results: dict[str, Any], path: Path) -> None:
+    from raypurify.reports.plots import plt
+
+    cols, row_names = columns(spec), rows(spec)
+    c = spec.classifiers[0].name
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(row_names) * len(cols) / 3), 4))
+    width = 0.8 / len(cols)
+    for j, col in enumerate(cols):
+        vals = [100 * (lookup(results, r, col, c) or 0) for r in row_names]
+        ax.bar(np.arange(len(row_names)) + j * width, vals, width, label=col)
+    ax.set_xticks(np.arange(len(row_names)) + 0.4 - width / 2, row_names)
+    ax.set_ylabel("clean test accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(f"{spec.name}: {c}")
+    ax.legend(ncol=min(len(cols), 4), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write(
+    spec: ExperimentSpec, results: dict[str, Any], out: Path, records: list[dict[str, Any]]
+) -> list[Path]:
+    """results.json/.csv/.md, the bar chart and the image figure; returns the paths."""
+    files = [out / "results.json", out / "results.csv", out / "results.md", out / "accuracy.png"]
+    write_json(files[0], results)
+    write_csv(results, files[1])
+    files[2].write_text(markdown(spec, results))
+    bar_chart(spec, results, files[3])
+    from raypurify.experiments.figures import pipeline_figure
+
+    figure = pipeline_figure(spec, records, out / "images.png")
+    if figure:
+        files.append(figure)
+    return files
+
+
+def summary_metrics(results: dict[str, Any]) -> dict[str, float]:
+    by_column: dict[str, list[float]] = {}
+    for c in results["cells"]:
+        if c["row"] != "clean":
+            by_column.setdefault(f"mean_{c['column']}_{c['classifier']}", []).append(c["accuracy"])
+    return {k: float(np.mean(v)) for k, v in by_column.items()}
+
+
+def save_run(out: Path, spec: ExperimentSpec, step_dirs: list[str]) -> None:
+    write_json(out / RUN_FILE, {"spec": spec.to_dict(), "steps": step_dirs})
+
+
+def load_run(out: Path) -> tuple[ExperimentSpec, list[dict[str, Any]]]:
+    """The spec and finished step records of the last run in `out` (for `report`)."""
+    from raypurify.errors import RaypurifyError
+    from raypurify.experiments.store import RECORD
+
+    f = out / RUN_FILE
+    if not f.exists():
+        raise RaypurifyError(f"{out}: no {RUN_FILE}; is this an experiment output directory?")
+    data = json.loads(f.read_text())
+    spec = ExperimentSpec.model_validate(data["spec"])
+    records = [
+        json.loads((Path(d) / RECORD).read_text())
+        for d in data["steps"]
+        if (Path(d) / RECORD).exists()
+    ]
+    return spec, records

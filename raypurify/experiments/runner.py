@@ -1,0 +1,193 @@
+"""Run an experiment: validate, plan the step graph, run it on Ray, write the table.
+
+Steps run in driver threads, as many at once as `max_parallel` allows (default: what the
+cluster can train at once); each step's heavy work runs on Ray (Train workers, Data
+actors). Finished steps are found in the store and skipped, so an interrupted run resumes
+where it stopped and rerunning a finished one only rebuilds the report.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from pathlib import Path
+from typing import Any
+
+import ray
+from tqdm import tqdm
+
+from raypurify import config, defenses
+from raypurify.attacks import ATTACKS
+from raypurify.data import registry
+from raypurify.errors import ConfigError, RaypurifyError
+from raypurify.experiments import report
+from raypurify.experiments.spec import ExperimentSpec
+from raypurify.experiments.steps import Context, Step, plan
+from raypurify.experiments.store import Store, step_key
+from raypurify.models import ARCHS
+from raypurify.progress import bar_slot
+from raypurify.runtime import init_ray
+from raypurify.tracking import active_run, start_run
+from raypurify.training.config import recipe
+
+
+def validate(spec: ExperimentSpec) -> None:
+    """Every name and option resolves, before any work starts (errors carry key paths)."""
+    registry.source(spec.dataset)
+    registry.source(spec.test)
+    for i, a in enumerate(spec.attacks):
+        attack = ATTACKS.get(a.name, key=f"attacks.{i}.name")
+        config.validate(
+            attack.config, {**a.options, "ratio": a.ratio}, source=f"attacks.{i}.options"
+        )
+    for i, d in enumerate(spec.defenses):
+        if d.best_of:
+            continue
+        defense, options = defenses.options(d.name, d.options, key=f"defenses.{i}")
+        if defense.kind == "purify":
+            from raypurify.defenses.purifiers import check
+
+            try:
+                check(options)
+            except ConfigError as e:
+                raise ConfigError(f"defenses.{i}.options: {e}") from None
+    for i, c in enumerate(spec.classifiers):
+        try:
+            cfg = recipe(c.recipe, ([f"arch={c.arch}"] if c.arch else []) + c.overrides)
+        except ConfigError as e:
+            raise ConfigError(f"classifiers.{i}: {e}") from None
+        ARCHS.get(cfg.arch, key=f"classifiers.{i}.arch")
+
+
+def default_parallel() -> int:
+    """One step per GPU on a GPU cluster; on CPUs, one step per 2 cores (each trains with
+    all the threads it is given; more at once only contend)."""
+    res = ray.cluster_resources()
+    if res.get("GPU", 0) >= 1:
+        return int(res["GPU"])
+    return max(1, int(res.get("CPU", 1)) // 2)
+
+
+def run_experiment(
+    spec: ExperimentSpec,
+    out: str | Path,
+    *,
+    force: list[str] = (),
+    num_cpus: int | None = None,
+) -> dict[str, Any]:
+    """Run (or resume) `spec` into `out`; returns the results (also written to `out`)."""
+    validate(spec)
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    test = registry.load(spec.test)  # also catches a missing dataset before any work
+    init_ray(num_cpus)
+    store = Store(out / "store")
+    steps = plan(spec)
+    parent = start_run(
+        spec.name, out.name, params={"spec": spec.to_dict()}, tags={"kind": "experiment"}
+    )
+    ctx = Context(spec=spec, test=test, parent=parent)
+    start = time.perf_counter()
+    with active_run(parent):
+        Scheduler(steps, store, ctx, force, spec.max_parallel or default_parallel(), out).run()
+        records = [r for s in steps if s.dir and (r := store.record(s.dir))]
+        results = report.collect(spec, records)
+        results["wall_s"] = time.perf_counter() - start
+        files = report.write(spec, results, out, records)
+        for f in files:
+            parent.log_artifact(f)
+        parent.log_metrics(report.summary_metrics(results))
+    failed = [s for s in steps if s.error]
+    if failed:
+        names = ", ".join(s.name for s in failed[:5])
+        raise RaypurifyError(
+            f"{len(failed)} step(s) failed ({names}); the table in {out} "
+            f"has gaps. First error: {failed[0].error}"
+        )
+    return results
+
+
+class Scheduler:
+    """Runs steps whose inputs are done, up to `parallel` at once, in driver threads."""
+
+    def __init__(
+        self, steps: list[Step], store: Store, ctx: Context, force, parallel: int, out: Path
+    ):
+        self.steps, self.store, self.ctx, self.out = steps, store, ctx, out
+        self.force, self.parallel = list(force), parallel
+        self.cells = tqdm(
+            total=sum(s.kind == "train" for s in steps), desc="table", unit="cell", position=0
+        )
+
+    def resolve(self, step: Step) -> bool:
+        """Compute the step's key and directory; True if it finished in an earlier run."""
+        step.key = step_key(step.kind, step.config, [i.fingerprint() for i in step.inputs])
+        step.dir = self.store.path(step.kind, step.slug, step.key)
+        if any(fnmatch.fnmatch(step.name, pattern) for pattern in self.force):
+            self.store.forget(step.dir)
+        record = self.store.record(step.dir)
+        if record is not None:
+            step.result, step.cached = record["result"], True
+        return record is not None
+
+    def execute(self, step: Step, slot: int) -> dict[str, Any]:
+        step.dir.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        with bar_slot(slot):
+            result = step.action(step, step.dir, self.ctx)
+        self.store.finish(
+            step.dir,
+            {
+                "kind": step.kind,
+                "name": step.name,
+                "key": step.key,
+                "config": step.config,
+                "inputs": [i.name for i in step.inputs],
+                "meta": step.meta,
+                "result": result,
+                "seconds": time.perf_counter() - t0,
+            },
+        )
+        return result
+
+    def run(self) -> None:
+        pending = list(self.steps)
+        running: dict[Future, tuple[Step, int]] = {}
+        free = list(range(1, self.parallel + 1))
+        with ThreadPoolExecutor(self.parallel) as pool:
+            while pending or running:
+                for step in list(pending):
+                    if any(i.error for i in step.inputs):
+                        step.error = f"input {next(i.name for i in step.inputs if i.error)} failed"
+                        pending.remove(step)
+                        self._done(step)
+                    elif all(i.result is not None for i in step.inputs):
+                        if self.resolve(step):
+                            pending.remove(step)
+                            self._done(step)
+                        elif free:
+                            pending.remove(step)
+                            slot = free.pop(0)
+                            running[pool.submit(self.execute, step, slot)] = (step, slot)
+                if not running:
+                    continue
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    step, slot = running.pop(future)
+                    free.append(slot)
+                    try:
+                        step.result = future.result()
+                    except Exception as e:  # keep going: independent cells still run
+                        step.error = f"{type(e).__name__}: {e}".splitlines()[0]
+                        tqdm.write(f"step {step.name} failed: {step.error}")
+                    self._done(step)
+        self.cells.close()
+
+    def _done(self, step: Step) -> None:
+        dirs = [str(s.dir) for s in self.steps if s.dir is not None]
+        report.save_run(self.out, self.ctx.spec, dirs)  # what `raypurify report` rebuilds
+        if step.kind == "train":
+            self.cells.update(1)
+            if step.result:
+                self.cells.set_postfix_str(f"{step.name}: {step.result['accuracy']:.1%}")

@@ -1,0 +1,100 @@
+"""Experiment specs: which data, attacks, defences and classifiers make up a table.
+
+An experiment YAML (or a shipped preset) is validated here before any work starts, so an
+unknown attack, defence, architecture or dataset fails at once with its key path
+(``attacks.2.name: unknown attack 'emm'``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field, PositiveInt, field_validator, model_validator
+
+from raypurify.config import Config
+from raypurify.data.spec import DatasetSpec
+
+
+class AttackEntry(Config):
+    """A row of the table: an attack with its options, optionally a poison ratio."""
+
+    name: str
+    label: str | None = None  # row name; default: the attack name (and ratio if < 1)
+    options: dict[str, Any] = Field(default_factory=dict)
+    ratio: float = Field(1.0, gt=0, le=1)
+
+    @property
+    def row(self) -> str:
+        if self.label:
+            return self.label
+        return self.name if self.ratio == 1.0 else f"{self.name}@{self.ratio:g}"
+
+
+class DefenseEntry(Config):
+    """A column: a defence (transform, training-time or purifier) or a derived column."""
+
+    name: str | None = None  # a registered defence (dvae and vae included)
+    label: str | None = None
+    options: dict[str, Any] = Field(default_factory=dict)  # e.g. {quality: 10}, {preset: cpu}
+    best_of: list[str] = Field(default_factory=list)  # derived: best of these columns
+
+    @model_validator(mode="after")
+    def _named_or_derived(self):
+        if bool(self.name) == bool(self.best_of):
+            raise ValueError("give either name (a defence) or best_of (a derived column)")
+        if self.best_of and not self.label:
+            raise ValueError("a best_of column needs a label")
+        return self
+
+    @property
+    def column(self) -> str:
+        return self.label or self.name
+
+
+class ClassifierEntry(Config):
+    """How each cell's classifier is trained: a recipe plus overrides."""
+
+    label: str | None = None
+    recipe: str = "cpu"
+    arch: str | None = None
+    overrides: list[str] = Field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.label or self.arch or self.recipe
+
+
+class ExperimentSpec(Config):
+    name: str
+    description: str = ""
+    dataset: DatasetSpec  # the clean training set (e.g. a 10k subset)
+    test: DatasetSpec  # the clean test set
+    attacks: list[AttackEntry]
+    defenses: list[DefenseEntry]
+    classifiers: list[ClassifierEntry] = Field(default_factory=lambda: [ClassifierEntry()])
+    clean_row: bool = True  # also train every defence on the clean set
+    seed: int = 0
+    max_parallel: PositiveInt | None = None  # steps at once (default: from the cluster)
+    analyses: list[str] = Field(default_factory=list)  # disentangle, detect
+
+    @field_validator("analyses")
+    @classmethod
+    def _known_analyses(cls, value):
+        for a in value:
+            if a not in ("disentangle", "detect"):
+                raise ValueError(f"unknown analysis '{a}' (known: disentangle, detect)")
+        return value
+
+    @model_validator(mode="after")
+    def _unique_names(self):
+        rows = [a.row for a in self.attacks]
+        if len(set(rows)) != len(rows) or "clean" in rows:
+            raise ValueError(f"attack rows must be unique and not 'clean': {rows}")
+        cols = [d.column for d in self.defenses]
+        if len(set(cols)) != len(cols):
+            raise ValueError(f"defence columns must be unique: {cols}")
+        for d in self.defenses:
+            missing = set(d.best_of) - set(cols)
+            if missing:
+                raise ValueError(f"best_of names unknown columns {sorted(missing)}")
+        return self

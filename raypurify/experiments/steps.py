@@ -1,0 +1,206 @@
+"""The steps of an experiment and what each one does.
+
+    data/clean -> poison/<attack> -> defend/<row>/<defence> or purify/<row>/<defence>
+               -> train/<row>/<column>/<classifier>   (one table cell each)
+
+`plan` turns a spec into this graph; each step's `action` writes into its own directory of
+the store and returns a small JSON-able result (a dataset path and content hash, or the
+cell's metrics).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from raypurify import defenses
+from raypurify.data import registry
+from raypurify.data.imageset import ImageSet
+from raypurify.data.interchange import open_dataset, read_images, write_images
+from raypurify.defenses.apply import transform_dataset
+from raypurify.experiments.spec import ExperimentSpec
+from raypurify.tracking import Run
+from raypurify.training.config import recipe
+from raypurify.training.trainer import train_classifier
+
+
+@dataclass
+class Context:
+    spec: ExperimentSpec
+    test: ImageSet
+    parent: Run
+
+
+@dataclass(eq=False)
+class Step:
+    kind: str  # data, poison, defend, purify, train
+    name: str  # e.g. train/lsp/dvae/fast-resnet
+    config: dict[str, Any]
+    inputs: list[Step]
+    action: Callable[[Step, Path, Context], dict[str, Any]]
+    meta: dict[str, str] = field(default_factory=dict)  # row, column, classifier
+    key: str | None = None
+    dir: Path | None = None
+    result: dict[str, Any] | None = None
+    error: str | None = None
+    cached: bool = False
+
+    @property
+    def slug(self) -> str:
+        return re.sub(r"[^A-Za-z0-9_.@-]+", "_", self.name.split("/", 1)[-1])
+
+    def fingerprint(self) -> str:
+        """What downstream keys hash: a dataset's content sha256 (else the step key)."""
+        return (self.result or {}).get("sha256") or self.key
+
+    def input_path(self, i: int = 0) -> Path:
+        return Path(self.inputs[i].result["path"])
+
+    def child_run(self, ctx: Context) -> Run:
+        return ctx.parent.child(self.name, params=self.config, step=self.name, **self.meta)
+
+
+def dataset_result(info) -> dict[str, Any]:
+    return {"path": str(info.path), "sha256": info.sha256, "rows": info.rows}
+
+
+# ---------------------------------------------------------------------------------------
+# Actions
+
+
+def make_clean(step: Step, directory: Path, ctx: Context) -> dict[str, Any]:
+    spec = registry.DatasetSpec.model_validate(step.config["dataset"])
+    data = registry.load(spec)
+    info = write_images(
+        data,
+        directory / "data",
+        config=step.config,
+        parents=[{"source": spec.name, "split": spec.split}],
+        overwrite=True,
+    )
+    return dataset_result(info)
+
+
+def make_poison(step: Step, directory: Path, ctx: Context) -> dict[str, Any]:
+    from raypurify.attacks.base import poison
+
+    clean = read_images(step.input_path())
+    cfg = step.config
+    run = step.child_run(ctx)
+    overrides = {**cfg["options"], "ratio": cfg["ratio"], "seed": cfg["seed"]}
+    poisoned, budget = poison(clean, cfg["attack"], overrides, run=run)
+    info = write_images(
+        poisoned,
+        directory / "data",
+        overwrite=True,
+        config={**cfg, "budget": budget},
+        parents=[open_dataset(step.input_path()).lineage()],
+    )
+    run.finish()
+    return dataset_result(info) | {"budget": budget}
+
+
+def make_defended(step: Step, directory: Path, ctx: Context) -> dict[str, Any]:
+    defense, options = defenses.options(step.config["defense"], step.config["options"])
+    source = registry.stream(registry.spec_for(str(step.input_path())))
+    info = transform_dataset(
+        defense,
+        options,
+        source,
+        directory / "data",
+        overwrite=True,
+        parents=[open_dataset(step.input_path()).lineage()],
+    )
+    return dataset_result(info)
+
+
+def make_purified(step: Step, directory: Path, ctx: Context) -> dict[str, Any]:
+    defense, options = defenses.options(step.config["defense"], step.config["options"])
+    run = step.child_run(ctx)
+    summary = defense.purify(options, step.input_path(), directory / "purify", run=run)
+    run.finish()
+    info = open_dataset(summary["output"])
+    return dataset_result(info) | {
+        "purify_dir": str(directory / "purify"),
+        "wall_s": summary["wall_s"],
+        "outputs": summary["outputs"],
+    }
+
+
+def train_cell(step: Step, directory: Path, ctx: Context) -> dict[str, Any]:
+    from raypurify.training.config import TrainConfig
+
+    cfg = TrainConfig.model_validate(step.config["train"])
+    run = step.child_run(ctx)
+    metrics = train_classifier(
+        read_images(step.input_path()), ctx.test, cfg, directory / "train", run=run
+    )
+    run.finish()
+    keep = ("accuracy", "per_class", "epochs", "wall_s", "train_s", "images_per_s")
+    return {k: metrics[k] for k in keep} | dict(step.meta)
+
+
+# ---------------------------------------------------------------------------------------
+# Planning
+
+
+def classifier_config(spec: ExperimentSpec, entry, defense_name: str, options: dict) -> dict:
+    preset = [f"arch={entry.arch}"] if entry.arch else []
+    cfg = recipe(entry.recipe, [*preset, *entry.overrides, f"seed={spec.seed}"])
+    cfg.defense = {"name": defense_name, "options": options}
+    return cfg.to_dict()
+
+
+def plan(spec: ExperimentSpec) -> list[Step]:
+    """The step graph for a spec (inputs always come before the steps that use them)."""
+    clean = Step("data", "data/clean", {"dataset": spec.dataset.to_dict()}, [], make_clean)
+    steps = [clean]
+    rows: list[tuple[str, Step]] = [("clean", clean)] if spec.clean_row else []
+    for a in spec.attacks:
+        cfg = {"attack": a.name, "options": a.options, "ratio": a.ratio, "seed": spec.seed}
+        p = Step("poison", f"poison/{a.row}", cfg, [clean], make_poison, {"row": a.row})
+        steps.append(p)
+        rows.append((a.row, p))
+    for row, source in rows:
+        for d in spec.defenses:
+            if d.best_of:
+                continue
+            defense, options = defenses.options(d.name, d.options)
+            col = d.column
+            data = source
+            train_defense, train_options = "none", {}
+            if defense.kind == "transform":
+                data = Step(
+                    "defend",
+                    f"defend/{row}/{col}",
+                    {"defense": d.name, "options": options.to_dict()},
+                    [source],
+                    make_defended,
+                    {"row": row, "column": col},
+                )
+                steps.append(data)
+            elif defense.kind == "purify":
+                from raypurify.defenses.dvae.config import preset
+
+                resolved = preset(options.preset, options.overrides).to_dict()
+                data = Step(
+                    "purify",
+                    f"purify/{row}/{col}",
+                    {"defense": d.name, "options": options.to_dict(), "resolved": resolved},
+                    [source],
+                    make_purified,
+                    {"row": row, "column": col},
+                )
+                steps.append(data)
+            elif defense.kind == "train":
+                train_defense, train_options = d.name, options.to_dict()
+            for c in spec.classifiers:
+                cfg = {"train": classifier_config(spec, c, train_defense, train_options)}
+                meta = {"row": row, "column": col, "classifier": c.name}
+                steps.append(
+                    Step("train", f"train/{row}/{col}/{c.name}", cfg, [data], train_cell, meta)
+                )
+    return steps

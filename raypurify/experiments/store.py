@@ -1,0 +1,50 @@
+"""The step store: every step's output in a directory named by a hash of what made it.
+
+A step's key hashes its kind, its config and the fingerprints of its inputs (a dataset's
+content sha256), so changing anything upstream changes every key downstream, and an
+unchanged step is found again: a rerun skips it, an interrupted run resumes it, and a
+second classifier trained on a purified set reuses that purification. A step is finished
+when its `step.json` exists (written last, atomically).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from raypurify.atomic import write_json
+
+RECORD = "step.json"
+
+
+def step_key(kind: str, config: dict[str, Any], fingerprints: list[str]) -> str:
+    blob = json.dumps({"kind": kind, "config": config, "inputs": fingerprints}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class Store:
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def path(self, kind: str, slug: str, key: str) -> Path:
+        return self.root / kind / f"{slug}-{key}"
+
+    def record(self, directory: Path) -> dict[str, Any] | None:
+        """The finished step's record, or None if it has not finished."""
+        f = directory / RECORD
+        return json.loads(f.read_text()) if f.exists() else None
+
+    def finish(self, directory: Path, record: dict[str, Any]) -> None:
+        write_json(directory / RECORD, record)
+
+    def forget(self, directory: Path) -> None:
+        """Delete a step's output so it runs again (`--force`)."""
+        if directory.exists():
+            shutil.rmtree(directory)
+
+    def records(self) -> list[dict[str, Any]]:
+        """Every finished step's record (for `raypurify report`)."""
+        return [json.loads(f.read_text()) for f in sorted(self.root.glob(f"*/*/{RECORD}"))]
