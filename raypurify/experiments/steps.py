@@ -90,8 +90,8 @@ def make_poison(step: Step, directory: Path, ctx: Context) -> dict[str, Any]:
     clean = read_images(step.input_path())
     cfg = step.config
     run = step.child_run(ctx)
-    overrides = {**cfg["options"], "ratio": cfg["ratio"], "seed": cfg["seed"]}
-    poisoned, budget = poison(clean, cfg["attack"], overrides, run=run)
+    settings = {**cfg["options"], "ratio": cfg["ratio"], "seed": cfg["seed"]}
+    poisoned, budget = poison(clean, cfg["attack"], run=run, settings=settings)
     info = write_images(
         poisoned,
         directory / "data",
