@@ -26,9 +26,12 @@ def init_ray(num_cpus: int | None = None, *, object_store_bytes: int | None = No
     quiet_data_logs()
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
+    # Workers' own output (Ray Train's and Ray Data's internals, mostly) stays in Ray's log
+    # files; our progress bars, MLflow and raised errors carry what the user needs.
+    verbose = os.environ.get("RAYPURIFY_VERBOSE") == "1"
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=verbose)
         return
     store = object_store_bytes or int(
         os.environ.get("RAYPURIFY_OBJECT_STORE_BYTES", DEFAULT_OBJECT_STORE_BYTES)
@@ -38,13 +41,13 @@ def init_ray(num_cpus: int | None = None, *, object_store_bytes: int | None = No
         num_cpus=num_cpus,
         object_store_memory=store,
         include_dashboard=False,
-        log_to_driver=True,
+        log_to_driver=verbose,
     )
 
 
 def quiet_data_logs() -> None:
     """Ray Data logs every operator's progress at INFO (a screenful per dataset when stdout is
-    not a terminal); we draw our own bars, so keep its warnings only. RAYPURIFY_VERBOSE=1
+    not a terminal); we draw our own bars, so keep its errors only. RAYPURIFY_VERBOSE=1
     restores them."""
     import logging
 
@@ -53,7 +56,7 @@ def quiet_data_logs() -> None:
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
 
 
 def device() -> torch.device:

@@ -64,6 +64,12 @@ def _experiment_id(client, uri: str, name: str) -> str:
         return exp.experiment_id
 
 
+def _folder(artifact_file: str) -> str | None:
+    """The artifact folder of `artifact_file` (None at the top level)."""
+    parent = str(Path(artifact_file).parent)
+    return None if parent == "." else parent
+
+
 @dataclass(frozen=True)
 class Run:
     """A handle to one MLflow run, safe to send to Ray workers."""
@@ -115,7 +121,7 @@ class Run:
             path = Path(tmp) / Path(artifact_file).name
             figure.savefig(path, dpi=110, bbox_inches="tight")
             plt.close(figure)
-            self.log_artifact(path, str(Path(artifact_file).parent) or None)
+            self.log_artifact(path, _folder(artifact_file))
 
     def log_png(self, image, artifact_file: str) -> None:
         """Log a uint8 HWC array (an image grid) as a PNG artifact."""
@@ -124,8 +130,7 @@ class Run:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / Path(artifact_file).name
             Image.fromarray(image).save(path)
-            parent = str(Path(artifact_file).parent)
-            self.log_artifact(path, None if parent == "." else parent)
+            self.log_artifact(path, _folder(artifact_file))
 
     def child(self, name: str, params: Mapping[str, Any] | None = None, **tags: Any) -> Run:
         """Start a child run (a sweep trial, a purification stage) under this one."""

@@ -71,9 +71,10 @@ class Crafter:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         cfg = self.cfg
-        x = torch.from_numpy(np.ascontiguousarray(batch["image"])).to(self.dev)
+        x = torch.from_numpy(np.array(batch["image"])).to(self.dev)
         x = x.permute(0, 3, 1, 2).float() / 255
-        target = (torch.from_numpy(batch["label"]).to(self.dev) + cfg.shift) % self.classes
+        labels = torch.from_numpy(np.array(batch["label"], dtype=np.int64)).to(self.dev)
+        target = (labels + cfg.shift) % self.classes
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + int(batch["index"].min()))
         step = cfg.step_size or cfg.eps * max(0.05, 2.5 / cfg.steps)
         best = torch.zeros_like(x)

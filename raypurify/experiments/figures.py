@@ -53,7 +53,7 @@ def pipeline_figure(spec: ExperimentSpec, records: list[dict[str, Any]], path: P
         row = {
             "clean": x,
             "poisoned": xp,
-            "perturbation x8": to_uint8(amplify(xp.astype(np.float32) - x)),
+            "perturbation (amplified)": to_uint8(amplify(xp.astype(np.float32) - x)),
         }
         if purify is not None:
             pdir = Path(purify["result"]["purify_dir"])

@@ -197,10 +197,54 @@ def plan(spec: ExperimentSpec) -> list[Step]:
                 steps.append(data)
             elif defense.kind == "train":
                 train_defense, train_options = d.name, options.to_dict()
-            for c in spec.classifiers:
-                cfg = {"train": classifier_config(spec, c, train_defense, train_options)}
-                meta = {"row": row, "column": col, "classifier": c.name}
-                steps.append(
-                    Step("train", f"train/{row}/{col}/{c.name}", cfg, [data], train_cell, meta)
-                )
+            steps += train_steps(spec, row, col, data, train_defense, train_options)
+    steps += analysis_steps(spec, steps)
     return steps
+
+
+def train_steps(spec, row, col, data, defense="none", options=None) -> list[Step]:
+    out = []
+    for c in spec.classifiers:
+        cfg = {"train": classifier_config(spec, c, defense, options or {})}
+        meta = {"row": row, "column": col, "classifier": c.name}
+        out.append(Step("train", f"train/{row}/{col}/{c.name}", cfg, [data], train_cell, meta))
+    return out
+
+
+DISENTANGLE_COLUMN = "clean+p_hat"
+
+
+def analysis_steps(spec: ExperimentSpec, steps: list[Step]) -> list[Step]:
+    """Detection and the disentanglement check, for every attack row with a D-VAE column."""
+    from raypurify.experiments import analyses
+
+    dvae = [d.column for d in spec.defenses if d.name == "dvae"]
+    if not spec.analyses or not dvae:
+        return []
+    by_name = {s.name: s for s in steps}
+    out = []
+    for a in spec.attacks:
+        poison, purify = by_name[f"poison/{a.row}"], by_name[f"purify/{a.row}/{dvae[0]}"]
+        meta = {"row": a.row, "column": dvae[0]}
+        if "detect" in spec.analyses:
+            out.append(
+                Step(
+                    "detect",
+                    f"detect/{a.row}",
+                    {"column": dvae[0]},
+                    [poison, purify],
+                    analyses.detect,
+                    meta,
+                )
+            )
+        if "disentangle" in spec.analyses:
+            data = Step(
+                "disentangle",
+                f"disentangle/{a.row}",
+                {"column": dvae[0]},
+                [by_name["data/clean"], poison, purify],
+                analyses.clean_plus_phat,
+                meta,
+            )
+            out += [data, *train_steps(spec, a.row, DISENTANGLE_COLUMN, data)]
+    return out

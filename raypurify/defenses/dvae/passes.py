@@ -83,9 +83,9 @@ class PurifyPass:
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        x = torch.from_numpy(np.ascontiguousarray(batch["image"])).to(self.dev)
+        x = torch.from_numpy(np.array(batch["image"])).to(self.dev)
         x = (x.permute(0, 3, 1, 2).float() / 255.0).contiguous(memory_format=torch.channels_last)
-        y = torch.from_numpy(np.asarray(batch["label"])).to(self.dev)
+        y = torch.from_numpy(np.array(batch["label"], dtype=np.int64)).to(self.dev)
         index = np.asarray(batch["index"])
         out = dict(batch)
         with autocast(self.dev, self.amp):

@@ -1,0 +1,171 @@
+"""The demo preset end to end (real Ray, real MLflow store): every cell, resume, kill."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from raypurify.errors import ConfigError, DatasetError
+from raypurify.experiments import load_spec
+from raypurify.experiments.runner import run_experiment
+
+TINY = [
+    "dataset.subset=200",
+    "test.subset=100",
+    "defenses.2.options.overrides=[model.width=8, model.latent=16, stage1.epochs=1, "
+    "stage2.epochs=1, stage1.batch_size=32, stage2.batch_size=32]",
+    "classifiers.0.overrides=[epochs=2, arch_options.width=8, batch_size=32]",
+]
+ROWS, COLUMNS = ["clean", "lsp"], ["none", "jpeg", "dvae"]
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL a process and everything it started (its local Ray included)."""
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def table(out: Path) -> dict[tuple[str, str], float]:
+    with open(out / "results.csv") as f:
+        return {(r["row"], r["column"]): float(r["accuracy"]) for r in csv.DictReader(f)}
+
+
+def records(out: Path) -> dict[str, int]:
+    """Each finished step's record file and its modification time."""
+    return {str(p): p.stat().st_mtime_ns for p in (out / "store").glob("*/*/step.json")}
+
+
+@pytest.fixture(scope="module")
+def demo(ray_session, tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    env = pytest.MonkeyPatch()
+    env.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    out = root / "out"
+    results = run_experiment(load_spec("demo", TINY), out)
+    yield out, results
+    env.undo()
+
+
+def test_every_cell_is_in_the_table_and_the_plots_exist(demo):
+    out, results = demo
+    cells = table(out)
+    assert set(cells) == {(r, c) for r in ROWS for c in COLUMNS}
+    assert all(0.0 <= a <= 1.0 for a in cells.values())
+    md = (out / "results.md").read_text()
+    for name in ROWS + COLUMNS:
+        assert name in md
+    for png in ("accuracy.png", "images.png"):
+        assert (out / png).stat().st_size > 1000
+    assert results["budgets"]["lsp"]["l2_max"] <= 1.0
+
+
+def test_each_cell_is_an_mlflow_child_run_of_the_experiment(demo):
+    client = MlflowClient()
+    exp = client.get_experiment_by_name("demo")
+    parents = client.search_runs([exp.experiment_id], "tags.kind = 'experiment'")
+    assert len(parents) == 1
+    children = client.search_runs(
+        [exp.experiment_id], f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'"
+    )
+    cells = {
+        (r.data.tags["row"], r.data.tags["column"])
+        for r in children
+        if r.info.run_name.startswith("train/")
+    }
+    assert cells == {(r, c) for r in ROWS for c in COLUMNS}
+    assert {"results.md", "results.csv", "accuracy.png"} <= {
+        a.path for a in client.list_artifacts(parents[0].info.run_id)
+    }
+
+
+def test_rerun_skips_every_finished_step(demo):
+    out, results = demo
+    before = records(out)
+    again = run_experiment(load_spec("demo", TINY), out)
+    assert records(out) == before  # nothing recomputed
+    assert table(out) == {(c["row"], c["column"]): c["accuracy"] for c in results["cells"]}
+    assert again["cells"] == results["cells"]
+
+
+def test_killed_run_resumes_to_the_same_table(demo, tmp_path):
+    out, _ = demo
+    reference = table(out)
+    # Re-run the lsp row's purification and every training in a separate process, and kill
+    # it once the purification and one cell are done.
+    args = [
+        sys.executable,
+        "-m",
+        "raypurify",
+        "run",
+        "demo",
+        "--out",
+        str(out),
+        "--force",
+        "purify/lsp/*",
+        "--force",
+        "train/*",
+    ]
+    for o in TINY:
+        args += ["--set", o]
+    env = dict(os.environ, RAY_ADDRESS="")
+    proc = subprocess.Popen(
+        args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            trained = list((out / "store" / "train").glob("*/step.json"))
+            assert proc.poll() is None, "the run finished before it could be killed"
+            if trained:
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail("no cell finished within 300 s")
+    finally:
+        kill_group(proc)
+    assert len(list((out / "store" / "train").glob("*/step.json"))) < len(reference)
+    run_experiment(load_spec("demo", TINY), out)
+    assert table(out) == reference
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("attacks.0.name=lsq", "attacks.0.name"),
+        ("defenses.1.name=jpg", "defenses.1.name"),
+        ("classifiers.0.arch=resnet19", "classifiers.0.arch"),
+        ("defenses.2.options.preset=fast", "defenses.2.options"),
+        ("attacks.0.options.eps=-1", "attacks.0.options"),
+    ],
+)
+def test_config_errors_are_caught_before_any_work(override, key, tmp_path):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        run_experiment(load_spec("demo", [*TINY, override]), tmp_path / "out")
+    assert not (tmp_path / "out" / "store").exists()
+
+
+def test_missing_dataset_is_caught_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.setenv("RAYPURIFY_DATA_DIR", str(tmp_path / "nothing"))
+    monkeypatch.setenv("RAYPURIFY_TORCHVISION_ROOT", str(tmp_path / "tv"))
+    spec = load_spec("demo", ["dataset.name=cifar100", "test.name=cifar100"])
+    with pytest.raises(DatasetError, match="cifar100: not found"):
+        run_experiment(spec, tmp_path / "out")
+    assert not (tmp_path / "out" / "store").exists()
+
+
+def test_unknown_keys_in_a_yaml_name_their_path(tmp_path):
+    spec = tmp_path / "exp.yaml"
+    spec.write_text(
+        "name: x\ndataset: {name: cifar10-sample}\ntest: {name: cifar10-sample}\n"
+        "attacks: [{name: lsp, ratoi: 0.5}]\ndefenses: [{name: none}]\n"
+    )
+    with pytest.raises(ConfigError, match=r"attacks\.0\.ratoi: unknown key"):
+        load_spec(str(spec))
