@@ -8,6 +8,8 @@ actors, so `user_error` digs the original back out.
 
 from __future__ import annotations
 
+import re
+
 
 class RaypurifyError(Exception):
     """An error caused by input the user controls; its message is one actionable line."""
@@ -25,17 +27,39 @@ class TrainingError(RaypurifyError):
     """Training cannot go on (e.g. NaN loss); the message names the stage and epoch."""
 
 
+# How a traceback names one of our errors: ``raypurify.errors.DatasetError: <message>``.
+_RAISED = re.compile(r"^raypurify\.errors\.(\w+): (.+)$", re.MULTILINE)
+
+
 def user_error(exc: BaseException) -> RaypurifyError | None:
     """Return the RaypurifyError behind `exc` (through Ray's wrappers), or None."""
     seen: set[int] = set()
     stack = [exc]
+    wrappers = []
     while stack:
         e = stack.pop()
         if e is None or id(e) in seen:
             continue
         seen.add(id(e))
+        cause = getattr(e, "cause", None)
+        if isinstance(cause, BaseException):
+            # Ray's RayTaskError keeps the original in `.cause`. It may itself subclass the
+            # original's type, but its message is a whole traceback: look at the cause.
+            wrappers.append(e)
+            stack.extend([e.__context__, e.__cause__, cause])
+            continue
         if isinstance(e, RaypurifyError):
             return e
-        # Ray's RayTaskError keeps the original in `.cause`; Ray Data and Train chain it.
-        stack.extend([getattr(e, "cause", None), e.__cause__, e.__context__])
+        # Ray Data and Train chain the original.
+        stack.extend([e.__context__, e.__cause__])
+    # Ray Data wraps an error raised in a map function in a UserCodeException whose chain is
+    # lost on the way to the driver; only the traceback text, which names it, survives.
+    for e in wrappers:
+        found = _RAISED.findall(str(e))
+        if found:
+            name, message = found[-1]
+            cls = globals().get(name)
+            if not (isinstance(cls, type) and issubclass(cls, RaypurifyError)):
+                cls = RaypurifyError
+            return cls(message.strip())
     return None

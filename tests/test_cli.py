@@ -1,0 +1,118 @@
+"""The `raypurify` command line, run in-process (reusing the session's Ray) and once as a
+real subprocess."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from raypurify import __version__
+from raypurify.cli import main
+from raypurify.data.interchange import open_dataset, read_images
+from raypurify.data.registry import SOURCES
+
+
+def test_version_and_help_as_a_subprocess():
+    run = [sys.executable, "-m", "raypurify"]
+    version = subprocess.run([*run, "--version"], capture_output=True, text=True, timeout=120)
+    assert version.returncode == 0, version.stderr
+    assert version.stdout.strip() == f"raypurify {__version__}"
+
+    helped = subprocess.run([*run, "--help"], capture_output=True, text=True, timeout=120)
+    assert helped.returncode == 0, helped.stderr
+    assert helped.stdout.startswith("usage: raypurify")
+    assert "datasets" in helped.stdout
+    assert "--version" in helped.stdout
+
+
+def test_datasets_list(capsys):
+    assert main(["datasets", "list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == list(SOURCES)
+    for line, src in zip(lines, SOURCES.values(), strict=True):
+        assert line.endswith(src.description)
+
+
+def test_export_show_and_refused_second_export(ray_session, tmp_path, capsys):
+    out = tmp_path / "sample"
+    assert main(["datasets", "export", "cifar10-sample", "--out", str(out), "--subset", "100"]) == 0
+    printed = capsys.readouterr().out
+    info = open_dataset(out)
+    assert printed.strip() == f"wrote 100 images to {out} (id {info.id})"
+    assert info.rows == 100
+    assert info.manifest["config"]["dataset"]["name"] == "cifar10-sample"
+    assert info.manifest["config"]["dataset"]["subset"] == 100
+    assert info.manifest["parents"] == [{"source": "cifar10-sample", "split": "train"}]
+    data = read_images(out)
+    assert np.array_equal(data.class_counts(), [10] * 10)
+
+    # show: rows, the class histogram, pixel statistics, and a grid PNG beside the dataset.
+    assert main(["datasets", "show", str(out)]) == 0
+    shown = capsys.readouterr().out.splitlines()
+    assert shown[0] == f"dataset   {out}  (id {info.id})"
+    assert shown[1].split()[:2] == ["rows", "100"]
+    assert "images 32x32x3" in shown[1] and "classes 10" in shown[1]
+    histogram = [line for line in shown if line.startswith("    ")]
+    assert len(histogram) == 10
+    assert histogram[0].split()[:3] == ["0", "airplane", "10"]
+    assert all(line.split()[2] == "10" and line.rstrip().endswith("#" * 30) for line in histogram)
+    mean = next(line for line in shown if line.startswith("pixel mean"))
+    r = float(mean.split()[3])
+    assert r == pytest.approx(data.images[..., 0].mean(), abs=0.01)
+    assert any(line == "lineage   cifar10-sample" for line in shown)
+    grid_path = tmp_path / "sample-grid.png"
+    assert shown[-1] == f"grid      {grid_path}"
+    with Image.open(grid_path) as grid:
+        # 10 classes x 8 examples, each tile scaled to 64 px with 2 px padding.
+        assert grid.size == (8 * 66 + 2, 10 * 66 + 2)
+
+    # Exporting again to the same place fails cleanly and leaves the data alone.
+    code = main(["datasets", "export", "cifar10-sample", "--out", str(out), "--subset", "50"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {out} already exists; pass --overwrite to replace it\n"
+    assert open_dataset(out).sha256 == info.sha256
+
+    # --overwrite replaces it.
+    again = ["datasets", "export", "cifar10-sample", "--out", str(out), "--subset", "50"]
+    assert main([*again, "--overwrite"]) == 0
+    assert open_dataset(out).rows == 50
+    assert read_images(out).class_counts().tolist() == [5] * 10
+
+
+def test_set_with_unknown_key_names_it(tmp_path, capsys):
+    out = tmp_path / "never"
+    code = main(["datasets", "export", "synthetic", "--out", str(out), "--set", "colour=red"])
+    assert code == 2
+    assert capsys.readouterr().err == "error: config: colour: unknown key\n"
+    code = main(["datasets", "export", "synthetic", "--out", str(out), "--set", "rows=many"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: config: rows: Input should be a valid integer")
+    assert err.count("\n") == 1
+    code = main(["datasets", "export", "synthetic", "--out", str(out), "--set", "rows"])
+    assert code == 2
+    assert "expected KEY=VALUE" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_user_errors_are_one_line(tmp_path, capsys):
+    assert main(["datasets", "show", str(tmp_path / "missing")]) == 2
+    assert capsys.readouterr().err == f"error: {tmp_path / 'missing'}: no such dataset directory\n"
+    assert main(["datasets", "export", "mnist", "--out", str(tmp_path / "x")]) == 2
+    assert capsys.readouterr().err.startswith("error: unknown dataset 'mnist'")
+
+
+def test_bad_arguments_exit_with_usage(capsys):
+    with pytest.raises(SystemExit) as e:
+        main([])
+    assert e.value.code == 2
+    assert "required: COMMAND" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["datasets", "export", "synthetic"])
+    assert e.value.code == 2
+    assert "--out" in capsys.readouterr().err

@@ -1,0 +1,209 @@
+"""Typed configs: strict keys and types with dotted key paths, `--set` overrides, flatten."""
+
+from __future__ import annotations
+
+import pydantic
+import pytest
+
+from raypurify import config
+from raypurify.config import Config, apply_overrides, flatten, parse_override
+from raypurify.errors import ConfigError
+
+
+class Optim(Config):
+    lr: float = 0.1
+    betas: list[float] = [0.9, 0.999]
+
+
+class Train(Config):
+    epochs: int = 1
+    amp: bool = False
+    optim: Optim = Optim()
+
+
+class Experiment(Config):
+    name: str = "demo"
+    tags: list[str] = []
+    train: Train = Train()
+
+
+def error_of(fn, *args, **kwargs) -> str:
+    with pytest.raises(ConfigError) as e:
+        fn(*args, **kwargs)
+    msg = str(e.value)
+    assert "\n" not in msg, msg
+    return msg
+
+
+def test_defaults_validate():
+    exp = config.validate(Experiment, {})
+    assert exp.train.optim.lr == 0.1
+    assert exp.to_dict() == {
+        "name": "demo",
+        "tags": [],
+        "train": {"epochs": 1, "amp": False, "optim": {"lr": 0.1, "betas": [0.9, 0.999]}},
+    }
+
+
+@pytest.mark.parametrize(
+    "data, path",
+    [
+        ({"nmae": "x"}, "nmae"),
+        ({"train": {"epochz": 3}}, "train.epochz"),
+        ({"train": {"optim": {"momentum": 0.9}}}, "train.optim.momentum"),
+    ],
+)
+def test_unknown_keys_rejected_with_key_path(data, path):
+    assert error_of(config.validate, Experiment, data, source="exp.yaml") == (
+        f"exp.yaml: {path}: unknown key"
+    )
+
+
+def test_wrong_types_rejected_with_key_path():
+    msg = error_of(config.validate, Experiment, {"train": {"epochs": "many"}})
+    assert msg.startswith("config: train.epochs: Input should be a valid integer")
+    assert msg.endswith("(got 'many')")
+
+    msg = error_of(config.validate, Experiment, {"train": {"optim": {"lr": "fast"}}})
+    assert msg.startswith("config: train.optim.lr: Input should be a valid number")
+
+    msg = error_of(config.validate, Experiment, {"train": {"optim": {"betas": [0.9, "x"]}}})
+    assert msg.startswith("config: train.optim.betas.1: ")
+
+    msg = error_of(config.validate, Experiment, {"train": 5})
+    assert msg.startswith("config: train: ")
+
+
+def test_several_problems_are_joined_on_one_line():
+    msg = error_of(config.validate, Experiment, {"train": {"epochs": "x", "bogus": 1}, "z": 2})
+    parts = msg.removeprefix("config: ").split("; ")
+    assert len(parts) == 3
+    assert {p.split(":")[0] for p in parts} == {"train.epochs", "train.bogus", "z"}
+
+
+def test_assignment_is_validated_too():
+    exp = Experiment()
+    with pytest.raises(pydantic.ValidationError):
+        exp.train.epochs = "lots"
+    exp.train.epochs = 4
+    assert exp.train.epochs == 4
+
+
+def test_overrides_parse_yaml_values(tmp_path):
+    base = tmp_path / "exp.yaml"
+    base.write_text("name: base\ntrain:\n  epochs: 2\n  optim:\n    lr: 0.5\n")
+    exp = config.load(
+        Experiment,
+        base,
+        [
+            "train.epochs=3",
+            "train.optim.lr=0.01",
+            "train.amp=true",
+            "train.optim.betas=[0.5, 0.75]",
+            "tags=[fast, small]",
+            "name=hello world",
+        ],
+    )
+    assert exp.train.epochs == 3 and type(exp.train.epochs) is int
+    assert exp.train.optim.lr == 0.01
+    assert exp.train.amp is True
+    assert exp.train.optim.betas == [0.5, 0.75]
+    assert exp.tags == ["fast", "small"]
+    assert exp.name == "hello world"
+    # Untouched values come from the file.
+    assert config.load(Experiment, base).train.epochs == 2
+
+
+@pytest.mark.parametrize(
+    "item, path, value",
+    [
+        ("a.b=3", ["a", "b"], 3),
+        ("lr=0.25", ["lr"], 0.25),
+        ("flag=false", ["flag"], False),
+        ("xs=[1, 2, 3]", ["xs"], [1, 2, 3]),
+        ("m={k: v}", ["m"], {"k": "v"}),
+        ("s=abc", ["s"], "abc"),
+        ("s='3'", ["s"], "3"),
+        ("s=", ["s"], ""),
+        ("s=a=b", ["s"], "a=b"),
+        (" a.b =7", ["a", "b"], 7),
+    ],
+)
+def test_parse_override(item, path, value):
+    got_path, got = parse_override(item)
+    assert got_path == path
+    assert got == value and type(got) is type(value)
+
+
+def test_scientific_notation_reaches_float_fields_as_float():
+    exp = config.load(Experiment, {}, ["train.optim.lr=1e-3"])
+    assert exp.train.optim.lr == pytest.approx(0.001)
+    assert isinstance(exp.train.optim.lr, float)
+
+
+@pytest.mark.parametrize("item", ["foo", "=3", " =3"])
+def test_malformed_override(item):
+    msg = error_of(parse_override, item)
+    assert msg == f"--set {item!r}: expected KEY=VALUE, e.g. --set train.epochs=5"
+
+
+def test_override_with_invalid_yaml():
+    msg = error_of(parse_override, "tags=[a, b")
+    assert msg.startswith("--set tags: value '[a, b' is not valid YAML")
+
+
+def test_override_into_a_value_is_refused():
+    msg = error_of(apply_overrides, {"name": "x"}, ["name.first=y"])
+    assert msg == "--set name.first: 'name' is a value, not a section"
+
+
+def test_apply_overrides_creates_sections_and_copies():
+    data = {"train": {"epochs": 1}}
+    out = apply_overrides(data, ["train.optim.lr=0.2", "train.epochs=5"])
+    assert out == {"train": {"epochs": 5, "optim": {"lr": 0.2}}}
+    assert data == {"train": {"epochs": 1}}  # the input is not modified
+
+
+def test_unknown_override_key_names_the_path(tmp_path):
+    msg = error_of(config.load, Experiment, {}, ["train.optim.lrr=0.1"])
+    assert msg == "config: train.optim.lrr: unknown key"
+    base = tmp_path / "exp.yaml"
+    base.write_text("name: x\n")
+    msg = error_of(config.load, Experiment, base, ["train.epochs=lots"])
+    assert msg.startswith(f"{base}: train.epochs: Input should be a valid integer")
+
+
+def test_yaml_file_errors(tmp_path):
+    assert error_of(config.read_yaml, tmp_path / "missing.yaml") == (
+        f"{tmp_path / 'missing.yaml'}: config file not found"
+    )
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\ntrain: [1, 2\n")
+    assert error_of(config.read_yaml, bad).startswith(f"{bad} line ")
+    top = tmp_path / "list.yaml"
+    top.write_text("- 1\n- 2\n")
+    assert error_of(config.read_yaml, top) == f"{top}: expected a mapping at the top level"
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    assert config.read_yaml(empty) == {}
+
+
+def test_flatten():
+    nested = {
+        "a": {"b": 1, "c": {"d": [1, 2], "e": None}},
+        "empty": {},
+        "f": "x",
+    }
+    assert flatten(nested) == {"a.b": 1, "a.c.d": [1, 2], "a.c.e": None, "empty": {}, "f": "x"}
+    assert flatten({}) == {}
+    assert flatten({"k": 1}, prefix="p.") == {"p.k": 1}
+    assert flatten(Experiment().to_dict())["train.optim.lr"] == 0.1
+
+
+def test_digest_ignores_key_order_but_not_values():
+    a = config.validate(Experiment, {"name": "x", "train": {"epochs": 2, "amp": True}})
+    b = config.validate(Experiment, {"train": {"amp": True, "epochs": 2}, "name": "x"})
+    c = config.validate(Experiment, {"name": "x", "train": {"epochs": 3, "amp": True}})
+    assert a.digest() == b.digest()
+    assert a.digest() != c.digest()
+    assert len(a.digest()) == 64
