@@ -20,22 +20,29 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from raypurify.data.codec import decode_batch
-from raypurify.data.imageset import ImageSet
+from raypurify.data.imageset import ImageSet, balanced_rows
 from raypurify.data.interchange import MANIFEST, read_images
 from raypurify.data.spec import DatasetSpec, Source, subset_of
 from raypurify.errors import DatasetError
 
 
-def read_offline(file: Path) -> ImageSet:
-    """Read an offline-copy parquet file (image bytes, label; `classes` in the metadata)."""
+def read_offline(file: Path, spec: DatasetSpec | None = None) -> ImageSet:
+    """Read an offline-copy parquet file (image bytes, label; `classes` in the metadata).
+
+    With a `spec.subset`, the rows are chosen from the labels first and only those decoded.
+    """
     table = pq.read_table(file, columns=["image", "label"])
     meta = pq.read_schema(file).metadata or {}
     if b"classes" not in meta:
         raise DatasetError(f"{file}: schema metadata has no 'classes'")
     classes = meta[b"classes"].decode().split(",")
+    labels = table["label"].to_numpy()
     index = np.arange(table.num_rows)
+    if spec is not None and spec.subset:
+        index = balanced_rows(labels, spec.subset, len(classes), spec.seed, str(file))
+        table = table.take(index)
     images = decode_batch(table["image"].to_pylist(), None, where=str(file), ids=index)
-    return ImageSet(images, table["label"].to_numpy(), index, classes, name=str(file))
+    return ImageSet(images, labels[index], index, classes, name=str(file))
 
 
 def _torchvision_root() -> Path:
@@ -63,7 +70,7 @@ def _loader(name: str):
                 if (d / MANIFEST).exists():
                     return subset_of(read_images(d), spec)
             if (root / f"{spec.split}.parquet").exists():
-                return subset_of(read_offline(root / f"{spec.split}.parquet"), spec)
+                return read_offline(root / f"{spec.split}.parquet", spec)
             try:
                 return subset_of(_from_torchvision(name, root, spec.split, download=False), spec)
             except Exception:
@@ -75,7 +82,7 @@ def _loader(name: str):
         if data_dir:
             file = Path(data_dir) / name / f"{spec.split}.parquet"
             if file.exists():
-                return subset_of(read_offline(file), spec)
+                return read_offline(file, spec)
             tried.append(str(file))
         else:
             tried.append("$RAYPURIFY_DATA_DIR (unset)")
