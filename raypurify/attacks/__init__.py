@@ -1,0 +1,11 @@
+"""Attacks: one module per attack, one registry. Adding one is a module and a line here."""
+
+from __future__ import annotations
+
+from raypurify.attacks import ar, em, lsp, ops, random_noise, tap
+from raypurify.registry import Registry
+
+ATTACKS = Registry(
+    "attack",
+    [ops.ATTACK, lsp.ATTACK, ar.ATTACK, random_noise.ATTACK, em.ATTACK, tap.ATTACK],
+)
