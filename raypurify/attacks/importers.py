@@ -1,0 +1,325 @@
+"""Importers: released poisons made elsewhere, lined up with our copy of the clean data.
+
+Poisons of the expensive attacks (TAP, SEP, REM, NTGA) are downloaded rather than made here.
+Each importer reads one published format, checks it against a base dataset (shapes, value
+ranges, labels) and returns the base with the poisoned pixels in place. Row r of a released
+file is the image whose `index` is r in the base, which is the row number of the source split
+(torchvision order for CIFAR), so a class-balanced subset of the base picks its rows out of the
+full file. Formats:
+
+- perturbation: additive tensors (.pt read with weights_only, or .npy), sample-wise N x C x h x w
+  or class-wise K x C x h x w, in [-1, 1] or in grey levels; a patch smaller than the image is
+  placed at its centre. Huang et al.'s released EM noise has this form.
+- png: a folder of `<row>.png` files, e.g. `data/<row>.png` (Fowl et al., APBench) or
+  `train/<class>/<row>.png` (an ImageFolder export, whose class folders are checked).
+- npz: a numpy dump with keys data/targets (AVATAR) or x/y: NHWC uint8, or floats in [0, 1].
+- ntga: NTGA's released arrays, float NHWC in [0, 1] with one-hot or integer labels: a folder
+  holding x_*.npy and y_*.npy, or the two paths.
+
+Every error is one line naming the file. The poisoned column marks the rows that changed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from PIL import Image
+from pydantic import Field
+
+from raypurify import config
+from raypurify.attacks.base import chunks, log_poisoning, measure_budget
+from raypurify.config import Config
+from raypurify.data.imageset import ImageSet
+from raypurify.errors import DatasetError
+from raypurify.registry import Registry
+from raypurify.tracking import Run
+
+Units = Literal["auto", "unit", "pixel"]
+
+
+class ImportConfig(Config):
+    attack: str | None = Field(None, description="the attack that made the poison (manifest)")
+
+
+class ScaledImportConfig(ImportConfig):
+    units: Units = Field(
+        "auto", description="float values in [0, 1] (unit) or grey levels (pixel); auto: max"
+    )
+
+
+class PerturbationImportConfig(ScaledImportConfig):
+    granularity: Literal["auto", "sample", "class"] = Field(
+        "auto", description="auto: class-wise when the first axis has one entry per class"
+    )
+
+
+Reader = Callable[[list[Path], ImageSet, Any], np.ndarray]
+
+
+@dataclass(frozen=True)
+class Importer:
+    """One entry of the importer registry: `read(paths, base, cfg)` returns the base's images
+    with the imported poison in place, uint8 (N, H, W, C) in the base's row order."""
+
+    name: str
+    description: str
+    config: type[ImportConfig]
+    read: Reader
+
+
+# ---------------------------------------------------------------------------------------
+# Shared checks
+
+
+def one_path(paths: list[Path], fmt: str) -> Path:
+    if len(paths) != 1:
+        raise DatasetError(f"{fmt}: expected one path, got {len(paths)}")
+    if not paths[0].exists():
+        raise DatasetError(f"{paths[0]}: no such file or directory")
+    return paths[0]
+
+
+def load_array(path: Path) -> np.ndarray:
+    """A .npy (no pickles) or a .pt holding one tensor (weights_only), as a numpy array."""
+    try:
+        if path.suffix == ".npy":
+            return np.load(path, allow_pickle=False)
+        if path.suffix in (".pt", ".pth"):
+            value = torch.load(path, weights_only=True, map_location="cpu")
+            if not isinstance(value, torch.Tensor):
+                raise DatasetError(f"{path}: expected one tensor, found {type(value).__name__}")
+            return value.numpy()
+    except (OSError, ValueError, RuntimeError) as e:
+        raise DatasetError(f"{path}: unreadable ({str(e).splitlines()[0]})") from None
+    raise DatasetError(f"{path}: expected a .npy or .pt file")
+
+
+def to_unit(values: np.ndarray, units: Units, low: float, where: Path) -> np.ndarray:
+    """Float values in [low, 1] units: grey levels are divided by 255 (auto: max |v| > 1)."""
+    values = values.astype(np.float32)
+    if not np.isfinite(values).all():
+        raise DatasetError(f"{where}: values include NaN or infinity")
+    peak = float(np.abs(values).max(initial=0.0))
+    if units == "auto":
+        units = "pixel" if peak > 1 else "unit"
+    scale = 255.0 if units == "pixel" else 1.0
+    lowest = float(values.min(initial=0.0))
+    if peak > scale or lowest < low * scale:
+        raise DatasetError(
+            f"{where}: values span [{lowest:g}, {float(values.max(initial=0.0)):g}], outside "
+            f"[{low * scale:g}, {scale:g}] ({units} units)"
+        )
+    return values / scale
+
+
+def rows_for(base: ImageSet, available: int, where: Path) -> np.ndarray:
+    """Positions in a released file of the base's rows (its `index` values)."""
+    top = int(base.index.max())
+    if top >= available:
+        raise DatasetError(
+            f"{where}: holds {available} rows but the base dataset has index up to {top}"
+        )
+    return base.index
+
+
+def check_labels(labels: np.ndarray, base: ImageSet, where: Path) -> None:
+    bad = np.flatnonzero(labels != base.labels)
+    if len(bad):
+        r = int(bad[0])
+        raise DatasetError(
+            f"{where}: row {int(base.index[r])} has label {int(labels[r])}, the base has "
+            f"{int(base.labels[r])} ({len(bad)} rows differ; is the row order the same?)"
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# Formats
+
+
+def read_perturbation(paths: list[Path], base: ImageSet, cfg: PerturbationImportConfig):
+    path = one_path(paths, "perturbation")
+    delta = load_array(path)
+    h, w, channels = base.shape
+    if delta.ndim != 4 or delta.shape[1] != channels or delta.shape[2] > h or delta.shape[3] > w:
+        raise DatasetError(
+            f"{path}: shape {delta.shape} is not N x {channels} x h x w with h <= {h}, w <= {w}"
+        )
+    delta = to_unit(delta, cfg.units, -1.0, path).transpose(0, 2, 3, 1)  # NHWC
+    granularity = cfg.granularity
+    if granularity == "auto":
+        granularity = "class" if len(delta) == base.num_classes else "sample"
+    if granularity == "class":
+        if len(delta) != base.num_classes:
+            raise DatasetError(
+                f"{path}: {len(delta)} class-wise perturbations for {base.num_classes} classes"
+            )
+        which = base.labels
+    else:
+        which = rows_for(base, len(delta), path)
+    top, left = (h - delta.shape[1]) // 2, (w - delta.shape[2]) // 2
+    out = np.empty_like(base.images)
+    for rows in chunks(len(base)):
+        pixels = base.images[rows].astype(np.float32)
+        window = pixels[:, top : top + delta.shape[1], left : left + delta.shape[2]]
+        window += 255.0 * delta[which[rows]]
+        out[rows] = np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
+    return out
+
+
+def read_png_folder(paths: list[Path], base: ImageSet, cfg: ImportConfig):
+    root = one_path(paths, "png")
+    files: dict[int, Path] = {}
+    for f in sorted(root.rglob("*.png")):
+        if f.stem.isdigit():
+            if int(f.stem) in files:
+                raise DatasetError(
+                    f"{root}: two files for row {f.stem} ({files[int(f.stem)]}, {f}); "
+                    "point at one split's folder"
+                )
+            files[int(f.stem)] = f
+    present = np.flatnonzero(np.isin(base.index, list(files)))
+    if len(present) == 0:
+        raise DatasetError(f"{root}: no <row>.png file for any row of the base dataset")
+    out = base.images.copy()
+    mode = "L" if base.shape[2] == 1 else "RGB"
+    for r in present:
+        f = files[int(base.index[r])]
+        try:
+            with Image.open(f) as pil:
+                pixels = np.asarray(pil.convert(mode)).reshape(pil.height, pil.width, -1)
+        except OSError as e:
+            raise DatasetError(f"{f}: undecodable image ({e})") from None
+        if pixels.shape != base.shape:
+            raise DatasetError(f"{f}: image is {pixels.shape}, the base is {base.shape}")
+        if f.parent.name in base.classes and base.classes.index(f.parent.name) != base.labels[r]:
+            raise DatasetError(
+                f"{f}: in class folder '{f.parent.name}', the base labels row "
+                f"{int(base.index[r])} '{base.classes[base.labels[r]]}'"
+            )
+        out[r] = pixels
+    return out
+
+
+def images_from_arrays(
+    images: np.ndarray,
+    labels: np.ndarray,
+    base: ImageSet,
+    units: Units,
+    where: Path,
+    labels_where: Path,
+) -> np.ndarray:
+    """The base's rows of released (N, H, W, C) images checked against the base's labels."""
+    if images.ndim != 4 or images.shape[1:] != base.shape:
+        raise DatasetError(f"{where}: images have shape {images.shape}, expected N x {base.shape}")
+    if labels.ndim == 2:  # one-hot
+        if labels.shape[1] != base.num_classes:
+            raise DatasetError(
+                f"{labels_where}: {labels.shape[1]} label columns for {base.num_classes} classes"
+            )
+        labels = labels.argmax(axis=1)
+    if labels.ndim != 1 or len(labels) != len(images):
+        raise DatasetError(
+            f"{labels_where}: labels {labels.shape} do not match {len(images)} images"
+        )
+    rows = rows_for(base, len(images), where)
+    check_labels(labels[rows].astype(np.int64), base, labels_where)
+    picked = images[rows]
+    if picked.dtype == np.uint8:
+        return picked
+    return np.rint(to_unit(picked, units, 0.0, where) * 255).astype(np.uint8)
+
+
+def read_npz(paths: list[Path], base: ImageSet, cfg: ScaledImportConfig):
+    path = one_path(paths, "npz")
+    try:
+        with np.load(path, allow_pickle=False) as arrays:
+            keys = set(arrays.files)
+            pair = next((p for p in (("data", "targets"), ("x", "y")) if set(p) <= keys), None)
+            if pair is None:
+                raise DatasetError(f"{path}: needs keys data/targets or x/y, has {sorted(keys)}")
+            images, labels = arrays[pair[0]], arrays[pair[1]]
+    except (OSError, ValueError) as e:
+        raise DatasetError(f"{path}: unreadable ({str(e).splitlines()[0]})") from None
+    return images_from_arrays(images, labels, base, cfg.units, path, path)
+
+
+def ntga_files(paths: list[Path]) -> tuple[Path, Path]:
+    """The x and y arrays: two paths, or the one x_*.npy / y_*.npy pair (train preferred)."""
+    for p in paths:
+        if not p.exists():
+            raise DatasetError(f"{p}: no such file or directory")
+    if len(paths) == 2:
+        return paths[0], paths[1]
+    if len(paths) != 1 or not paths[0].is_dir():
+        raise DatasetError("ntga: give a folder with x_*.npy and y_*.npy, or the two files")
+
+    def pick(prefix: str) -> Path:
+        found = sorted(paths[0].glob(f"{prefix}_*.npy"))
+        train = [f for f in found if f.name.startswith(f"{prefix}_train")]
+        found = train or found
+        if len(found) != 1:
+            names = ", ".join(f.name for f in found) or "none"
+            raise DatasetError(f"{paths[0]}: expected one {prefix}_*.npy, found {names}")
+        return found[0]
+
+    return pick("x"), pick("y")
+
+
+def read_ntga(paths: list[Path], base: ImageSet, cfg: ScaledImportConfig):
+    x, y = ntga_files(paths)
+    return images_from_arrays(load_array(x), load_array(y), base, cfg.units, x, y)
+
+
+IMPORTERS = Registry(
+    "importer",
+    [
+        Importer(
+            "perturbation",
+            "additive .pt/.npy perturbations",
+            PerturbationImportConfig,
+            read_perturbation,
+        ),
+        Importer("png", "folder of <row>.png poisoned images", ImportConfig, read_png_folder),
+        Importer("npz", "numpy dump with data/targets or x/y", ScaledImportConfig, read_npz),
+        Importer("ntga", "NTGA's released x_*.npy / y_*.npy arrays", ScaledImportConfig, read_ntga),
+    ],
+)
+
+
+# ---------------------------------------------------------------------------------------
+# The driver
+
+
+def configure_import(
+    fmt: str, settings: Mapping[str, Any] | None = None, overrides: Iterable[str] = ()
+) -> tuple[Importer, ImportConfig]:
+    importer = IMPORTERS.get(fmt, key="format")
+    data = config.apply_overrides(dict(settings or {}), overrides)
+    return importer, config.validate(importer.config, data, source=f"import {fmt}")
+
+
+def import_poison(
+    base: ImageSet,
+    fmt: str,
+    paths: Iterable[str | Path],
+    overrides: Iterable[str] = (),
+    run: Run | None = None,
+    *,
+    settings: Mapping[str, Any] | None = None,
+) -> tuple[ImageSet, dict[str, float]]:
+    """The base with a released poison in place (poisoned = changed rows) and its budget,
+    logged to `run` like a generated poison."""
+    importer, cfg = configure_import(fmt, settings, overrides)
+    paths = [Path(p) for p in paths]
+    images = importer.read(paths, base, cfg)
+    changed = (images != base.images).reshape(len(base), -1).any(axis=1)
+    poisoned, budget = base.replace(images, poisoned=changed), measure_budget(base.images, images)
+    if run is not None:
+        params = {"format": importer.name, "from": [str(p) for p in paths], **cfg.to_dict()}
+        log_poisoning(run, params, base, poisoned, budget)
+    return poisoned, budget
