@@ -120,31 +120,36 @@ def measure_budget(clean: np.ndarray, poisoned: np.ndarray) -> dict[str, float]:
     """
     if clean.shape != poisoned.shape:
         raise ValueError(f"clean {clean.shape} and poisoned {poisoned.shape} differ in shape")
-    linf, l2, l0 = 0, [], []
+    linf, l2, l0 = 0.0, [], []
     for rows in chunks(len(clean)):
-        diff = poisoned[rows].astype(np.int32) - clean[rows].astype(np.int32)
-        linf = max(linf, int(np.abs(diff).max(initial=0)))
+        diff = torch.from_numpy(poisoned[rows]).float() - torch.from_numpy(clean[rows]).float()
+        linf = max(linf, float(diff.abs().max()))
         l2.append(l2_norms(diff))
-        l0.append((diff != 0).any(axis=-1).sum(axis=(1, 2)))
-    l2, l0 = np.concatenate(l2), np.concatenate(l0)
+        l0.append((diff != 0).any(-1).flatten(1).sum(1))
+    l2, l0 = torch.cat(l2).numpy(), torch.cat(l0).numpy()
     changed = l0 > 0
     return {
         "linf": linf / 255,
-        "linf_255": float(linf),
+        "linf_255": linf,
         "l2_mean": float(l2[changed].mean()) if changed.any() else 0.0,
-        "l2_max": float(l2.max(initial=0.0)),
+        "l2_max": float(l2.max()),
         "l0_mean": float(l0[changed].mean()) if changed.any() else 0.0,
-        "l0_max": float(l0.max(initial=0)),
+        "l0_max": float(l0.max()),
         "changed_rows": float(changed.sum()),
     }
 
 
-def l2_norms(diff: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
-    """Per-image l2 norm in [0, 1] units of integer grey-level differences (float64, exact
-    sums), the one formula both `quantise` and `measure_budget` use."""
-    if isinstance(diff, torch.Tensor):  # squares of grey levels are exact in float32
-        return diff.float().square().flatten(1).sum(1, dtype=torch.float64).sqrt() / 255
-    return np.sqrt(np.square(diff.astype(np.float64)).reshape(len(diff), -1).sum(1)) / 255
+def l2_norms(diff: torch.Tensor) -> torch.Tensor:
+    """Per-image l2 norm in [0, 1] units of grey-level differences, the one formula `quantise`
+    and `measure_budget` share. Squares of whole grey levels are exact in float32, and so are
+    their sums below 2^24; larger sums are redone in float64. No rounding error, so the bound
+    is checked exactly."""
+    squares = diff.float().square().flatten(1)
+    sums = squares.sum(1).double()
+    large = sums >= 2**24
+    if large.any():
+        sums[large] = squares[large].sum(1, dtype=torch.float64)
+    return sums.sqrt() / 255
 
 
 def within_budget(norm: Norm, limit: float, budget: Mapping[str, float]) -> bool:
@@ -183,21 +188,23 @@ def shrink_to_l2(base: torch.Tensor, step: torch.Tensor, eps: float) -> torch.Te
 
     Rounding moves each value by at most half a grey level, so the scale
     (255 eps - sqrt(d) / 2) / |step| always fits; it is probed first, then the gap up to 1 is
-    bisected. Scale 0, the clean image, is the fallback, so the result always fits.
+    bisected. The lower end only ever moves to a scale that fitted (or stays at 0, the clean
+    image), so the result always fits.
     """
     shape = (-1,) + (1,) * (step.dim() - 1)
+
+    def rounded(scale: torch.Tensor) -> torch.Tensor:
+        return torch.addcmul(base, step, scale.float().view(shape)).clamp_(0, 255).round_()
+
     length = step.flatten(1).norm(dim=1).double()
     low = torch.zeros_like(length)
     high = torch.ones_like(length)
     mid = ((255 * eps - 0.5 * step[0].numel() ** 0.5) / length).clamp(0, 1)
-    best = base.clone()
     for _ in range(PROBES):
-        trial = torch.addcmul(base, step, mid.float().view(shape)).clamp_(0, 255).round_()
-        fits = l2_norms(trial - base) <= eps
-        best = torch.where(fits.view(shape), trial, best)
+        fits = l2_norms(rounded(mid) - base) <= eps
         low, high = torch.where(fits, mid, low), torch.where(fits, high, mid)
         mid = (low + high) / 2
-    return best
+    return rounded(low)
 
 
 def perturb(
