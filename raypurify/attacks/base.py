@@ -28,12 +28,13 @@ from pydantic import Field
 from raypurify import config
 from raypurify.config import Config
 from raypurify.data.imageset import ImageSet
+from raypurify.errors import ConfigError
 from raypurify.reports.images import amplify, class_rows, grid, to_uint8
 from raypurify.runtime import device
 from raypurify.tracking import Run
 
 Norm = Literal["linf", "l2", "l0"]
-CHUNK_ROWS = 8192  # rows perturbed at once: bounds float memory to ~100 MB at 32 px
+CHUNK_VALUES = 2**25  # pixel values handled at once: 128 MB per float copy (10,922 CIFAR rows)
 PROBES = 9  # l2: scales tried per over-budget image (a safe one, then 8 bisections)
 GRID_PER_CLASS = 8
 
@@ -96,9 +97,11 @@ def select_rows(labels: np.ndarray, ratio: float, seed: int) -> np.ndarray:
     return np.sort(np.concatenate(chosen))
 
 
-def chunks(n: int, size: int = CHUNK_ROWS) -> Iterator[slice]:
-    for start in range(0, n, size):
-        yield slice(start, min(start + size, n))
+def chunks(images: np.ndarray) -> Iterator[slice]:
+    """Row ranges of `images` small enough that float copies of them stay bounded."""
+    size = max(1, CHUNK_VALUES // max(1, int(np.prod(images.shape[1:]))))
+    for start in range(0, len(images), size):
+        yield slice(start, min(start + size, len(images)))
 
 
 def linf_steps(eps: float) -> int:
@@ -121,7 +124,7 @@ def measure_budget(clean: np.ndarray, poisoned: np.ndarray) -> dict[str, float]:
     if clean.shape != poisoned.shape:
         raise ValueError(f"clean {clean.shape} and poisoned {poisoned.shape} differ in shape")
     linf, l2, l0 = 0.0, [], []
-    for rows in chunks(len(clean)):
+    for rows in chunks(clean):
         diff = torch.from_numpy(poisoned[rows]).float() - torch.from_numpy(clean[rows]).float()
         linf = max(linf, float(diff.abs().max()))
         l2.append(l2_norms(diff))
@@ -217,7 +220,7 @@ def perturb(
     """Poison `images` chunk by chunk: delta_for(rows) gives the float (n, H, W, C) perturbation
     in [0, 1] units of images[rows]; the result is quantised within `eps` on `dev`."""
     out = np.empty_like(images)
-    for rows in chunks(len(images)):
+    for rows in chunks(images):
         clean = torch.from_numpy(images[rows]).to(dev)
         out[rows] = quantise(clean, delta_for(rows).to(dev), norm, eps).cpu().numpy()
     return out
@@ -253,6 +256,8 @@ def poison(
     """
     attack, cfg = configure(attack_name, settings, overrides)
     rows = select_rows(data.labels, cfg.ratio, cfg.seed)
+    if len(rows) == 0:
+        raise ConfigError(f"attack {attack.name}: ratio {cfg.ratio} selects none of the rows")
     job = AttackJob(rows=data.take(rows), clean=data, device=device(), run=run)
     out = attack.generate(job, cfg)
     if out.dtype != np.uint8 or out.shape != job.rows.images.shape:

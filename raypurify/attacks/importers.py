@@ -163,7 +163,7 @@ def read_perturbation(paths: list[Path], base: ImageSet, cfg: PerturbationImport
         which = rows_for(base, len(delta), path)
     top, left = (h - delta.shape[1]) // 2, (w - delta.shape[2]) // 2
     out = np.empty_like(base.images)
-    for rows in chunks(len(base)):
+    for rows in chunks(base.images):
         pixels = base.images[rows].astype(np.float32)
         window = pixels[:, top : top + delta.shape[1], left : left + delta.shape[2]]
         window += 255.0 * delta[which[rows]]

@@ -43,11 +43,11 @@ def cluster_points(
     """(n, d) one point per row, drawn from its class's cluster."""
     rng = np.random.default_rng(seed)
     centres = hypercube_centres(rng, num_classes, d, sep)
-    mixing = rng.uniform(-1.0, 1.0, size=(num_classes, d, d))
     points = np.empty((len(labels), d))
-    for c in range(num_classes):
+    for c in range(num_classes):  # one d x d mixing matrix at a time: 44 MB at 224 px
+        mixing = rng.uniform(-1.0, 1.0, size=(d, d))
         rows = np.flatnonzero(labels == c)
-        points[rows] = rng.standard_normal((len(rows), d)) @ mixing[c] + centres[c]
+        points[rows] = rng.standard_normal((len(rows), d)) @ mixing + centres[c]
     return points
 
 
