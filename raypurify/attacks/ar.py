@@ -15,7 +15,7 @@ Coefficients come from the original's random search, made fast by scoring a pool
 candidates at once: a candidate kernel is kept when TRIALS signals from it stay finite with a
 raw norm <= max_norm (it does not diverge), and a set of K is built greedily so that every
 chosen filter responds with at least min_response (sum of ReLU of its filter output) to the
-signals of every process chosen after it, the original's acceptance rule; the greedy order
+last trial signal of every process chosen after it, the original's acceptance rule; the order
 picks, among candidates that pass all filters chosen so far, the one whose filter passes the
 most remaining candidates. The search is seeded and cached per (classes, seed, ...).
 """
@@ -170,7 +170,12 @@ def generate(job: AttackJob, cfg: ARConfig) -> np.ndarray:
 
     def delta_for(rows: slice) -> torch.Tensor:
         x = ar_signals(kernels[labels[rows]], h, w, gen, job.device)
-        return x * (cfg.eps / x.flatten(1).norm(dim=1)).view(-1, 1, 1, 1)
+        norms = x.flatten(1).norm(dim=1)
+        if not torch.isfinite(norms).all():  # kept at 32 px, a process may still blow up
+            raise ConfigError(
+                f"ar: a class's process diverges on {h}x{w} images; try another process_seed"
+            )
+        return x * (cfg.eps / norms).view(-1, 1, 1, 1)
 
     return perturb(job.rows.images, delta_for, "l2", cfg.eps, job.device)
 

@@ -222,7 +222,10 @@ def perturb(
     out = np.empty_like(images)
     for rows in chunks(images):
         clean = torch.from_numpy(images[rows]).to(dev)
-        out[rows] = quantise(clean, delta_for(rows).to(dev), norm, eps).cpu().numpy()
+        delta = delta_for(rows).to(dev)
+        if not torch.isfinite(delta).all():
+            raise RuntimeError(f"perturb: non-finite perturbation for rows {rows.start}..")
+        out[rows] = quantise(clean, delta, norm, eps).cpu().numpy()
     return out
 
 

@@ -28,14 +28,14 @@ def register(sub) -> None:
         "lists the attacks; attack settings via --set, e.g. --set eps=0.5), or import a "
         "released poison with `raypurify poison import`.",
     )
-    p.add_argument("--attack", help="attack name, e.g. ops, lsp, ar, random-noise")
+    p.add_argument("--attack", help="attack name, e.g. ops, lsp, ar (a wrong one lists all)")
     p.add_argument("--data", help="clean dataset: a registered name or a dataset directory")
     p.add_argument("--ratio", type=float, default=None, help="fraction of each class to poison")
     p.add_argument("--seed", type=int, default=None, help="attack seed (rows and noise)")
     dataset_options(p)
     p.set_defaults(run=run_attack)
 
-    actions = p.add_subparsers(dest="action", metavar="ACTION")
+    actions = p.add_subparsers(dest="action", metavar="[import]")
     imp = actions.add_parser(
         "import",
         parents=[common],
