@@ -41,9 +41,9 @@ from raypurify.defenses.dvae.stage import build, train_stage  # noqa: E402
 from raypurify.runtime import autocast, init_ray  # noqa: E402
 
 
-def step_throughput(width: int, precision: str, batch: int, steps: int) -> float:
+def step_throughput(width: int, precision: str, batch: int, steps: int, latent: int = 256) -> float:
     torch.manual_seed(0)
-    model = DVAE(10, 32, width=width).to(memory_format=torch.channels_last)
+    model = DVAE(10, 32, width=width, latent=latent).to(memory_format=torch.channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=5e-3)
     x = torch.rand(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (batch,))

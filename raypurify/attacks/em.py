@@ -34,7 +34,7 @@ from raypurify.attacks.base import Attack, AttackJob, EpsConfig, perturb
 from raypurify.distributed import fit, report, setup_worker, unwrap, use_gpu
 from raypurify.models import ARCHS, build_model
 from raypurify.progress import advance
-from raypurify.runtime import autocast
+from raypurify.runtime import Precision, autocast, use_bf16
 from raypurify.tracking import Run
 
 
@@ -51,7 +51,7 @@ class EMConfig(EpsConfig):
     lr: float = Field(0.1, gt=0)
     surrogate: str = "resnet18"
     surrogate_options: dict[str, Any] = Field(default_factory=dict)
-    precision: Literal["bf16", "fp32"] = "bf16"
+    precision: Precision = "auto"
     workers: PositiveInt = 1
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
@@ -71,7 +71,7 @@ class MinMin:
 
     def __init__(self, cfg: EMConfig, loop: dict[str, Any], rank: int, world: int, dev):
         self.cfg, self.rank, self.world, self.dev = cfg, rank, world, dev
-        self.amp = cfg.precision == "bf16"
+        self.amp = use_bf16(cfg.precision, dev)
         arrays = ray.get(loop["arrays"])
         self.x = torch.from_numpy(arrays["images"].copy()).to(dev).float() / 255  # N C H W
         self.y = torch.from_numpy(arrays["labels"].copy()).to(dev)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import ray
@@ -30,7 +30,7 @@ from raypurify.data.interchange import imageset_to_ray
 from raypurify.distributed import use_gpu
 from raypurify.models import build_model
 from raypurify.progress import Progress, add
-from raypurify.runtime import autocast
+from raypurify.runtime import Precision, autocast, use_bf16
 from raypurify.training.augment import crop_flip
 
 
@@ -45,7 +45,7 @@ class TAPConfig(EpsConfig):
     surrogate_overrides: list[str] = Field(default_factory=lambda: ["epochs=40"])
     batch_size: PositiveInt = 256
     actors: PositiveInt = 1
-    precision: Literal["bf16", "fp32"] = "bf16"
+    precision: Precision = "auto"
 
 
 class Crafter:
@@ -68,6 +68,7 @@ class Crafter:
         self.model = model.to(self.dev, memory_format=torch.channels_last).eval()
         self.model.requires_grad_(False)
         self.classes, self.progress = classes, progress
+        self.amp = use_bf16(self.cfg.precision, self.dev)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         cfg = self.cfg
@@ -86,13 +87,13 @@ class Crafter:
                 adv = torch.clamp(x + delta, 0, 1)
                 if cfg.augment:
                     adv = crop_flip(adv, gen)
-                with autocast(self.dev, cfg.precision == "bf16"):
+                with autocast(self.dev, self.amp):
                     logits = self.model(adv.contiguous(memory_format=torch.channels_last))
                 loss = F.cross_entropy(logits.float(), target)
                 (g,) = torch.autograd.grad(loss, delta)
                 delta = torch.clamp(delta.detach() - step * g.sign(), -cfg.eps, cfg.eps)
                 delta = torch.clamp(x + delta, 0, 1) - x
-            with torch.no_grad(), autocast(self.dev, cfg.precision == "bf16"):
+            with torch.no_grad(), autocast(self.dev, self.amp):
                 adv = torch.clamp(x + delta, 0, 1).contiguous(memory_format=torch.channels_last)
                 final = F.cross_entropy(self.model(adv).float(), target, reduction="none")
             better = final < best_loss

@@ -13,6 +13,7 @@ from pydantic import Field, PositiveInt
 from raypurify import config
 from raypurify.config import Config
 from raypurify.errors import ConfigError
+from raypurify.runtime import Precision
 
 
 class OptimConfig(Config):
@@ -40,7 +41,7 @@ class TrainConfig(Config):
     batch_size: PositiveInt = 128  # global batch, split across workers
     optim: OptimConfig = Field(default_factory=OptimConfig)
     augment: bool = True  # random crop (pad 4) + horizontal flip
-    precision: Literal["bf16", "fp32"] = "bf16"  # bf16 autocast on CPU and CUDA
+    precision: Precision = "auto"  # bf16 autocast on CUDA and AMX CPUs (see runtime)
     workers: PositiveInt = 1  # Ray Train workers (DDP)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: GPU when the cluster has one
     threads: PositiveInt | None = None  # torch threads per CPU worker (default: cores/workers)

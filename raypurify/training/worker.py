@@ -20,6 +20,7 @@ from raypurify.distributed import report, restore, setup_worker, unwrap
 from raypurify.errors import TrainingError
 from raypurify.models import build_model
 from raypurify.progress import advance
+from raypurify.runtime import use_bf16
 from raypurify.tracking import Run
 from raypurify.training import data as batches
 from raypurify.training.config import TrainConfig
@@ -29,7 +30,8 @@ from raypurify.training.engine import Step, accuracy_report, lr_factor, predict,
 def evaluate(model, images, labels, num_classes, rank, world, cfg) -> dict:
     """Each worker predicts a slice of the test set; confusion matrices are summed."""
     rows = slice(rank, None, world)
-    logits = predict(unwrap(model), images[rows], amp=cfg.precision == "bf16", tta=cfg.tta)
+    amp = use_bf16(cfg.precision, next(model.parameters()).device)
+    logits = predict(unwrap(model), images[rows], amp=amp, tta=cfg.tta)
     confusion = torch.tensor(accuracy_report(logits, labels[rows], num_classes)["confusion"])
     if world > 1:
         dist.all_reduce(confusion)
@@ -45,7 +47,7 @@ def train_worker(loop: dict) -> None:
     cfg = TrainConfig.model_validate(loop["train"])
     rank, world, dev = setup_worker(cfg.threads)
     run = Run(**loop["mlflow"]) if loop.get("mlflow") and rank == 0 else None
-    amp = cfg.precision == "bf16"
+    amp = use_bf16(cfg.precision, dev)
 
     torch.manual_seed(cfg.seed)
     num_classes = loop["num_classes"]

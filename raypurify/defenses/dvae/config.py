@@ -16,6 +16,7 @@ from pydantic import Field, PositiveInt
 from raypurify import config
 from raypurify.config import Config
 from raypurify.errors import ConfigError
+from raypurify.runtime import Precision
 
 
 class ModelConfig(Config):
@@ -42,7 +43,7 @@ class PurifyConfig(Config):
     stage1: StageConfig = Field(default_factory=lambda: StageConfig(kld_limit=1.0))
     stage2: StageConfig = Field(default_factory=lambda: StageConfig(kld_limit=3.0))
     sample: bool = False  # sample z at inference (the authors') instead of z = mu
-    precision: Literal["bf16", "fp32"] = "bf16"
+    precision: Precision = "auto"  # bf16 autocast on CUDA and AMX CPUs (see runtime)
     workers: PositiveInt = 1  # Ray Train workers per stage (DDP)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: PositiveInt | None = None  # torch threads per CPU worker or actor

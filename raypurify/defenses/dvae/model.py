@@ -96,7 +96,9 @@ class DVAE(nn.Module):
 
     @staticmethod
     def sample(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-        return mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+        # A contiguous draw: randn_like on a channels_last tensor is ~8x slower on CPU.
+        eps = torch.randn(mu.shape, dtype=mu.dtype, device=mu.device)
+        return mu + eps * torch.exp(0.5 * logvar)
 
     def reconstruct(self, z: torch.Tensor) -> torch.Tensor:
         """x_hat = D(post_conv(z)), in [0, 1]."""

@@ -23,7 +23,7 @@ import torch
 
 from raypurify.data.interchange import DatasetInfo, read_ray, write_ray
 from raypurify.progress import Progress, add
-from raypurify.runtime import autocast
+from raypurify.runtime import autocast, use_bf16
 
 from .config import PurifyConfig
 from .stage import build
@@ -52,7 +52,7 @@ class PurifyPass:
         self.model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
         self.model = self.model.to(self.dev, memory_format=torch.channels_last).eval()
         self.amp, self.sample, self.seed, self.mode = (
-            cfg.precision == "bf16",
+            use_bf16(cfg.precision, self.dev),
             cfg.sample,
             cfg.seed,
             mode,

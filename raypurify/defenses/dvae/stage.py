@@ -26,7 +26,7 @@ from raypurify.distributed import fit, report, restore, setup_worker, unwrap, us
 from raypurify.errors import TrainingError
 from raypurify.progress import advance
 from raypurify.reports.images import amplify, class_rows, grid, to_uint8
-from raypurify.runtime import autocast
+from raypurify.runtime import autocast, use_bf16
 from raypurify.tracking import Run
 from raypurify.training import data as batches
 
@@ -52,7 +52,7 @@ def stage_worker(loop: dict[str, Any]) -> None:
     stage: StageConfig = StageConfig.model_validate(loop["stage"])
     name = loop["name"]
     rank, world, dev = setup_worker(cfg.threads)
-    amp = cfg.precision == "bf16"
+    amp = use_bf16(cfg.precision, dev)
     torch.manual_seed(cfg.seed)
     model = build(cfg, loop["num_classes"], loop["image_size"])
     model = ray.train.torch.prepare_model(model.to(memory_format=torch.channels_last))
