@@ -155,50 +155,64 @@ def classifier_config(spec: ExperimentSpec, entry, defense_name: str, options: d
 
 
 def plan(spec: ExperimentSpec) -> list[Step]:
-    """The step graph for a spec (inputs always come before the steps that use them)."""
+    """The step graph for a spec, each step after the steps it uses.
+
+    Rows come one after another, and the learned purifiers' columns (the costly ones) after
+    every other column: with few steps at a time, each attack is checked (its undefended
+    cell) early, and the cheap columns fill in before the purifications start.
+    """
     clean = Step("data", "data/clean", {"dataset": spec.dataset.to_dict()}, [], make_clean)
     steps = [clean]
-    rows: list[tuple[str, Step]] = [("clean", clean)] if spec.clean_row else []
+    if spec.clean_row:
+        steps += row_steps(spec, "clean", clean)
     for a in spec.attacks:
         cfg = {"attack": a.name, "options": a.options, "ratio": a.ratio, "seed": spec.seed}
-        p = Step("poison", f"poison/{a.row}", cfg, [clean], make_poison, {"row": a.row})
-        steps.append(p)
-        rows.append((a.row, p))
-    for row, source in rows:
-        for d in spec.defenses:
-            if d.best_of:
-                continue
-            defense, options = defenses.options(d.name, d.options)
-            col = d.column
-            data = source
-            train_defense, train_options = "none", {}
-            if defense.kind == "transform":
-                data = Step(
-                    "defend",
-                    f"defend/{row}/{col}",
-                    {"defense": d.name, "options": options.to_dict()},
-                    [source],
-                    make_defended,
-                    {"row": row, "column": col},
-                )
-                steps.append(data)
-            elif defense.kind == "purify":
-                from raypurify.defenses.dvae.config import preset
-
-                resolved = preset(options.preset, options.overrides).to_dict()
-                data = Step(
-                    "purify",
-                    f"purify/{row}/{col}",
-                    {"defense": d.name, "options": options.to_dict(), "resolved": resolved},
-                    [source],
-                    make_purified,
-                    {"row": row, "column": col},
-                )
-                steps.append(data)
-            elif defense.kind == "train":
-                train_defense, train_options = d.name, options.to_dict()
-            steps += train_steps(spec, row, col, data, train_defense, train_options)
+        source = Step("poison", f"poison/{a.row}", cfg, [clean], make_poison, {"row": a.row})
+        steps += [source, *row_steps(spec, a.row, source)]
     steps += analysis_steps(spec, steps)
+    return sorted(steps, key=after_purification)  # stable: inputs stay before their users
+
+
+def after_purification(step: Step) -> bool:
+    """True for a purification and for everything that uses one."""
+    return step.kind == "purify" or any(after_purification(i) for i in step.inputs)
+
+
+def row_steps(spec: ExperimentSpec, row: str, source: Step) -> list[Step]:
+    """One row of the table: each defence applied to `source`, and a classifier on it."""
+    from raypurify.defenses.dvae.config import preset
+
+    steps = []
+    for d in spec.defenses:
+        if d.best_of:
+            continue
+        defense, options = defenses.options(d.name, d.options)
+        col, meta = d.column, {"row": row, "column": d.column}
+        data, train_defense, train_options = source, "none", {}
+        if defense.kind == "transform":
+            data = Step(
+                "defend",
+                f"defend/{row}/{col}",
+                {"defense": d.name, "options": options.to_dict()},
+                [source],
+                make_defended,
+                meta,
+            )
+            steps.append(data)
+        elif defense.kind == "purify":
+            resolved = preset(options.preset, options.overrides).to_dict()
+            data = Step(
+                "purify",
+                f"purify/{row}/{col}",
+                {"defense": d.name, "options": options.to_dict(), "resolved": resolved},
+                [source],
+                make_purified,
+                meta,
+            )
+            steps.append(data)
+        elif defense.kind == "train":
+            train_defense, train_options = d.name, options.to_dict()
+        steps += train_steps(spec, row, col, data, train_defense, train_options)
     return steps
 
 
