@@ -82,10 +82,15 @@ def use_gpu(device: str) -> bool:
     return device == "cuda"
 
 
+def checkpoint_dirs(storage: Path, name: str) -> list[Path]:
+    """The checkpoints of run `name` under `storage`, oldest first."""
+    run_dir = Path(storage) / name
+    return sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir()) if run_dir.exists() else []
+
+
 def saved_state(storage: Path, name: str) -> dict[str, Any] | None:
     """The newest checkpoint's state of run `name` under `storage`, or None."""
-    run_dir = Path(storage) / name
-    dirs = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir()) if run_dir.exists() else []
+    dirs = checkpoint_dirs(storage, name)
     if not dirs:
         return None
     return torch.load(dirs[-1] / STATE_FILE, map_location="cpu", weights_only=True)
@@ -102,11 +107,13 @@ def fit(
     epochs: int,
     desc: str,
     datasets: dict[str, Any] | None = None,
+    keep: int | None = 2,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Run `worker` on `workers` Ray Train workers; return (last metrics, last state).
 
     The run lives at storage/name: rerunning with the same pair resumes from its last
-    checkpoint. Errors the user can act on come back as themselves, not as Ray wrappers.
+    checkpoint; `keep` checkpoints are kept (None: all of them). Errors the user can act
+    on come back as themselves, not as Ray wrappers.
     """
     previous = saved_state(storage, name)
     cpus = 1.0
@@ -125,7 +132,7 @@ def fit(
                 run_config=ray.train.RunConfig(
                     name=name,
                     storage_path=str(storage),
-                    checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+                    checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep),
                     logging_config=LoggingConfig(log_level="WARNING"),
                 ),
             )

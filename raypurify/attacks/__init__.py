@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
-from raypurify.attacks import ar, em, lsp, ops, random_noise, tap
+from raypurify.attacks import ar, em, lsp, ops, random_noise, rem, sep, tap
 from raypurify.registry import Registry
 
 ATTACKS = Registry(
     "attack",
-    [ops.ATTACK, lsp.ATTACK, ar.ATTACK, random_noise.ATTACK, em.ATTACK, tap.ATTACK],
+    [
+        ops.ATTACK,
+        lsp.ATTACK,
+        ar.ATTACK,
+        random_noise.ATTACK,
+        em.ATTACK,
+        tap.ATTACK,
+        rem.ATTACK,
+        sep.ATTACK,
+    ],
 )

@@ -69,6 +69,8 @@ def _input_grad(model, x: torch.Tensor, delta: torch.Tensor, y: torch.Tensor, am
 class MinMin:
     """One worker's state: the data, its share of rows, the surrogate and the noise."""
 
+    config_type = EMConfig
+
     def __init__(self, cfg: EMConfig, loop: dict[str, Any], rank: int, world: int, dev):
         self.cfg, self.rank, self.world, self.dev = cfg, rank, world, dev
         self.amp = use_bf16(cfg.precision, dev)
@@ -92,9 +94,14 @@ class MinMin:
     def noise(self, idx: torch.Tensor) -> torch.Tensor:
         return self.delta[self.y[idx]] if self.cfg.granularity == "class" else self.delta[idx]
 
-    def adv(self, idx: torch.Tensor) -> torch.Tensor:
-        adv = torch.clamp(self.x[idx] + self.noise(idx), 0, 1)
-        return adv.contiguous(memory_format=torch.channels_last)
+    def noisy(self, idx: torch.Tensor) -> torch.Tensor:
+        """x + delta for rows `idx`, as the network takes it."""
+        out = torch.clamp(self.x[idx] + self.noise(idx), 0, 1)
+        return out.contiguous(memory_format=torch.channels_last)
+
+    def train_batch(self, idx: torch.Tensor) -> torch.Tensor:
+        """What the surrogate trains on (REM: adversarial examples of it)."""
+        return self.noisy(idx)
 
     def train_surrogate(self) -> float:
         """`train_steps` SGD steps on x + delta (DDP: each worker its slice of a batch)."""
@@ -107,7 +114,7 @@ class MinMin:
             idx = self.order[start : start + self.bs]
             self.cursor += span
             with autocast(self.dev, self.amp):
-                loss = F.cross_entropy(self.model(self.adv(idx)).float(), self.y[idx])
+                loss = F.cross_entropy(self.model(self.train_batch(idx)).float(), self.y[idx])
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), 5.0)
@@ -150,7 +157,7 @@ class MinMin:
         for i in range(0, len(self.mine), 2 * self.bs):
             idx = self.mine[i : i + 2 * self.bs]
             with autocast(self.dev, self.amp):
-                pred = net(self.adv(idx)).argmax(1)
+                pred = net(self.noisy(idx)).argmax(1)
             counts += torch.tensor(
                 [float((pred != self.y[idx]).sum()), float(len(idx))], device=self.dev
             )
@@ -172,10 +179,13 @@ class MinMin:
         return loss, error
 
 
-def em_worker(loop: dict[str, Any]) -> None:
-    cfg = EMConfig.model_validate(loop["em"])
+def minmin_worker(loop: dict[str, Any]) -> None:
+    """Rounds of `loop["engine"]` (MinMin or a subclass) until its stop rule; the last
+    report carries the noise."""
+    engine = loop["engine"]
+    cfg = engine.config_type.model_validate(loop["config"])
     rank, world, dev = setup_worker(None)
-    em = MinMin(cfg, loop, rank, world, dev)
+    em = engine(cfg, loop, rank, world, dev)
     run = Run(**loop["mlflow"]) if loop.get("mlflow") and rank == 0 else None
     for rnd in range(cfg.max_rounds):
         t0 = time.perf_counter()
@@ -196,28 +206,30 @@ def em_worker(loop: dict[str, Any]) -> None:
             return
 
 
-def generate(job: AttackJob, cfg: EMConfig) -> np.ndarray:
+def run_minmin(job: AttackJob, cfg: EMConfig, engine: type[MinMin], desc: str) -> np.ndarray:
+    """Run `engine` on Ray Train over the rows to poison; return them poisoned."""
     ARCHS.get(cfg.surrogate, key="surrogate")
     from raypurify.runtime import init_ray
     from raypurify.training.data import pack
 
     init_ray()
     loop = {
-        "em": cfg.to_dict(),
+        "engine": engine,
+        "config": cfg.to_dict(),
         "arrays": ray.put(pack(job.rows)),
         "num_classes": job.clean.num_classes,
         "mlflow": None if job.run is None else {"uri": job.run.uri, "run_id": job.run.run_id},
     }
     with tempfile.TemporaryDirectory() as tmp:
         _, state = fit(
-            em_worker,
+            minmin_worker,
             loop,
             workers=cfg.workers,
             gpu=use_gpu(cfg.device),
             storage=Path(tmp),
-            name="em",
+            name="minmin",
             epochs=cfg.max_rounds,
-            desc=f"EM {cfg.granularity}-wise (rounds)",
+            desc=desc,
         )
     delta = state["delta"].permute(0, 2, 3, 1)  # N/K H W C
     labels = torch.from_numpy(job.rows.labels)
@@ -226,6 +238,10 @@ def generate(job: AttackJob, cfg: EMConfig) -> np.ndarray:
         return delta[labels[rows]] if cfg.granularity == "class" else delta[rows]
 
     return perturb(job.rows.images, delta_for, "linf", cfg.eps, job.device)
+
+
+def generate(job: AttackJob, cfg: EMConfig) -> np.ndarray:
+    return run_minmin(job, cfg, MinMin, f"EM {cfg.granularity}-wise (rounds)")
 
 
 ATTACK = Attack(

@@ -1,37 +1,25 @@
 """TAP, targeted adversarial poisoning (Fowl et al., NeurIPS 2021).
 
-A surrogate is trained on the clean set (with the project's classifier trainer, on Ray
-Train); then every image is pushed by targeted PGD towards the class (y + shift) mod K:
-
-    min_{||delta||_inf <= eps}  CE(f(A(x + delta)), (y + shift) mod K)
-
-with A a random crop/flip drawn at every step (the authors' differentiable augmentation,
-so the features survive the victim's augmentation), over `restarts` random starts keeping
-the one with the lowest target loss. The crafting runs as Ray Data `map_batches` on an
-actor pool holding the surrogate (GPUs when the cluster has them). The authors use 250
-steps and 8 restarts on a 40-epoch ResNet-18; the CPU protocol passes fewer.
+A surrogate is trained on the clean set with the project's classifier trainer (Ray Train);
+then every image is pushed by targeted PGD towards the class (y + shift) mod K, with a random
+crop/flip at every step (the authors' differentiable augmentation) and `restarts` random
+starts (see `targeted.py`). Adversarial features of the wrong class become the shortcut a
+victim learns. The authors use 250 steps and 8 restarts on a 40-epoch ResNet-18 (the
+defaults); the CPU protocol passes fewer.
 """
 
 from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-import ray
-import ray.data
 import torch
-import torch.nn.functional as F
 from pydantic import Field, PositiveInt
 
 from raypurify.attacks.base import Attack, AttackJob, EpsConfig, perturb
-from raypurify.data.interchange import imageset_to_ray
-from raypurify.distributed import use_gpu
-from raypurify.models import build_model
-from raypurify.progress import Progress, add
-from raypurify.runtime import Precision, autocast, use_bf16
-from raypurify.training.augment import crop_flip
+from raypurify.attacks.targeted import craft
+from raypurify.runtime import Precision
 
 
 class TAPConfig(EpsConfig):
@@ -48,104 +36,50 @@ class TAPConfig(EpsConfig):
     precision: Precision = "auto"
 
 
-class Crafter:
-    """Ray Data actor: targeted PGD against one surrogate, batch by batch."""
-
-    def __init__(
-        self,
-        weights: dict,
-        arch: str,
-        options: dict,
-        classes: int,
-        size: int,
-        tap: dict,
-        progress=None,
-    ):
-        self.cfg = TAPConfig.model_validate(tap)
-        self.dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        model = build_model(arch, classes, size, **options)
-        model.load_state_dict(ray.get(weights))  # an object ref: one copy for all actors
-        self.model = model.to(self.dev, memory_format=torch.channels_last).eval()
-        self.model.requires_grad_(False)
-        self.classes, self.progress = classes, progress
-        self.amp = use_bf16(self.cfg.precision, self.dev)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        cfg = self.cfg
-        x = torch.from_numpy(np.array(batch["image"])).to(self.dev)
-        x = x.permute(0, 3, 1, 2).float() / 255
-        labels = torch.from_numpy(np.array(batch["label"], dtype=np.int64)).to(self.dev)
-        target = (labels + cfg.shift) % self.classes
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + int(batch["index"].min()))
-        step = cfg.step_size or cfg.eps * max(0.05, 2.5 / cfg.steps)
-        best = torch.zeros_like(x)
-        best_loss = torch.full((len(x),), float("inf"), device=self.dev)
-        for _ in range(cfg.restarts):
-            delta = ((torch.rand(x.shape, generator=gen) * 2 - 1) * cfg.eps).to(self.dev)
-            for _ in range(cfg.steps):
-                delta.requires_grad_(True)
-                adv = torch.clamp(x + delta, 0, 1)
-                if cfg.augment:
-                    adv = crop_flip(adv, gen)
-                with autocast(self.dev, self.amp):
-                    logits = self.model(adv.contiguous(memory_format=torch.channels_last))
-                loss = F.cross_entropy(logits.float(), target)
-                (g,) = torch.autograd.grad(loss, delta)
-                delta = torch.clamp(delta.detach() - step * g.sign(), -cfg.eps, cfg.eps)
-                delta = torch.clamp(x + delta, 0, 1) - x
-            with torch.no_grad(), autocast(self.dev, self.amp):
-                adv = torch.clamp(x + delta, 0, 1).contiguous(memory_format=torch.channels_last)
-                final = F.cross_entropy(self.model(adv).float(), target, reduction="none")
-            better = final < best_loss
-            best[better], best_loss[better] = delta[better], final[better]
-        add(self.progress, len(x))
-        return {"index": batch["index"], "delta": best.permute(0, 2, 3, 1).cpu().numpy()}
-
-
-def train_surrogate(job: AttackJob, cfg: TAPConfig, out: Path) -> tuple[Any, dict]:
-    """The clean-set surrogate, trained with the classifier trainer (Ray Train)."""
+def train_surrogate(job: AttackJob, recipe_name: str, overrides: list[str], seed: int, out: Path):
+    """A classifier trained on the clean set (Ray Train); returns (its config, the metrics)."""
     from raypurify.training.config import recipe
-    from raypurify.training.trainer import MODEL_FILE, train_classifier
+    from raypurify.training.trainer import train_classifier
 
-    train_cfg = recipe(cfg.surrogate_recipe, [*cfg.surrogate_overrides, f"seed={cfg.seed}"])
+    train_cfg = recipe(recipe_name, [*overrides, f"seed={seed}"])
     check = job.clean.take(np.arange(min(len(job.clean), 1000)))  # a progress readout only
     metrics = train_classifier(job.clean, check, train_cfg, out, run=None)
     if job.run is not None:
         job.run.log_metrics({"surrogate_train_acc": metrics["accuracy"]})
-    weights = torch.load(out / MODEL_FILE, map_location="cpu", weights_only=True)
-    return train_cfg, weights
+    return train_cfg, metrics
 
 
 def generate(job: AttackJob, cfg: TAPConfig) -> np.ndarray:
     from raypurify.runtime import init_ray
+    from raypurify.training.trainer import MODEL_FILE
 
     init_ray()
     with tempfile.TemporaryDirectory() as tmp:
-        train_cfg, weights = train_surrogate(job, cfg, Path(tmp))
-    gpu = use_gpu("auto")
-    ds = imageset_to_ray(job.rows)
-    with Progress(len(job.rows), "TAP crafting", unit="img") as progress:
-        crafted = ds.map_batches(
-            Crafter,
-            fn_constructor_kwargs={
-                "weights": ray.put(weights),
-                "arch": train_cfg.arch,
-                "options": train_cfg.arch_options,
-                "classes": job.clean.num_classes,
-                "size": job.rows.shape[0],
-                "tap": cfg.to_dict(),
-                "progress": progress.queue,
-            },
-            compute=ray.data.ActorPoolStrategy(size=cfg.actors),
-            batch_size=cfg.batch_size,
-            batch_format="numpy",
-            **({"num_gpus": 1} if gpu else {"num_cpus": 1}),
+        train_cfg, _ = train_surrogate(
+            job, cfg.surrogate_recipe, cfg.surrogate_overrides, cfg.seed, Path(tmp)
         )
-        parts = list(crafted.iter_batches(batch_size=None, batch_format="numpy"))
-    index = np.concatenate([p["index"] for p in parts])
-    delta = np.concatenate([p["delta"] for p in parts])
-    position = {int(i): r for r, i in enumerate(index)}
-    delta = torch.from_numpy(delta[[position[int(i)] for i in job.rows.index]])
+        weights = torch.load(Path(tmp) / MODEL_FILE, map_location="cpu", weights_only=True)
+    pgd = {
+        "eps": cfg.eps,
+        "steps": cfg.steps,
+        "restarts": cfg.restarts,
+        "shift": cfg.shift,
+        "step_size": cfg.step_size or cfg.eps * max(0.05, 2.5 / cfg.steps),
+        "augment": cfg.augment,
+        "precision": cfg.precision,
+        "seed": cfg.seed,
+    }
+    delta = craft(
+        job.rows,
+        [weights],
+        train_cfg.arch,
+        train_cfg.arch_options,
+        job.clean.num_classes,
+        pgd,
+        batch_size=cfg.batch_size,
+        actors=cfg.actors,
+        desc="TAP crafting",
+    )
     return perturb(job.rows.images, lambda rows: delta[rows], "linf", cfg.eps, job.device)
 
 

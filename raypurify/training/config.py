@@ -48,6 +48,7 @@ class TrainConfig(Config):
     data_path: Literal["auto", "memory", "ray_data"] = "auto"  # how batches reach workers
     eval_subset: PositiveInt | None = None  # test rows evaluated each epoch (all at the end)
     tta: bool = False  # average logits with the mirrored image at test time
+    keep_checkpoints: PositiveInt | None = 2  # epoch checkpoints kept (None: all, for SEP)
     seed: int = 0
     defense: DefenseRef = Field(default_factory=DefenseRef)
 

@@ -94,6 +94,7 @@ def train_classifier(
         epochs=cfg.epochs,
         desc=f"train {cfg.arch}",
         datasets=shipped["datasets"],
+        keep=cfg.keep_checkpoints,
     )
     history = state["history"]
     metrics = {

@@ -1,0 +1,129 @@
+"""Targeted PGD against a surrogate, or an ensemble of surrogates: TAP and SEP's crafting.
+
+Every image is pushed towards the class (y + shift) mod K:
+
+    min_{||delta||_inf <= eps}  mean_k CE(f_k(A(x + delta)), (y + shift) mod K)
+
+with A an optional random crop/flip drawn at every step (so the features survive the
+victim's augmentation), over `restarts` random starts, keeping per image the start with the
+lowest final target loss. It runs as Ray Data `map_batches` on an actor pool holding the
+surrogates (GPUs when the cluster has them), and returns the float perturbations, which
+the attack then quantises within the budget.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import ray
+import ray.data
+import torch
+import torch.nn.functional as F
+
+from raypurify.data.imageset import ImageSet
+from raypurify.data.interchange import imageset_to_ray
+from raypurify.distributed import use_gpu
+from raypurify.models import build_model
+from raypurify.progress import Progress, add
+from raypurify.runtime import autocast, use_bf16
+from raypurify.training.augment import crop_flip
+
+
+class Crafter:
+    """Ray Data actor: targeted PGD against the surrogates, batch by batch."""
+
+    def __init__(
+        self,
+        states,
+        arch: str,
+        options: dict,
+        classes: int,
+        size: int,
+        pgd: dict[str, Any],
+        progress=None,
+    ):
+        self.dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.models = []
+        for state in ray.get(states):  # an object ref: one copy for all actors
+            model = build_model(arch, classes, size, **options)
+            model.load_state_dict(state)
+            model = model.to(self.dev, memory_format=torch.channels_last).eval()
+            self.models.append(model.requires_grad_(False))
+        self.pgd, self.classes, self.progress = pgd, classes, progress
+        self.amp = use_bf16(pgd["precision"], self.dev)
+
+    def loss(self, x: torch.Tensor, target: torch.Tensor, reduction: str = "mean"):
+        x = x.contiguous(memory_format=torch.channels_last)
+        total = 0.0
+        for model in self.models:
+            with autocast(self.dev, self.amp):
+                logits = model(x)
+            total = total + F.cross_entropy(logits.float(), target, reduction=reduction)
+        return total / len(self.models)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        p = self.pgd
+        x = torch.from_numpy(np.array(batch["image"])).to(self.dev).permute(0, 3, 1, 2) / 255.0
+        labels = torch.from_numpy(np.array(batch["label"], dtype=np.int64)).to(self.dev)
+        target = (labels + p["shift"]) % self.classes
+        gen = torch.Generator().manual_seed(p["seed"] * 1_000_003 + int(batch["index"].min()))
+        best = torch.zeros_like(x)
+        best_loss = torch.full((len(x),), float("inf"), device=self.dev)
+        for _ in range(p["restarts"]):
+            delta = ((torch.rand(x.shape, generator=gen) * 2 - 1) * p["eps"]).to(self.dev)
+            for _ in range(p["steps"]):
+                delta.requires_grad_(True)
+                adv = torch.clamp(x + delta, 0, 1)
+                (g,) = torch.autograd.grad(
+                    self.loss(crop_flip(adv, gen) if p["augment"] else adv, target), delta
+                )
+                delta = torch.clamp(delta.detach() - p["step_size"] * g.sign(), -p["eps"], p["eps"])
+                delta = torch.clamp(x + delta, 0, 1) - x
+            with torch.no_grad():
+                final = self.loss(torch.clamp(x + delta, 0, 1), target, reduction="none")
+            better = final < best_loss
+            best[better], best_loss[better] = delta[better], final[better]
+        add(self.progress, len(x))
+        return {"index": batch["index"], "delta": best.permute(0, 2, 3, 1).cpu().numpy()}
+
+
+def craft(
+    rows: ImageSet,
+    states: list[dict],
+    arch: str,
+    options: dict,
+    classes: int,
+    pgd: dict[str, Any],
+    *,
+    batch_size: int,
+    actors: int,
+    desc: str,
+) -> torch.Tensor:
+    """Float perturbations (n, H, W, C) for `rows`, in their order.
+
+    `pgd` holds eps, steps, step_size, restarts, shift, augment, precision and seed.
+    """
+    gpu = use_gpu("auto")
+    with Progress(len(rows), desc, unit="img") as progress:
+        crafted = imageset_to_ray(rows).map_batches(
+            Crafter,
+            fn_constructor_kwargs={
+                "states": ray.put(states),
+                "arch": arch,
+                "options": options,
+                "classes": classes,
+                "size": rows.shape[0],
+                "pgd": pgd,
+                "progress": progress.queue,
+            },
+            compute=ray.data.ActorPoolStrategy(size=actors),
+            batch_size=batch_size,
+            batch_format="numpy",
+            **({"num_gpus": 1} if gpu else {"num_cpus": 1}),
+        )
+        parts = list(crafted.iter_batches(batch_size=None, batch_format="numpy"))
+    index = np.concatenate([p["index"] for p in parts])
+    delta = np.concatenate([p["delta"] for p in parts])
+    position = {int(i): r for r, i in enumerate(index)}
+    return torch.from_numpy(delta[[position[int(i)] for i in rows.index]])
