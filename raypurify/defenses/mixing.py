@@ -30,11 +30,14 @@ def _logits(model, x, step):
 
 
 def cutout_mask(n: int, h: int, w: int, size: int, gen: torch.Generator) -> torch.Tensor:
-    """(N, 1, H, W) masks, 0 inside a square centred at a random pixel (clipped at edges)."""
+    """(N, 1, H, W) masks, 0 inside a size x size square centred at a random pixel (rows
+    cy - size // 2 up to, not including, cy - size // 2 + size, as DeVries & Taylor's code;
+    clipped at the edges)."""
     cy = torch.randint(0, h, (n, 1, 1), generator=gen)
     cx = torch.randint(0, w, (n, 1, 1), generator=gen)
     ys, xs = torch.arange(h)[None, :, None], torch.arange(w)[None, None, :]
-    inside = ((ys - cy).abs() * 2 < size) & ((xs - cx).abs() * 2 < size)
+    dy, dx, half = ys - cy, xs - cx, size // 2
+    inside = (dy >= -half) & (dy < size - half) & (dx >= -half) & (dx < size - half)
     return (~inside).float()[:, None]
 
 

@@ -14,6 +14,7 @@ from raypurify.data import registry
 from raypurify.data.interchange import read_images
 from raypurify.defenses.apply import reuse, transform_dataset
 from raypurify.errors import ConfigError
+from raypurify.models import ARCHS
 from raypurify.runtime import init_ray
 from raypurify.tracking import active_run, start_run
 from raypurify.training.config import recipe
@@ -33,6 +34,7 @@ def run_training(
 ) -> dict[str, Any]:
     preset = [f"arch={arch}"] if arch else []
     cfg = recipe(recipe_name, [*preset, f"defense.name={defense}", *overrides])
+    ARCHS.get(cfg.arch, key="arch")  # before a defended set is written, not after
     chosen, options = defenses.options(cfg.defense.name, cfg.defense.options)
     if chosen.kind == "purify":
         raise ConfigError(

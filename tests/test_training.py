@@ -1,0 +1,247 @@
+"""Classifier training on a real local Ray Train with tiny data: accuracy and outputs, 1 and 2
+workers, the in-memory and Ray Data paths, resume after a kill, determinism, bad input, and
+`raypurify train` end to end (with a JPEG-defended training set and an MLflow run)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from raypurify.cli import main
+from raypurify.data.interchange import open_dataset, read_images, write_images
+from raypurify.data.registry import load
+from raypurify.data.spec import DatasetSpec
+from raypurify.defenses.squeeze import JpegOptions, jpeg
+from raypurify.distributed import saved_state
+from raypurify.errors import ConfigError, DatasetError
+from raypurify.models import build_model
+from raypurify.training.config import recipe
+from raypurify.training.engine import predict
+from raypurify.training.trainer import METRICS_FILE, MODEL_FILE, train_classifier
+
+# The `cpu` recipe shrunk to seconds: 600 synthetic 16 px images of 4 classes.
+TINY = ["arch_options.width=8", "batch_size=32", "epochs=4", "eval_subset=null"]
+EPOCHS = 4
+
+
+def synthetic(split: str, rows: int, **fields):
+    return load(DatasetSpec(name="synthetic", split=split, rows=rows, **fields))
+
+
+@pytest.fixture(scope="module")
+def train_set():
+    return synthetic("train", 600, size=16, classes=4)
+
+
+@pytest.fixture(scope="module")
+def test_set():
+    return synthetic("test", 200, size=16, classes=4)
+
+
+@pytest.fixture(scope="module")
+def baseline(ray_session, train_set, test_set, tmp_path_factory):
+    """One run of the tiny config, shared by the tests that read its outputs."""
+    out = tmp_path_factory.mktemp("baseline")
+    return out, train_classifier(train_set, test_set, recipe("cpu", TINY), out)
+
+
+def weights(out):
+    return torch.load(out / MODEL_FILE, map_location="cpu", weights_only=True)
+
+
+def same_weights(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_few_epochs_reach_high_accuracy_and_write_metrics_and_model(baseline, test_set):
+    out, metrics = baseline
+    assert 0.9 <= metrics["accuracy"] <= 1.0
+    saved = json.loads((out / METRICS_FILE).read_text())
+    assert {"accuracy", "per_class", "epochs", "wall_s", "config"} <= saved.keys()
+    assert saved["accuracy"] == metrics["accuracy"] and saved["epochs"] == EPOCHS
+    assert saved["config"] == recipe("cpu", TINY).to_dict()
+    assert saved["wall_s"] > 0 and saved["workers"] == 1 and saved["train_rows"] == 600
+    assert [h["epoch"] for h in saved["history"]] == [1, 2, 3, 4]
+    # Per-class accuracy and the confusion matrix agree with the accuracy.
+    confusion = np.array(saved["confusion"])
+    assert confusion.shape == (4, 4) and confusion.sum() == len(test_set)
+    assert confusion.trace() / confusion.sum() == pytest.approx(saved["accuracy"])
+    counts = test_set.class_counts()
+    assert np.allclose(saved["per_class"], confusion.diagonal() / counts)
+    assert np.dot(saved["per_class"], counts) / counts.sum() == pytest.approx(saved["accuracy"])
+
+    # model.pt holds plain tensors, and they are the model that was measured.
+    state = weights(out)
+    model = build_model("fast-resnet", 4, 16, width=8)
+    model.load_state_dict(state)
+    images = torch.from_numpy(test_set.images).permute(0, 3, 1, 2).contiguous()
+    pred = predict(model.to(memory_format=torch.channels_last), images, amp=False).argmax(1)
+    accuracy = float((pred.numpy() == test_set.labels).mean())
+    assert accuracy == pytest.approx(metrics["accuracy"], abs=1.5 / len(test_set))
+
+
+@pytest.mark.parametrize(("workers", "data_path"), [(2, "memory"), (1, "ray_data")])
+def test_two_workers_and_the_ray_data_path_train(
+    ray_session, train_set, test_set, tmp_path, workers, data_path
+):
+    cfg = recipe("cpu", [*TINY, f"workers={workers}", f"data_path={data_path}"])
+    metrics = train_classifier(train_set, test_set, cfg, tmp_path / "out")
+    assert metrics["workers"] == workers and metrics["epochs"] == EPOCHS
+    assert metrics["train_rows"] == 600
+    assert metrics["accuracy"] >= 0.9
+    assert [h["epoch"] for h in metrics["history"]] == [1, 2, 3, 4]
+    assert json.loads((tmp_path / "out" / METRICS_FILE).read_text())["workers"] == workers
+
+
+def test_same_config_and_seed_give_the_same_model(
+    ray_session, baseline, train_set, test_set, tmp_path
+):
+    first_out, first = baseline
+    second = train_classifier(train_set, test_set, recipe("cpu", TINY), tmp_path / "again")
+    assert second["accuracy"] == first["accuracy"]
+    assert second["confusion"] == first["confusion"]
+    assert [h["train_loss"] for h in second["history"]] == [
+        h["train_loss"] for h in first["history"]
+    ]
+    assert same_weights(weights(first_out), weights(tmp_path / "again"))
+
+
+KILL_SCRIPT = """
+import sys
+from pathlib import Path
+from raypurify.data.registry import load
+from raypurify.data.spec import DatasetSpec
+from raypurify.runtime import init_ray
+from raypurify.training.config import recipe
+from raypurify.training.trainer import train_classifier
+init_ray(num_cpus=2)
+train = load(DatasetSpec(name="synthetic", rows=600, size=16, classes=4))
+test = load(DatasetSpec(name="synthetic", split="test", rows=200, size=16, classes=4))
+train_classifier(train, test, recipe("cpu", sys.argv[2:]), Path(sys.argv[1]))
+"""
+
+
+def checkpointed_epoch(storage) -> int:
+    try:
+        state = saved_state(storage, "train")
+    except Exception:  # a checkpoint still being written
+        return 0
+    return 0 if state is None else state["epoch"]
+
+
+def test_run_killed_after_a_checkpoint_resumes_to_the_full_epoch_count(
+    ray_session, baseline, train_set, test_set, tmp_path
+):
+    out = tmp_path / "out"
+    storage = out / "checkpoints"
+    env = dict(os.environ, RAY_ADDRESS="")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILL_SCRIPT, str(out), *TINY],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            if checkpointed_epoch(storage) >= 1:
+                break
+            assert proc.poll() is None, "the training ended before it could be killed"
+            time.sleep(0.05)
+        else:
+            pytest.fail("no checkpoint within 240 s")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started
+        proc.wait()
+    killed = saved_state(storage, "train")
+    assert 1 <= killed["epoch"] < EPOCHS
+    assert not (out / METRICS_FILE).exists()
+
+    metrics = train_classifier(train_set, test_set, recipe("cpu", TINY), out)
+    assert metrics["epochs"] == EPOCHS
+    final = saved_state(storage, "train")
+    assert final["epoch"] == EPOCHS
+    assert [h["epoch"] for h in final["history"]] == list(range(1, EPOCHS + 1))
+    assert [h["epoch"] for h in metrics["history"]] == list(range(1, EPOCHS + 1))
+    # The epochs before the kill were not trained again: their records are the saved ones.
+    done = killed["epoch"]
+    assert final["history"][:done] == killed["history"]
+    # And the resumed run continued exactly where the killed one stopped (same data order,
+    # augmentation and optimiser state): it ends with the uninterrupted run's weights.
+    baseline_out, baseline_metrics = baseline
+    assert metrics["accuracy"] == baseline_metrics["accuracy"]
+    assert same_weights(weights(out), weights(baseline_out))
+
+
+def test_bad_inputs_are_refused_before_training(train_set, test_set, tmp_path):
+    cfg = recipe("cpu", TINY)
+    out = tmp_path / "out"
+    other_classes = synthetic("test", 50, size=16, classes=5)
+    with pytest.raises(DatasetError, match=r"classes .*\(5\) differ .*\(4\)"):
+        train_classifier(train_set, other_classes, cfg, out)
+    other_size = synthetic("test", 50, size=24, classes=4)
+    with pytest.raises(DatasetError, match=r"24x24x3.*16x16x3"):
+        train_classifier(train_set, other_size, cfg, out)
+    with pytest.raises(ConfigError) as e:
+        train_classifier(train_set, test_set, recipe("cpu", [*TINY, "arch=resnet7"]), out)
+    message = str(e.value)
+    assert message.startswith("arch: unknown architecture 'resnet7'")
+    assert all(name in message for name in ("resnet18", "fast-resnet", "mobilenetv2"))
+    one_class = train_set.take(np.flatnonzero(train_set.labels == 2))
+    with pytest.raises(DatasetError, match="at least 2 classes"):
+        train_classifier(one_class, test_set, cfg, out)
+    assert not out.exists()
+
+
+def test_train_cli_with_jpeg_defence_writes_metrics_defended_set_and_mlflow_run(
+    ray_session, mlflow_uri, tmp_path, capsys
+):
+    from mlflow.tracking import MlflowClient
+
+    source = load(DatasetSpec(name="cifar10-sample", subset=200, seed=1))
+    data = write_images(source, tmp_path / "data").path
+    out = tmp_path / "run"
+    sets = ["epochs=1", "arch_options.width=8", "batch_size=32", "defense.options.quality=20"]
+    common = ["train", "--data", str(data), "--test", "cifar10-sample", "--recipe", "cpu"]
+    for item in sets:
+        common += ["--set", item]
+    assert main([*common, "--out", str(out), "--defense", "jpeg"]) == 0
+    metrics = json.loads((out / METRICS_FILE).read_text())
+    printed = capsys.readouterr().out.strip().splitlines()[-1]
+    assert printed.startswith(f"accuracy {metrics['accuracy']:.2%} after 1 epochs")
+    assert printed.endswith(f"-> {out}/metrics.json")
+    assert metrics["config"]["defense"] == {"name": "jpeg", "options": {"quality": 20}}
+    assert metrics["train_rows"] == 200 and metrics["test_rows"] == 500
+    assert (out / MODEL_FILE).exists()
+
+    # The defended training set, in the interchange format, is what was trained on.
+    info = open_dataset(out / "defended")
+    assert info.rows == 200
+    assert info.manifest["config"] == {"defense": "jpeg", "options": {"quality": 20}}
+    assert info.manifest["parents"] == [{"source": str(data)}]
+    defended = read_images(out / "defended")
+    order, source_order = np.argsort(defended.index), np.argsort(source.index)
+    expected = jpeg(source.images[source_order], JpegOptions(quality=20))
+    assert np.array_equal(defended.images[order], expected)
+    assert np.array_equal(defended.labels[order], source.labels[source_order])
+
+    client = MlflowClient(mlflow_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("train").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["recipe"] == "cpu" and run.data.params["defense.name"] == "jpeg"
+    assert run.data.metrics["accuracy"] == pytest.approx(metrics["accuracy"])
+
+    # An unknown architecture is one line on stderr and exit status 2, before any work.
+    bad = tmp_path / "bad"
+    assert main([*common, "--out", str(bad), "--defense", "jpeg", "--arch", "resnet7"]) == 2
+    assert "error: arch: unknown architecture 'resnet7'" in capsys.readouterr().err
+    assert not bad.exists()
