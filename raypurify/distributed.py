@@ -89,11 +89,17 @@ def checkpoint_dirs(storage: Path, name: str) -> list[Path]:
 
 
 def saved_state(storage: Path, name: str) -> dict[str, Any] | None:
-    """The newest checkpoint's state of run `name` under `storage`, or None."""
-    dirs = checkpoint_dirs(storage, name)
-    if not dirs:
-        return None
-    return torch.load(dirs[-1] / STATE_FILE, map_location="cpu", weights_only=True)
+    """The newest readable checkpoint's state of run `name` under `storage`, or None.
+
+    A run killed while persisting a checkpoint can leave its directory incomplete; that
+    one is skipped (Ray Train itself resumes from the last checkpoint it registered).
+    """
+    for directory in reversed(checkpoint_dirs(storage, name)):
+        try:
+            return torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
+        except (OSError, RuntimeError, EOFError):
+            continue
+    return None
 
 
 def fit(
