@@ -56,6 +56,31 @@ def restore(device: torch.device) -> dict[str, Any] | None:
         return torch.load(Path(d) / STATE_FILE, map_location=device, weights_only=True)
 
 
+def resume(model, optimizer, scheduler, device: torch.device) -> tuple[int, list[dict]]:
+    """Load the last checkpoint (if any) into the model, optimizer and scheduler.
+
+    Returns (the first epoch still to run, the per-epoch metrics so far).
+    """
+    state = restore(device)
+    if state is None:
+        return 0, []
+    unwrap(model).load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return state["epoch"], list(state["history"])
+
+
+def snapshot(model, optimizer, scheduler, epoch: int, history: list[dict]) -> dict[str, Any]:
+    """What a checkpoint holds: everything `resume` needs, after `epoch` epochs."""
+    return {
+        "model": unwrap(model).state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "epoch": epoch,
+        "history": history,
+    }
+
+
 def report(metrics: dict[str, Any], state: dict[str, Any] | None, rank: int) -> None:
     """Report `metrics` from every rank; rank 0 also checkpoints `state` (if given)."""
     with tempfile.TemporaryDirectory() as tmp:

@@ -16,7 +16,7 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from raypurify.distributed import report, restore, setup_worker, unwrap
+from raypurify.distributed import report, resume, setup_worker, snapshot, unwrap
 from raypurify.errors import TrainingError
 from raypurify.models import build_model
 from raypurify.progress import advance
@@ -78,13 +78,7 @@ def train_worker(loop: dict) -> None:
 
     loss_fn = training_loss(cfg)
 
-    start_epoch, history = 0, []
-    state = restore(dev)
-    if state is not None:
-        unwrap(model).load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch, history = state["epoch"], list(state["history"])
+    start_epoch, history = resume(model, optimizer, scheduler, dev)
 
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
@@ -123,14 +117,7 @@ def train_worker(loop: dict) -> None:
             advance(loop["progress"], epoch + 1, loss=stats["train_loss"], acc=result["accuracy"])
         if last:
             metrics = metrics | {"per_class": result["per_class"], "confusion": result["confusion"]}
-        state = {
-            "model": unwrap(model).state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "epoch": epoch + 1,
-            "history": history,
-        }
-        report(metrics, state, rank)
+        report(metrics, snapshot(model, optimizer, scheduler, epoch + 1, history), rank)
 
     if start_epoch == cfg.epochs:  # resumed a finished run: report its final evaluation
         result = evaluate(model, test_images, test_labels, num_classes, rank, world, cfg)

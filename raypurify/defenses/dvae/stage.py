@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from raypurify.data.imageset import ImageSet
 from raypurify.data.spec import Stream
-from raypurify.distributed import fit, report, restore, setup_worker, unwrap, use_gpu
+from raypurify.distributed import fit, report, resume, setup_worker, snapshot, unwrap, use_gpu
 from raypurify.errors import TrainingError
 from raypurify.progress import advance
 from raypurify.reports.images import amplify, class_rows, grid, to_uint8
@@ -65,13 +65,7 @@ def stage_worker(loop: dict[str, Any]) -> None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
     )
-    start_epoch, history = 0, []
-    state = restore(dev)
-    if state is not None:
-        unwrap(model).load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch, history = state["epoch"], list(state["history"])
+    start_epoch, history = resume(model, optimizer, scheduler, dev)
 
     for epoch in range(start_epoch, stage.epochs):
         t0 = time.perf_counter()
@@ -141,14 +135,7 @@ def stage_worker(loop: dict[str, Any]) -> None:
             if loop.get("mlflow"):
                 Run(**loop["mlflow"]).log_metrics(metrics, step=epoch + 1)
             advance(loop["progress"], epoch + 1, loss=metrics["loss"], kl=metrics["kl"])
-        state = {
-            "model": unwrap(model).state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "epoch": epoch + 1,
-            "history": history,
-        }
-        report(metrics, state, rank)
+        report(metrics, snapshot(model, optimizer, scheduler, epoch + 1, history), rank)
 
     if rank == 0 and loop.get("mlflow") and start_epoch < stage.epochs:
         images, labels = batches.unpack(ray.get(loop["grid_arrays"]))
