@@ -9,7 +9,6 @@ caller, so a rerun resumes, and shows an epoch progress bar.
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +23,7 @@ from ray.train.v2.api.config import LoggingConfig
 
 from raypurify.errors import TrainingError, user_error
 from raypurify.progress import Progress
+from raypurify.runtime import torch_threads
 
 STATE_FILE = "state.pt"
 
@@ -43,7 +43,7 @@ def setup_worker(threads: int | None) -> tuple[int, int, torch.device]:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     dev = ray.train.torch.get_device()
     if dev.type == "cpu":
-        torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // world))
+        torch.set_num_threads(torch_threads(threads, world))
     return rank, world, dev
 
 

@@ -98,9 +98,14 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def cpu_threads() -> int:
-    """Threads torch should use in this process: Ray's CPU grant when inside Ray, else all."""
-    granted = os.environ.get("OMP_NUM_THREADS")
-    if granted and granted.isdigit() and int(granted) > 0:
-        return int(granted)
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+def torch_threads(configured: int | None = None, sharing: int = 1) -> int:
+    """Threads torch should use in a CPU worker: the config's number, else the
+    RAYPURIFY_THREADS environment variable, else this machine's cores shared among the
+    `sharing` workers of one job. Set RAYPURIFY_THREADS=1 when several jobs share a small
+    machine: OpenMP threads that outnumber the cores spin and slow everyone down."""
+    if configured:
+        return configured
+    env = os.environ.get("RAYPURIFY_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    return max(1, (os.cpu_count() or 1) // sharing)

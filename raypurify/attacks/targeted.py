@@ -26,7 +26,7 @@ from raypurify.data.interchange import imageset_to_ray
 from raypurify.distributed import use_gpu
 from raypurify.models import build_model
 from raypurify.progress import Progress, add
-from raypurify.runtime import autocast, use_bf16
+from raypurify.runtime import autocast, torch_threads, use_bf16
 from raypurify.training.augment import crop_flip
 
 
@@ -44,6 +44,8 @@ class Crafter:
         progress=None,
     ):
         self.dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.dev.type == "cpu":
+            torch.set_num_threads(torch_threads())
         self.models = []
         for state in ray.get(states):  # an object ref: one copy for all actors
             model = build_model(arch, classes, size, **options)

@@ -12,7 +12,6 @@ do not depend on how Ray Data batches the rows; otherwise z = mu.
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ import torch
 
 from raypurify.data.interchange import DatasetInfo, read_ray, write_ray
 from raypurify.progress import Progress, add
-from raypurify.runtime import autocast, use_bf16
+from raypurify.runtime import autocast, torch_threads, use_bf16
 
 from .config import PurifyConfig
 from .stage import build
@@ -47,7 +46,7 @@ class PurifyPass:
         cfg = PurifyConfig.model_validate(purify)
         self.dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if self.dev.type == "cpu":
-            torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // actors))
+            torch.set_num_threads(torch_threads(cfg.threads, actors))
         self.model = build(cfg, num_classes, image_size)
         self.model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
         self.model = self.model.to(self.dev, memory_format=torch.channels_last).eval()
