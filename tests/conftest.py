@@ -4,6 +4,10 @@ and the real CIFAR-10 offline copy when ../shared/data is present."""
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -53,3 +57,27 @@ def cifar10_dir() -> Path:
     if not (root / "train.parquet").exists():
         pytest.skip(f"offline CIFAR-10 not found under {root}")
     return root
+
+
+def run_and_kill(args: list[str], ready, *, timeout: float = 300.0) -> None:
+    """Run `args` (a Python command line) in a process group of its own with its own local
+    Ray, wait until `ready()` is true, then SIGKILL the whole group: a real crash, Ray
+    included. Fails if the command ends first or `ready()` never holds."""
+    env = dict(os.environ, RAY_ADDRESS="")
+    proc = subprocess.Popen(
+        [sys.executable, *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.time() + timeout
+        while not ready():
+            assert proc.poll() is None, "the command ended before it could be killed"
+            if time.time() > deadline:
+                pytest.fail(f"not ready within {timeout:.0f} s")
+            time.sleep(0.1)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()

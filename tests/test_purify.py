@@ -4,15 +4,11 @@ resume after a kill, and bad input."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
 import torch
+from conftest import run_and_kill
 
 from raypurify.data.interchange import open_dataset, read_images, write_images
 from raypurify.data.registry import load
@@ -140,27 +136,12 @@ def test_stage_killed_after_a_checkpoint_resumes_to_the_full_epoch_count(
 ):
     storage = tmp_path / "checkpoints"
     overrides = [*TINY, "stage1.epochs=4"]
-    env = dict(os.environ, RAY_ADDRESS="")
-    proc = subprocess.Popen(
-        [sys.executable, "-c", KILL_SCRIPT, str(tiny_set), str(storage), *overrides],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.time() + 240
-        while time.time() < deadline:
-            state = saved_state(storage, "stage1")
-            if state is not None and state["epoch"] >= 1:
-                break
-            assert proc.poll() is None, "the stage ended before it could be killed"
-            time.sleep(0.5)
-        else:
-            pytest.fail("no checkpoint within 240 s")
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started
-        proc.wait()
+
+    def checkpointed() -> bool:
+        state = saved_state(storage, "stage1")
+        return state is not None and state["epoch"] >= 1
+
+    run_and_kill(["-c", KILL_SCRIPT, str(tiny_set), str(storage), *overrides], checkpointed)
     killed_at = saved_state(storage, "stage1")["epoch"]
     assert 1 <= killed_at < 4
     cfg = preset("cpu", overrides)

@@ -5,15 +5,11 @@ workers, the in-memory and Ray Data paths, resume after a kill, determinism, bad
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
 import torch
+from conftest import run_and_kill
 
 from raypurify.cli import main
 from raypurify.data.interchange import open_dataset, read_images, write_images
@@ -142,26 +138,7 @@ def test_run_killed_after_a_checkpoint_resumes_to_the_full_epoch_count(
 ):
     out = tmp_path / "out"
     storage = out / "checkpoints"
-    env = dict(os.environ, RAY_ADDRESS="")
-    proc = subprocess.Popen(
-        [sys.executable, "-c", KILL_SCRIPT, str(out), *TINY],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.time() + 240
-        while time.time() < deadline:
-            if checkpointed_epoch(storage) >= 1:
-                break
-            assert proc.poll() is None, "the training ended before it could be killed"
-            time.sleep(0.05)
-        else:
-            pytest.fail("no checkpoint within 240 s")
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started
-        proc.wait()
+    run_and_kill(["-c", KILL_SCRIPT, str(out), *TINY], lambda: checkpointed_epoch(storage) >= 1)
     killed = saved_state(storage, "train")
     assert 1 <= killed["epoch"] < EPOCHS
     assert not (out / METRICS_FILE).exists()
