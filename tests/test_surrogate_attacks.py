@@ -1,4 +1,4 @@
-"""The surrogate-based attacks, EM and TAP, on 200 real CIFAR-10 images with tiny settings
+"""The surrogate-based attacks, EM, TAP, REM and SEP, on 200 real CIFAR-10 images with tiny settings
 (their surrogates train on a real local Ray Train): the l_inf budget holds exactly after
 uint8 quantisation, labels and index are untouched, the ratio is honoured, class-wise EM
 gives every image of a class the same perturbation, and the same seed gives the same poison."""
@@ -114,3 +114,43 @@ def test_tap_keeps_the_budget_labels_and_ratio_and_is_seeded(ray_session, clean)
     again, _ = poison(clean, "tap", settings=TAP_TINY)
     assert np.array_equal(again.images, poisoned.images)
     assert np.array_equal(again.poisoned, poisoned.poisoned)
+
+
+REM_TINY = {
+    "surrogate": "fast-resnet",
+    "surrogate_options": {"width": 8},
+    "max_rounds": 1,
+    "train_steps": 2,
+    "pgd_steps": 2,
+    "eot": 2,
+    "adv_steps": 2,
+    "batch_size": 64,
+    "ratio": RATIO,
+}
+SEP_TINY = {
+    "steps": 2,
+    "checkpoints": 2,
+    "surrogate_recipe": "cpu",
+    "surrogate_overrides": ["epochs=3", "arch_options.width=8", "batch_size=32"],
+    "ratio": RATIO,
+}
+
+
+def test_rem_keeps_the_budget_labels_and_ratio(ray_session, clean):
+    poisoned, budget = poison(clean, "rem", settings=REM_TINY)
+    check_linf_poison(clean, poisoned, budget)
+
+
+def test_sep_keeps_the_budget_labels_and_ratio(ray_session, clean):
+    poisoned, budget = poison(clean, "sep", settings=SEP_TINY)
+    check_linf_poison(clean, poisoned, budget)
+
+
+def test_sep_ensembles_evenly_spaced_checkpoints():
+    from raypurify.attacks.sep import spaced
+
+    picks = spaced(list(range(1, 121)), 15)
+    assert len(picks) == 15 and picks[0] == 1 and picks[-1] == 120
+    gaps = np.diff(picks)
+    assert gaps.min() >= 8 and gaps.max() <= 9  # as even as whole epochs allow
+    assert spaced([1, 2, 3], 15) == [1, 2, 3]
