@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from raypurify import config
 from raypurify.data.imageset import ImageSet
 from raypurify.data.interchange import MANIFEST, imageset_to_ray
 from raypurify.data.sources import cifar, folder, parquet, sample, synthetic
@@ -33,9 +34,10 @@ def is_dataset_dir(ref: str | Path) -> bool:
 def spec_for(ref: str, **fields) -> DatasetSpec:
     """A DatasetSpec for `ref`: a dataset directory (our format) or a registry name."""
     if is_dataset_dir(ref):
-        return DatasetSpec(name="parquet", path=str(ref), **fields)
+        return config.validate(DatasetSpec, {"name": "parquet", "path": str(ref), **fields},
+                               source="dataset")
     if ref in SOURCES:
-        return DatasetSpec(name=ref, **fields)
+        return config.validate(DatasetSpec, {"name": ref, **fields}, source="dataset")
     if Path(ref).exists():
         raise DatasetError(f"{ref}: not a dataset directory (no {MANIFEST})")
     raise DatasetError(f"unknown dataset '{ref}': not a directory, nor one of {sorted(SOURCES)}")
