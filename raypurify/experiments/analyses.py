@@ -74,33 +74,52 @@ def detection_report(scores: dict[str, np.ndarray], poisoned: np.ndarray) -> dic
     return out
 
 
+def detect_poisoned(poison_path: str | Path, purify_dir: str | Path) -> dict[str, Any]:
+    """Detection metrics for a partly poisoned set from its stage-1 p_hat."""
+    index, labels, p_hat = stage1_perturbations(str(poison_path), str(purify_dir))
+    data = read_images(poison_path)
+    flags = None if data.poisoned is None else data.poisoned[np.argsort(data.index)]
+    if flags is None or not flags.any() or flags.all():
+        state = "every row is" if flags is not None and flags.all() else "no row is"
+        return {"note": f"detection needs a mix of poisoned and clean rows; {state} poisoned"}
+    return detection_report(detection_scores(p_hat, labels), flags)
+
+
+def write_clean_plus_phat(
+    clean_path: str | Path, poison_path: str | Path, purify_dir: str | Path, out: str | Path
+):
+    """The disentanglement check's training set: clean images + the stage-1 p_hat(x0)."""
+    index, _, p_hat = stage1_perturbations(str(poison_path), str(purify_dir))
+    data = read_images(clean_path)
+    data = data.take(np.argsort(data.index))
+    data = data.take(np.flatnonzero(np.isin(data.index, index)))
+    x = data.images.astype(np.float32) / 255 + p_hat.transpose(0, 2, 3, 1)
+    mixed = data.replace(np.clip(np.round(x * 255), 0, 255).astype(np.uint8), poisoned=None)
+    parents = [open_dataset(p).lineage() for p in (clean_path, poison_path)]
+    return write_images(
+        mixed,
+        out,
+        overwrite=True,
+        parents=parents,
+        config={"analysis": "clean + p_hat", "purify_dir": str(purify_dir)},
+    )
+
+
+# Experiment steps ------------------------------------------------------------------------
+
+
 def detect(step, directory: Path, ctx) -> dict[str, Any]:
     poison, purified = step.inputs
-    index, labels, p_hat = stage1_perturbations(
-        poison.result["path"], purified.result["purify_dir"]
-    )
-    data = read_images(poison.result["path"])
-    flags = data.poisoned[np.argsort(data.index)]
-    if flags is None or not flags.any() or flags.all():
-        note = "all rows poisoned" if flags is not None and flags.all() else "no poisoned rows"
-        return {"row": step.meta["row"], "note": f"detection needs a mix ({note})"}
-    return {"row": step.meta["row"], **detection_report(detection_scores(p_hat, labels), flags)}
+    found = detect_poisoned(poison.result["path"], purified.result["purify_dir"])
+    return {"row": step.meta["row"], **found}
 
 
 def clean_plus_phat(step, directory: Path, ctx) -> dict[str, Any]:
     clean, poison, purified = step.inputs
-    index, _, p_hat = stage1_perturbations(poison.result["path"], purified.result["purify_dir"])
-    data = read_images(clean.result["path"])
-    data = data.take(np.argsort(data.index))
-    keep = np.isin(data.index, index)
-    data = data.take(np.flatnonzero(keep))
-    x = data.images.astype(np.float32) / 255 + p_hat.transpose(0, 2, 3, 1)
-    mixed = data.replace(np.clip(np.round(x * 255), 0, 255).astype(np.uint8), poisoned=None)
-    info = write_images(
-        mixed,
+    info = write_clean_plus_phat(
+        clean.result["path"],
+        poison.result["path"],
+        purified.result["purify_dir"],
         directory / "data",
-        overwrite=True,
-        config={"analysis": "clean + p_hat", "row": step.meta["row"]},
-        parents=[open_dataset(p).lineage() for p in (clean.result["path"], poison.result["path"])],
     )
     return {"path": str(info.path), "sha256": info.sha256, "rows": info.rows}
