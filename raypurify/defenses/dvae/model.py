@@ -48,6 +48,12 @@ class Encoder(nn.Module):
         return self.net(x)
 
 
+def instance_norm(channels: int) -> nn.Module:
+    """InstanceNorm without affine parameters, as GroupNorm with one group per channel: the
+    same function, but its CPU kernel keeps channels_last and runs about twice as fast."""
+    return nn.GroupNorm(channels, channels, affine=False)
+
+
 def decoder(width: int, stages: int, out_activation: nn.Module | None) -> nn.Sequential:
     """Transposed convs back to full resolution (the authors' layer sequence at 32 px)."""
     w = width
@@ -55,10 +61,10 @@ def decoder(width: int, stages: int, out_activation: nn.Module | None) -> nn.Seq
     layers += [
         nn.ConvTranspose2d(2 * w, w, 4, 2, 1),
         nn.ConvTranspose2d(w, w, 3, 1, 1),
-        nn.InstanceNorm2d(w),
+        instance_norm(w),
         nn.ReLU(inplace=True),
         nn.ConvTranspose2d(w, w // 2, 3, 1, 1),
-        nn.InstanceNorm2d(w // 2),
+        instance_norm(w // 2),
         nn.ReLU(inplace=True),
         nn.ConvTranspose2d(w // 2, 3, 3, 1, 1),
     ]
