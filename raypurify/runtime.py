@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import random
 from typing import Literal
 
-import numpy as np
 import torch
 
 DEFAULT_OBJECT_STORE_BYTES = 2 * 1024**3
@@ -88,14 +86,6 @@ def autocast(dev: torch.device, enabled: bool = True):
     if not enabled:
         return contextlib.nullcontext()
     return torch.autocast(device_type=dev.type, dtype=torch.bfloat16)
-
-
-def seed_everything(seed: int) -> torch.Generator:
-    """Seed Python, numpy and torch; return a torch Generator for explicit use."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    return torch.Generator().manual_seed(seed)
 
 
 def torch_threads(configured: int | None = None, sharing: int = 1) -> int:

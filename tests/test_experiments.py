@@ -82,6 +82,7 @@ def test_rerun_skips_every_finished_step(demo):
     before = records(out)
     again = run_experiment(load_spec("demo", TINY), out)
     assert records(out) == before  # nothing recomputed
+    assert again["steps"]["ran"] == 0 and again["steps"]["reused"] == results["steps"]["ran"]
     assert table(out) == {(c["row"], c["column"]): c["accuracy"] for c in results["cells"]}
     assert again["cells"] == results["cells"]
 

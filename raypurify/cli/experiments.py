@@ -40,8 +40,10 @@ def run(args) -> int:
     from raypurify.experiments.runner import run_experiment
 
     spec = load_spec(args.spec, args.overrides)
-    run_experiment(spec, args.out, force=args.force, num_cpus=args.num_cpus)
+    results = run_experiment(spec, args.out, force=args.force, num_cpus=args.num_cpus)
     print((Path(args.out) / "results.md").read_text())
+    steps = results["steps"]
+    print(f"{steps['ran']} steps run, {steps['reused']} reused from earlier runs")
     print(f"results -> {args.out}/results.md, results.csv, accuracy.png, images.png")
     return 0
 

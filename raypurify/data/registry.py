@@ -34,8 +34,9 @@ def is_dataset_dir(ref: str | Path) -> bool:
 def spec_for(ref: str, **fields) -> DatasetSpec:
     """A DatasetSpec for `ref`: a dataset directory (our format) or a registry name."""
     if is_dataset_dir(ref):
-        return config.validate(DatasetSpec, {"name": "parquet", "path": str(ref), **fields},
-                               source="dataset")
+        return config.validate(
+            DatasetSpec, {"name": "parquet", "path": str(ref), **fields}, source="dataset"
+        )
     if ref in SOURCES:
         return config.validate(DatasetSpec, {"name": ref, **fields}, source="dataset")
     if Path(ref).exists():

@@ -94,6 +94,10 @@ def run_experiment(
         records = [r for s in steps if s.dir and (r := store.record(s.dir))]
         results = report.collect(spec, records)
         results["wall_s"] = time.perf_counter() - start
+        results["steps"] = {
+            "ran": sum(s.result is not None and not s.cached for s in steps),
+            "reused": sum(s.cached for s in steps),
+        }
         files = report.write(spec, results, out, records)
         for f in files:
             parent.log_artifact(f)

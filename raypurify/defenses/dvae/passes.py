@@ -27,8 +27,6 @@ from raypurify.runtime import autocast, torch_threads, use_bf16
 from .config import PurifyConfig
 from .stage import build
 
-MODES = ("subtract", "subtract_reconstruct", "reconstruct", "perturbation")
-
 
 class PurifyPass:
     """Ray Data callable class: one stage model, applied batch by batch."""
