@@ -26,6 +26,7 @@ from raypurify.progress import Progress
 from raypurify.runtime import torch_threads
 
 STATE_FILE = "state.pt"
+RESUME_KEY = "resume_from"  # loop-config key: the newest readable checkpoint on disk
 
 
 # ---------------------------------------------------------------------------------------
@@ -47,21 +48,33 @@ def setup_worker(threads: int | None) -> tuple[int, int, torch.device]:
     return rank, world, dev
 
 
-def restore(device: torch.device) -> dict[str, Any] | None:
-    """The state saved with the last checkpoint of this run, or None on a fresh start."""
+def restore(device: torch.device, on_disk: str | None) -> dict[str, Any] | None:
+    """The state of the furthest checkpoint of this run, or None on a fresh start.
+
+    A run killed after a checkpoint reached storage but before Ray Train registered it
+    resumes from that checkpoint too (`on_disk`, the newest readable one the driver found),
+    so no finished epoch is trained twice.
+    """
+
+    def load(directory) -> dict[str, Any]:
+        return torch.load(Path(directory) / STATE_FILE, map_location=device, weights_only=True)
+
+    states = [] if on_disk is None else [load(on_disk)]
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        return None
-    with checkpoint.as_directory() as d:
-        return torch.load(Path(d) / STATE_FILE, map_location=device, weights_only=True)
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            states.append(load(d))
+    return max(states, key=lambda s: s["epoch"], default=None)
 
 
-def resume(model, optimizer, scheduler, device: torch.device) -> tuple[int, list[dict]]:
-    """Load the last checkpoint (if any) into the model, optimizer and scheduler.
+def resume(
+    model, optimizer, scheduler, device: torch.device, loop: dict[str, Any]
+) -> tuple[int, list[dict]]:
+    """Load the furthest checkpoint (if any) into the model, optimizer and scheduler.
 
     Returns (the first epoch still to run, the per-epoch metrics so far).
     """
-    state = restore(device)
+    state = restore(device, loop.get(RESUME_KEY))
     if state is None:
         return 0, []
     unwrap(model).load_state_dict(state["model"])
@@ -117,11 +130,19 @@ def saved_state(storage: Path, name: str) -> dict[str, Any] | None:
     """The newest readable checkpoint's state of run `name` under `storage`, or None.
 
     A run killed while persisting a checkpoint can leave its directory incomplete; that
-    one is skipped (Ray Train itself resumes from the last checkpoint it registered).
+    one is skipped.
     """
+    newest = newest_checkpoint(storage, name)
+    return None if newest is None else newest[1]
+
+
+def newest_checkpoint(storage: Path, name: str) -> tuple[Path, dict[str, Any]] | None:
+    """(directory, state) of the newest readable checkpoint of run `name`, or None."""
     for directory in reversed(checkpoint_dirs(storage, name)):
         try:
-            return torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
+            return directory, torch.load(
+                directory / STATE_FILE, map_location="cpu", weights_only=True
+            )
         except (OSError, RuntimeError, EOFError):
             continue
     return None
@@ -146,7 +167,8 @@ def fit(
     checkpoint; `keep` checkpoints are kept (None: all of them). Errors the user can act
     on come back as themselves, not as Ray wrappers.
     """
-    previous = saved_state(storage, name)
+    newest = newest_checkpoint(storage, name)
+    previous = None if newest is None else newest[1]
     cpus = 1.0
     if datasets:  # leave Ray Data a CPU to feed the workers (or it waits forever)
         cpus = min(1.0, max(0.25, (ray.cluster_resources().get("CPU", 1) - 1) / workers))
@@ -155,7 +177,8 @@ def fit(
         with Progress(epochs, desc, initial=previous["epoch"] if previous else 0) as progress:
             trainer = TorchTrainer(
                 worker,
-                train_loop_config=loop | {"progress": progress.queue},
+                train_loop_config=loop
+                | {"progress": progress.queue, RESUME_KEY: newest and str(newest[0])},
                 datasets=datasets,
                 scaling_config=ray.train.ScalingConfig(
                     num_workers=workers, use_gpu=gpu, resources_per_worker=resources

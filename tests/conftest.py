@@ -27,6 +27,8 @@ def ray_session():
     """A real local Ray, started once for the whole test session."""
     import ray
 
+    import raypurify  # noqa: F401  (its defaults for a local Ray must be set before it starts)
+
     if not ray.is_initialized():
         ray.init(
             address="local",

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 
 
 class BasicBlock(nn.Module):
@@ -80,11 +79,15 @@ class CifarResNet(nn.Module):
 
 def resnet18(num_classes: int, image_size: int) -> nn.Module:
     if image_size > 32:
-        return torchvision.models.resnet18(num_classes=num_classes)
+        from torchvision.models import resnet  # imported here: see torchvision_nets
+
+        return resnet.resnet18(num_classes=num_classes)
     return CifarResNet(BasicBlock, [2, 2, 2, 2], num_classes)
 
 
 def resnet50(num_classes: int, image_size: int) -> nn.Module:
     if image_size > 32:
-        return torchvision.models.resnet50(num_classes=num_classes)
+        from torchvision.models import resnet
+
+        return resnet.resnet50(num_classes=num_classes)
     return CifarResNet(Bottleneck, [3, 4, 6, 3], num_classes)

@@ -78,7 +78,7 @@ def train_worker(loop: dict) -> None:
 
     loss_fn = training_loss(cfg)
 
-    start_epoch, history = resume(model, optimizer, scheduler, dev)
+    start_epoch, history = resume(model, optimizer, scheduler, dev, loop)
 
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()

