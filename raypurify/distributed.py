@@ -26,7 +26,7 @@ from raypurify.progress import Progress
 from raypurify.runtime import torch_threads
 
 STATE_FILE = "state.pt"
-RESUME_KEY = "resume_from"  # loop-config key: the newest readable checkpoint on disk
+RESUME_KEY = "resume_from"  # loop-config key: the newest readable checkpoint's state
 
 
 # ---------------------------------------------------------------------------------------
@@ -48,22 +48,19 @@ def setup_worker(threads: int | None) -> tuple[int, int, torch.device]:
     return rank, world, dev
 
 
-def restore(device: torch.device, on_disk: str | None) -> dict[str, Any] | None:
+def restore(device: torch.device, on_disk) -> dict[str, Any] | None:
     """The state of the furthest checkpoint of this run, or None on a fresh start.
 
     A run killed after a checkpoint reached storage but before Ray Train registered it
-    resumes from that checkpoint too (`on_disk`, the newest readable one the driver found),
-    so no finished epoch is trained twice.
+    resumes from that checkpoint too (`on_disk`: an object ref to the newest readable
+    state the driver found, passed by value because Ray Train may delete the unregistered
+    directory as it starts), so no finished epoch is trained twice.
     """
-
-    def load(directory) -> dict[str, Any]:
-        return torch.load(Path(directory) / STATE_FILE, map_location=device, weights_only=True)
-
-    states = [] if on_disk is None else [load(on_disk)]
+    states = [] if on_disk is None else [ray.get(on_disk)]
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            states.append(load(d))
+            states.append(torch.load(Path(d) / STATE_FILE, map_location=device, weights_only=True))
     return max(states, key=lambda s: s["epoch"], default=None)
 
 
@@ -132,17 +129,9 @@ def saved_state(storage: Path, name: str) -> dict[str, Any] | None:
     A run killed while persisting a checkpoint can leave its directory incomplete; that
     one is skipped.
     """
-    newest = newest_checkpoint(storage, name)
-    return None if newest is None else newest[1]
-
-
-def newest_checkpoint(storage: Path, name: str) -> tuple[Path, dict[str, Any]] | None:
-    """(directory, state) of the newest readable checkpoint of run `name`, or None."""
     for directory in reversed(checkpoint_dirs(storage, name)):
         try:
-            return directory, torch.load(
-                directory / STATE_FILE, map_location="cpu", weights_only=True
-            )
+            return torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
         except (OSError, RuntimeError, EOFError):
             continue
     return None
@@ -167,8 +156,7 @@ def fit(
     checkpoint; `keep` checkpoints are kept (None: all of them). Errors the user can act
     on come back as themselves, not as Ray wrappers.
     """
-    newest = newest_checkpoint(storage, name)
-    previous = None if newest is None else newest[1]
+    previous = saved_state(storage, name)
     cpus = 1.0
     if datasets:  # leave Ray Data a CPU to feed the workers (or it waits forever)
         cpus = min(1.0, max(0.25, (ray.cluster_resources().get("CPU", 1) - 1) / workers))
@@ -178,7 +166,7 @@ def fit(
             trainer = TorchTrainer(
                 worker,
                 train_loop_config=loop
-                | {"progress": progress.queue, RESUME_KEY: newest and str(newest[0])},
+                | {"progress": progress.queue, RESUME_KEY: previous and ray.put(previous)},
                 datasets=datasets,
                 scaling_config=ray.train.ScalingConfig(
                     num_workers=workers, use_gpu=gpu, resources_per_worker=resources
