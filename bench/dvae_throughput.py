@@ -72,13 +72,14 @@ def main() -> None:
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     cpu = preset("cpu")
     rows = []
-    for width in sorted({64, cpu.model.width}, reverse=True):
+    nets = {"paper": (64, 256), "cpu": (cpu.model.width, cpu.model.latent)}
+    for name, (width, latent) in nets.items():
         for precision in ("fp32", "bf16"):
             for batch in (128, 256):
-                ips = step_throughput(width, precision, batch, args.steps)
+                ips = step_throughput(width, precision, batch, args.steps, latent)
                 rows.append(
                     {
-                        "what": f"train step, width {width}",
+                        "what": f"train step, {name} net (width {width}, latent {latent})",
                         "precision": precision,
                         "batch": batch,
                         "workers": "-",
@@ -97,7 +98,7 @@ def main() -> None:
             state = train_stage("stage1", train, cfg, cfg.stage1, tmp / f"ckpt{workers}")
             rows.append(
                 {
-                    "what": f"Ray Train stage epoch, width {cfg.model.width}",
+                    "what": "Ray Train stage epoch, cpu net",
                     "precision": cfg.precision,
                     "batch": cfg.stage1.batch_size,
                     "workers": workers,
@@ -108,8 +109,8 @@ def main() -> None:
             print(rows[-1], flush=True)
 
         p0 = write_images(train, tmp / "p0")
-        for width in sorted({64, cpu.model.width}, reverse=True):
-            cfg = preset("cpu", [f"model.width={width}"])
+        for name, (width, latent) in nets.items():
+            cfg = preset("cpu", [f"model.width={width}", f"model.latent={latent}"])
             weights = tmp / f"w{width}.pt"
             save_torch(weights, build(cfg, 10, 32).state_dict())
             seconds = 0.0
@@ -129,7 +130,7 @@ def main() -> None:
             seconds += t["seconds"]
             rows.append(
                 {
-                    "what": f"purification, 3 passes, width {width}",
+                    "what": f"purification, 3 passes, {name} net",
                     "precision": cfg.precision,
                     "batch": cfg.infer_batch_size,
                     "workers": cfg.infer_actors,
