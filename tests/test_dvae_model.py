@@ -36,7 +36,7 @@ def test_shapes_at_each_image_size(size, grid):
     assert mu.shape == logvar.shape == (2, 32, grid, grid)
     assert downsampling_stages(size) == {32: 1, 64: 2, 224: 4}[size]
     # D has a Sigmoid output, D_p is linear (p_hat may be negative).
-    assert float(x_hat.min()) >= 0.0 and float(x_hat.max()) <= 1.0
+    assert float(x_hat.detach().min()) >= 0.0 and float(x_hat.detach().max()) <= 1.0
 
 
 def test_class_embedding_changes_only_the_perturbation():
