@@ -25,12 +25,12 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_results  # noqa: E402
+from common import synchronized, worker_counts, write_results  # noqa: E402
 
 from raypurify.data.registry import load  # noqa: E402
 from raypurify.data.spec import DatasetSpec  # noqa: E402
 from raypurify.models import build_model  # noqa: E402
-from raypurify.runtime import autocast, init_ray  # noqa: E402
+from raypurify.runtime import autocast, device, init_ray  # noqa: E402
 from raypurify.training.config import recipe  # noqa: E402
 from raypurify.training.trainer import train_classifier  # noqa: E402
 
@@ -38,20 +38,20 @@ from raypurify.training.trainer import train_classifier  # noqa: E402
 def step_throughput(arch: str, options: dict, precision: str, batch: int, steps: int) -> float:
     """Images/s of SGD train steps on random data, after two warm-up steps."""
     torch.manual_seed(0)
-    model = build_model(arch, 10, 32, **options).to(memory_format=torch.channels_last)
+    dev = device()
+    model = build_model(arch, 10, 32, **options).to(dev, memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    x = torch.rand(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (batch,))
-    dev = torch.device("cpu")
+    x = torch.rand(batch, 3, 32, 32, device=dev).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch,), device=dev)
     for i in range(steps + 2):
         if i == 2:
-            start = time.perf_counter()
+            start = synchronized(dev)
         with autocast(dev, precision == "bf16"):
             loss = F.cross_entropy(model(x).float(), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    return batch * steps / (time.perf_counter() - start)
+    return batch * steps / (synchronized(dev) - start)
 
 
 def main() -> None:
@@ -82,7 +82,7 @@ def main() -> None:
     train = load(DatasetSpec(name="cifar10", subset=10_000, seed=0))
     test = load(DatasetSpec(name="cifar10", split="test"))
     with tempfile.TemporaryDirectory() as tmp:
-        for workers in (1, 2):
+        for workers in worker_counts():
             for precision in ("fp32", "bf16"):
                 cfg = recipe(
                     "cpu",

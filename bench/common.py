@@ -2,6 +2,8 @@
 
 Every benchmark writes bench/results/<name>.json (rows plus the machine and command that
 produced them) and bench/results/<name>.md (the same rows as a table), and prints the table.
+On a machine with a GPU the benchmarks time the GPU and write <name>-gpu.{json,md}, so CPU
+and GPU figures sit side by side.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import json
 import os
 import platform
 import sys
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -43,6 +46,22 @@ def machine() -> dict[str, Any]:
     }
 
 
+def synchronized(dev) -> float:
+    """perf_counter() once the device's queued work is done (CUDA kernels run async)."""
+    if dev.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize(dev)
+    return time.perf_counter()
+
+
+def worker_counts() -> tuple[int, ...]:
+    """Ray Train worker counts to time: 1 and 2, unless a lone GPU can host only one."""
+    import torch
+
+    return (1,) if torch.cuda.device_count() == 1 else (1, 2)
+
+
 def fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:,.1f}" if abs(value) >= 10 else f"{value:.3g}"
@@ -62,6 +81,8 @@ def write_results(
     """Print and save the results of benchmark `name`; returns the JSON path."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     info = machine()
+    if info["gpu"]:
+        name = f"{name}-gpu"
     md = [f"# {name}", "", table(rows, columns), ""]
     if notes:
         md += [notes, ""]

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_results  # noqa: E402
+from common import synchronized, worker_counts, write_results  # noqa: E402
 
 from raypurify.atomic import save_torch  # noqa: E402
 from raypurify.data.interchange import open_dataset, write_images  # noqa: E402
@@ -38,19 +38,19 @@ from raypurify.defenses.dvae.model import DVAE  # noqa: E402
 from raypurify.defenses.dvae.passes import run_pass  # noqa: E402
 from raypurify.defenses.dvae.pipeline import purify  # noqa: E402
 from raypurify.defenses.dvae.stage import build, train_stage  # noqa: E402
-from raypurify.runtime import autocast, init_ray  # noqa: E402
+from raypurify.runtime import autocast, device, init_ray  # noqa: E402
 
 
 def step_throughput(width: int, precision: str, batch: int, steps: int, latent: int = 256) -> float:
     torch.manual_seed(0)
-    model = DVAE(10, 32, width=width, latent=latent).to(memory_format=torch.channels_last)
+    dev = device()
+    model = DVAE(10, 32, width=width, latent=latent).to(dev, memory_format=torch.channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=5e-3)
-    x = torch.rand(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (batch,))
-    dev = torch.device("cpu")
+    x = torch.rand(batch, 3, 32, 32, device=dev).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch,), device=dev)
     for i in range(steps + 2):
         if i == 2:
-            start = time.perf_counter()
+            start = synchronized(dev)
         with autocast(dev, precision == "bf16"):
             out = model(x, y)
         x_hat, p_hat, mu, logvar = (t.float() for t in out)
@@ -61,7 +61,7 @@ def step_throughput(width: int, precision: str, batch: int, steps: int, latent: 
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
         opt.step()
-    return batch * steps / (time.perf_counter() - start)
+    return batch * steps / (synchronized(dev) - start)
 
 
 def main() -> None:
@@ -89,10 +89,11 @@ def main() -> None:
                 print(rows[-1], flush=True)
 
     init_ray()
+    gpu = device().type == "cuda"
     train = load(DatasetSpec(name="cifar10", subset=10_000, seed=0))
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        for workers in (1, 2):
+        for workers in worker_counts():
             cfg = preset("cpu", [f"workers={workers}", "stage1.epochs=1"])
             t0 = time.perf_counter()
             state = train_stage("stage1", train, cfg, cfg.stage1, tmp / f"ckpt{workers}")
@@ -115,7 +116,7 @@ def main() -> None:
             save_torch(weights, build(cfg, 10, 32).state_dict())
             seconds = 0.0
             p1 = {"image": tmp / f"p1-{width}"}
-            t = run_pass(p0, p1, weights=weights, cfg=cfg, mode="subtract", gpu=False, lineage=[])
+            t = run_pass(p0, p1, weights=weights, cfg=cfg, mode="subtract", gpu=gpu, lineage=[])
             seconds += t["seconds"]
             outs = {"image": tmp / f"p3-{width}", "p2": tmp / f"p2-{width}"}
             t = run_pass(
@@ -124,7 +125,7 @@ def main() -> None:
                 weights=weights,
                 cfg=cfg,
                 mode="subtract_reconstruct",
-                gpu=False,
+                gpu=gpu,
                 lineage=[],
             )
             seconds += t["seconds"]

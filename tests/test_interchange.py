@@ -501,6 +501,24 @@ def failing_pipeline(data: ImageSet):
     return ds.map_batches(maybe_fail, batch_format="numpy", batch_size=10)
 
 
+def test_ray_write_runs_a_lazy_pipeline_once(ray_session, tmp_path):
+    """Writing must not execute the pipeline twice (e.g. to learn its schema): in a
+    purification pass each execution is a full model inference over the dataset."""
+    data = small_set(n=40)
+    seen = tmp_path / "seen"
+    seen.mkdir()
+
+    def mark(batch):
+        for i in batch["index"].tolist():  # one file per execution of a row
+            (seen / f"{i}-{len(list(seen.glob(f'{i}-*')))}").touch()
+        return batch
+
+    ds = imageset_to_ray(data, rows_per_block=10).map_batches(mark, batch_format="numpy")
+    info = write_ray(ds, tmp_path / "out", classes=CLASSES, shape=data.shape)
+    assert_same(read_images(info.path), data)
+    assert len(list(seen.iterdir())) == len(data)
+
+
 def test_crashed_ray_write_leaves_nothing(ray_session, tmp_path):
     data = small_set(n=40)
     out = tmp_path / "out"

@@ -165,16 +165,15 @@ def write_ray(
     directory, verified, and renamed into place.
     """
     out = Path(out)
-    poisoned = "poisoned" in ds.schema().names
-    target = schema(classes, shape, poisoned)
 
+    # Each batch says whether it carries `poisoned`: asking ds.schema() up front would run a
+    # lazy pipeline (a whole purification pass) once more just to learn its columns.
     def encode(batch: dict[str, np.ndarray]) -> pa.Table:
         images = np.asarray(batch["image"], dtype=np.uint8)
         check_arrays(images, batch["label"], batch["index"], len(classes), str(out))
         if tuple(images.shape[1:]) != tuple(shape):
             raise DatasetError(f"{out}: image shape {images.shape[1:]} differs from {tuple(shape)}")
-        p = batch["poisoned"] if poisoned else None
-        return encode_table(images, batch["label"], batch["index"], p, classes).cast(target)
+        return encode_table(images, batch["label"], batch["index"], batch.get("poisoned"), classes)
 
     with staged_dir(out, overwrite=overwrite) as tmp:
         encoded = ds.map_batches(encode, batch_format="numpy", batch_size=1024)
