@@ -9,6 +9,7 @@ caller, so a rerun resumes, and shows an epoch progress bar.
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +22,7 @@ import torch
 from ray.train.torch import TorchTrainer
 from ray.train.v2.api.config import LoggingConfig
 
-from raypurify.errors import TrainingError, user_error
+from raypurify.errors import ConfigError, TrainingError, user_error
 from raypurify.progress import Progress
 from raypurify.runtime import torch_threads
 
@@ -117,6 +118,19 @@ def use_gpu(device: str) -> bool:
     return device == "cuda"
 
 
+def check_gpus(workers: int, gpu: bool) -> None:
+    """On a local Ray, refuse more GPU workers than GPUs: Ray Train would wait for them
+    forever. (A cluster from RAY_ADDRESS may autoscale GPU nodes in, so it is left to wait.)"""
+    if not gpu or os.environ.get("RAY_ADDRESS"):
+        return
+    have = int(ray.cluster_resources().get("GPU", 0))
+    if have < workers:
+        raise ConfigError(
+            f"workers: {workers} GPU worker(s) need {workers} GPU(s), this machine has {have}; "
+            f"set device=cpu or workers={max(have, 1)}"
+        )
+
+
 def checkpoint_dirs(storage: Path, name: str) -> list[Path]:
     """The checkpoints of run `name` under `storage`, oldest first."""
     run_dir = Path(storage) / name
@@ -156,6 +170,7 @@ def fit(
     checkpoint; `keep` checkpoints are kept (None: all of them). Errors the user can act
     on come back as themselves, not as Ray wrappers.
     """
+    check_gpus(workers, gpu)
     previous = saved_state(storage, name)
     cpus = 1.0
     if datasets:  # leave Ray Data a CPU to feed the workers (or it waits forever)

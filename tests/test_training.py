@@ -159,7 +159,7 @@ def test_run_killed_after_a_checkpoint_resumes_to_the_full_epoch_count(
     assert same_weights(weights(out), weights(baseline_out))
 
 
-def test_bad_inputs_are_refused_before_training(train_set, test_set, tmp_path):
+def test_bad_inputs_are_refused_before_training(ray_session, train_set, test_set, tmp_path):
     cfg = recipe("cpu", TINY)
     out = tmp_path / "out"
     other_classes = synthetic("test", 50, size=16, classes=5)
@@ -176,6 +176,11 @@ def test_bad_inputs_are_refused_before_training(train_set, test_set, tmp_path):
     one_class = train_set.take(np.flatnonzero(train_set.labels == 2))
     with pytest.raises(DatasetError, match="at least 2 classes"):
         train_classifier(one_class, test_set, cfg, out)
+    # More GPU workers than this local Ray has GPUs: an error, not an endless wait.
+    with pytest.raises(ConfigError, match=r"^workers: 64 GPU worker\(s\) need 64 GPU"):
+        train_classifier(
+            train_set, test_set, recipe("cpu", [*TINY, "device=cuda", "workers=64"]), out
+        )
     assert not out.exists()
 
 

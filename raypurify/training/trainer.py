@@ -18,7 +18,7 @@ import ray
 from raypurify.atomic import save_torch, write_json
 from raypurify.data.imageset import ImageSet
 from raypurify.data.spec import Stream
-from raypurify.distributed import fit, use_gpu
+from raypurify.distributed import check_gpus, fit, use_gpu
 from raypurify.errors import DatasetError
 from raypurify.models import ARCHS
 from raypurify.runtime import init_ray
@@ -62,9 +62,11 @@ def train_classifier(
     check_compatible(train, test)
     if isinstance(train, ImageSet) and len(np.unique(train.labels)) < 2:
         raise DatasetError(f"{train.name}: training needs at least 2 classes with images")
+    init_ray()
+    gpu = use_gpu(cfg.device)
+    check_gpus(cfg.workers, gpu)
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    init_ray()
     start = time.perf_counter()
 
     eval_rows = None
@@ -83,7 +85,6 @@ def train_classifier(
         "eval_rows": eval_rows,
         "mlflow": None if run is None else {"uri": run.uri, "run_id": run.run_id},
     }
-    gpu = use_gpu(cfg.device)
     final, state = fit(
         train_worker,
         loop,
