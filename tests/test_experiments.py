@@ -7,9 +7,11 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import run_and_kill
 from mlflow.tracking import MlflowClient
 
+from raypurify.cli import main
 from raypurify.errors import ConfigError, DatasetError
 from raypurify.experiments import load_spec
 from raypurify.experiments.runner import run_experiment
@@ -85,6 +87,25 @@ def test_rerun_skips_every_finished_step(demo):
     assert again["steps"]["ran"] == 0 and again["steps"]["reused"] == results["steps"]["ran"]
     assert table(out) == {(c["row"], c["column"]): c["accuracy"] for c in results["cells"]}
     assert again["cells"] == results["cells"]
+
+
+def test_report_with_a_spec_tabulates_finished_cells_without_running_any(demo, tmp_path):
+    out, _ = demo
+    reference, before = table(out), records(out)
+    wider = load_spec("demo", TINY).to_dict()
+    wider["defenses"].append({"name": "grayscale"})  # a column nothing has trained yet
+    (tmp_path / "wider.yaml").write_text(yaml.safe_dump(wider))
+    assert main(["report", str(out), "--spec", str(tmp_path / "wider.yaml")]) == 0
+    assert records(out) == before  # nothing ran
+    assert table(out) == reference  # every finished cell, none invented
+    header = next(
+        line for line in (out / "results.md").read_text().splitlines() if "| attack" in line
+    )
+    assert header.split("|")[1:-1][-1].strip() == "grayscale"
+    assert (
+        main(["report", str(out), "--spec", "demo", *(a for o in TINY for a in ("--set", o))]) == 0
+    )
+    assert table(out) == reference and records(out) == before
 
 
 def test_killed_run_resumes_to_the_same_table(demo):

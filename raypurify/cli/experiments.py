@@ -27,8 +27,16 @@ def register(sub) -> None:
     )
     p.set_defaults(run=run)
 
-    r = sub.add_parser("report", parents=[common], help="rebuild an experiment's table and plots")
+    r = sub.add_parser(
+        "report",
+        parents=[common],
+        help="rebuild an experiment's table and plots",
+        description="Rebuild DIR's table and plots from its last run. With --spec, tabulate "
+        "whatever steps of that spec are finished in DIR's store (blank cells for the rest), "
+        "without running anything: a partial table while a long run goes on.",
+    )
     r.add_argument("dir", help="an experiment output directory")
+    r.add_argument("--spec", help="a preset name or YAML whose finished cells to tabulate")
     r.set_defaults(run=run_report)
 
     ls = sub.add_parser("presets", parents=[common], help="list the shipped experiment presets")
@@ -52,6 +60,12 @@ def run_report(args) -> int:
     from raypurify.experiments import report
 
     out = Path(args.dir)
+    if args.spec:
+        from raypurify.experiments import load_spec
+        from raypurify.experiments.runner import finished_steps
+
+        spec = load_spec(args.spec, args.overrides)
+        report.save_run(out, spec, [str(s.dir) for s in finished_steps(spec, out)])
     spec, records = report.load_run(out)
     results = report.collect(spec, records)
     report.write(spec, results, out, records)

@@ -112,6 +112,25 @@ def run_experiment(
     return results
 
 
+def locate(step: Step, store: Store) -> None:
+    """Set the step's key (its config and its inputs' fingerprints) and store directory."""
+    step.key = step_key(step.kind, step.config, [i.fingerprint() for i in step.inputs])
+    step.dir = store.path(step.kind, step.slug, step.key)
+
+
+def finished_steps(spec: ExperimentSpec, out: str | Path) -> list[Step]:
+    """The spec's steps already finished in OUT's store, found without running anything:
+    what `raypurify report OUT --spec` tabulates while a long run is still going."""
+    store = Store(Path(out).resolve() / "store")
+    steps = plan(spec)
+    for step in steps:  # plan lists every step after its inputs
+        if all(i.result is not None for i in step.inputs):
+            locate(step, store)
+            if (record := store.record(step.dir)) is not None:
+                step.result = record["result"]
+    return [s for s in steps if s.result is not None]
+
+
 class Scheduler:
     """Runs steps whose inputs are done, up to `parallel` at once, in driver threads."""
 
@@ -126,8 +145,7 @@ class Scheduler:
 
     def resolve(self, step: Step) -> bool:
         """Compute the step's key and directory; True if it finished in an earlier run."""
-        step.key = step_key(step.kind, step.config, [i.fingerprint() for i in step.inputs])
-        step.dir = self.store.path(step.kind, step.slug, step.key)
+        locate(step, self.store)
         if any(fnmatch.fnmatch(step.name, pattern) for pattern in self.force):
             self.store.forget(step.dir)
         record = self.store.record(step.dir)
