@@ -6,6 +6,7 @@ import csv
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from conftest import run_and_kill
@@ -58,6 +59,17 @@ def test_every_cell_is_in_the_table_and_the_plots_exist(demo):
     for png in ("accuracy.png", "images.png"):
         assert (out / png).stat().st_size > 1000
     assert results["budgets"]["lsp"]["l2_max"] <= 1.0
+
+
+def test_the_trace_covers_every_defence_output_of_every_row(demo):
+    out, results = demo
+    found = {(e["row"], e["output"]): e for e in results["trace"]}
+    outputs = ["jpeg", "dvae P1", "dvae P2", "dvae P3"]
+    assert set(found) == {(r, o) for r in ROWS for o in outputs}
+    assert all(found[("clean", o)]["kept"] is None for o in outputs)
+    assert all(np.isfinite(found[("lsp", o)]["kept"]) for o in outputs)
+    assert all(5.0 < e["psnr"] < 60.0 for e in found.values())
+    assert "Purification trace" in (out / "results.md").read_text()
 
 
 def test_each_cell_is_an_mlflow_child_run_of_the_experiment(demo):

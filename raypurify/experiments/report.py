@@ -1,6 +1,7 @@
 """The experiment's outputs: the attack x defence table (CSV, markdown, JSON), a grouped
-bar chart, and a figure of images through the pipeline (clean, poisoned, amplified
-perturbation, P1, P3) for each attack.
+bar chart, a figure of images through the pipeline (clean, poisoned, amplified
+perturbation, P1, P3) for each attack, and the purification trace (what each defence
+output kept of the poison, see trace.py).
 
 Everything is rebuilt from the finished steps' records, so `raypurify report DIR` can
 redo it without re-running anything.
@@ -16,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from raypurify.atomic import write_json
+from raypurify.experiments import trace
 from raypurify.experiments.spec import ExperimentSpec
 
 RUN_FILE = "run.json"
@@ -59,7 +61,13 @@ def collect(spec: ExperimentSpec, records: list[dict[str, Any]]) -> dict[str, An
         for r in records
         if r["kind"] == "purify" and r.get("result")
     }
-    return {"name": spec.name, "cells": cells, "budgets": budgets, "purify_wall_s": purifications}
+    return {
+        "name": spec.name,
+        "cells": cells,
+        "budgets": budgets,
+        "purify_wall_s": purifications,
+        "trace": trace.trace(records),
+    }
 
 
 def rows(spec: ExperimentSpec) -> list[str]:
@@ -101,6 +109,7 @@ def markdown(spec: ExperimentSpec, results: dict[str, Any]) -> str:
             out.append(f"| drop vs clean ({cols[0]}) | " + " | ".join(pct(v) for v in drops) + " |")
         out.append("")
     out += detection_markdown(results.get("detection", []))
+    out += trace.markdown(results.get("trace", []), rows(spec))
     chosen = [x for x in results["cells"] if "chosen" in x]
     if chosen:
         picks = ", ".join(f"{x['row']}: {x['chosen']}" for x in chosen)

@@ -1,0 +1,125 @@
+"""How much of each poison a defence leaves behind, and what it costs the images.
+
+For every finished defence output (a transform's set, the plain VAE's reconstruction, and
+D-VAE's P1, P2 and P3) this compares a seeded sample of training rows with their clean
+originals x, given the poisoned rows x0 = x + delta:
+- PSNR (dB) of the output against x: the price the defence makes every image pay;
+- poison kept: the least-squares coefficient of the output's change on the poison,
+  <out - x, delta> / <delta, delta> over the sample. 1 when the defence left the poison as
+  it was, 0 when what remains is uncorrelated with it, 0.3 when 30 % of it survives.
+Read along D-VAE's P1 -> P2 -> P3 this shows which stage removes a poison: the stage-1
+subtraction of p_hat (paper Algorithm 1) or the stage-2 reconstruction.
+
+These are diagnostics of an experiment, which holds the clean images a defender does not:
+they explain a table and must never be used to choose a setting.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from raypurify.data.interchange import open_dataset
+from raypurify.experiments.figures import images_by_index
+
+SAMPLE = 2000  # rows per comparison: enough for two decimals, cheap to decode
+STAGES = ("p1", "p2", "p3")
+
+
+def psnr(clean: np.ndarray, out: np.ndarray) -> float | None:
+    """PSNR (dB) of uint8 images against their clean originals; None when identical."""
+    mse = np.mean((out.astype(np.float64) - clean) ** 2)
+    return None if mse == 0 else float(10 * np.log10(255.0**2 / mse))
+
+
+def poison_kept(clean: np.ndarray, poisoned: np.ndarray, out: np.ndarray) -> float | None:
+    """<out - clean, delta> / <delta, delta>, delta = poisoned - clean; None without poison."""
+    delta = poisoned.astype(np.float64) - clean
+    energy = float(np.sum(delta * delta))
+    if energy == 0:
+        return None
+    return float(np.sum((out.astype(np.float64) - clean) * delta) / energy)
+
+
+def sample_rows(path: str | Path, n: int = SAMPLE, seed: int = 0) -> np.ndarray:
+    """A seeded sample of a dataset's row indexes, sorted."""
+    info = open_dataset(path)
+    ids = np.concatenate(
+        [pq.read_table(f, columns=["index"])["index"].to_numpy() for f in info.files]
+    )
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(ids, size=min(n, len(ids)), replace=False))
+
+
+def defence_outputs(record: dict[str, Any]) -> list[tuple[str, str]]:
+    """(label, dataset path) of each output of a finished defend or purify step."""
+    column, result = record["meta"]["column"], record["result"]
+    stages = [(s, result["outputs"][s]["path"]) for s in STAGES if s in result.get("outputs", {})]
+    if len(stages) > 1:  # D-VAE: every stage's set
+        return [(f"{column} {s.upper()}", path) for s, path in stages]
+    return [(column, result["path"])]
+
+
+def trace(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One entry per (row, defence output): its PSNR against clean and the poison it kept."""
+    by_name = {r["name"]: r for r in records if r.get("result")}
+    if "data/clean" not in by_name:
+        return []
+    clean_path = by_name["data/clean"]["result"]["path"]
+    ids = sample_rows(clean_path)
+    clean = images_by_index(clean_path, ids)
+    sources: dict[str, np.ndarray] = {"clean": clean}
+    entries = []
+    for r in records:
+        if r["kind"] not in ("defend", "purify") or not r.get("result"):
+            continue
+        row = r["meta"]["row"]
+        if row not in sources:
+            poison = by_name.get(f"poison/{row}")
+            if poison is None:
+                continue
+            sources[row] = images_by_index(poison["result"]["path"], ids)
+        for label, path in defence_outputs(r):
+            if tuple(open_dataset(path).shape) != clean.shape[1:]:
+                continue  # grayscale and resizing defences change the image space
+            out = images_by_index(path, ids)
+            entries.append(
+                {
+                    "row": row,
+                    "output": label,
+                    "psnr": psnr(clean, out),
+                    "kept": poison_kept(clean, sources[row], out),
+                }
+            )
+    return entries
+
+
+def markdown(entries: list[dict[str, Any]], rows: list[str]) -> list[str]:
+    """The trace as a table: rows as in the results table, a column per defence output."""
+    if not entries:
+        return []
+    outputs = list(dict.fromkeys(e["output"] for e in entries))
+    cell = {(e["row"], e["output"]): e for e in entries}
+    out = [
+        f"Purification trace on {SAMPLE:,} training rows against their clean originals: "
+        "poison kept (1 = untouched, 0 = removed) / PSNR in dB. A diagnostic; it needs the "
+        "clean images and chooses nothing:",
+        "",
+        "| attack | " + " | ".join(outputs) + " |",
+        "|---|" + "---:|" * len(outputs),
+    ]
+    for row in rows:
+        vals = []
+        for o in outputs:
+            e = cell.get((row, o))
+            if e is None:
+                vals.append("")
+                continue
+            kept = "-" if e["kept"] is None else f"{e['kept']:.2f}"
+            db = "inf" if e["psnr"] is None else f"{e['psnr']:.1f}"
+            vals.append(f"{kept} / {db}")
+        out.append(f"| {row} | " + " | ".join(vals) + " |")
+    return [*out, ""]

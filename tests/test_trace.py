@@ -1,0 +1,83 @@
+"""The purification trace: what each defence output kept of the poison, on real files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from raypurify.data.imageset import ImageSet
+from raypurify.data.interchange import write_images
+from raypurify.experiments.trace import markdown, poison_kept, psnr, trace
+
+
+def images(seed: int, n: int = 60) -> np.ndarray:
+    return np.random.default_rng(seed).integers(40, 200, (n, 8, 8, 3), dtype=np.uint8)
+
+
+def test_poison_kept_measures_the_share_of_the_poison_left():
+    clean = images(0).astype(np.int16)
+    delta = np.random.default_rng(1).choice([-8, 8], clean.shape)
+    assert poison_kept(clean, clean + delta, clean + delta) == pytest.approx(1.0)
+    assert poison_kept(clean, clean + delta, clean) == pytest.approx(0.0)
+    assert poison_kept(clean, clean + delta, clean + delta // 2) == pytest.approx(0.5)
+    assert poison_kept(clean, clean + delta, clean - delta) == pytest.approx(-1.0)
+    assert poison_kept(clean, clean, clean + delta) is None  # no poison: nothing to keep
+
+
+def test_psnr_is_none_for_identical_images_and_falls_with_the_error():
+    clean = images(0)
+    assert psnr(clean, clean) is None
+    assert psnr(clean, clean + 1) == pytest.approx(10 * np.log10(255.0**2))
+    assert psnr(clean, clean + 4) < psnr(clean, clean + 1)
+
+
+def record(kind, name, path, row, column=None, outputs=None):
+    result = {"path": str(path)}
+    if outputs:
+        result["outputs"] = {k: {"path": str(v)} for k, v in outputs.items()}
+    meta = {"row": row} if column is None else {"row": row, "column": column}
+    return {"kind": kind, "name": name, "meta": meta, "result": result}
+
+
+def test_trace_follows_the_poison_through_each_output_in_the_store(tmp_path):
+    """A poison removed by half at P1 and fully at P3; a transform that keeps it; rows shuffled
+    on disk, so matching must go by the `index` column."""
+    clean = images(0)
+    delta = np.random.default_rng(1).choice([-8, 8], clean.shape).astype(np.int16)
+
+    def write(pixels, name, order=None):
+        order = np.arange(len(clean)) if order is None else order
+        data = ImageSet(pixels[order].astype(np.uint8), order % 3, order, ["a", "b", "c"])
+        return write_images(data, tmp_path / name, rows_per_file=25).path
+
+    shuffled = np.random.default_rng(2).permutation(len(clean))
+    paths = {
+        "clean": write(clean, "clean"),
+        "poison": write(clean + delta, "poison", shuffled),
+        "p1": write(clean + delta // 2, "p1"),
+        "p3": write(clean, "p3", shuffled),
+        "kept": write(clean + delta, "kept"),
+    }
+    records = [
+        record("data", "data/clean", paths["clean"], "clean"),
+        record("poison", "poison/x", paths["poison"], "x"),
+        record(
+            "purify",
+            "purify/x/dvae",
+            paths["p3"],
+            "x",
+            "dvae",
+            {"p1": paths["p1"], "p3": paths["p3"]},
+        ),
+        record("defend", "defend/x/none", paths["kept"], "x", "none"),
+        record("defend", "defend/clean/none", paths["clean"], "clean", "none"),
+    ]
+    found = {(e["row"], e["output"]): e for e in trace(records)}
+    assert set(found) == {("x", "dvae P1"), ("x", "dvae P3"), ("x", "none"), ("clean", "none")}
+    assert found[("x", "dvae P1")]["kept"] == pytest.approx(0.5)
+    assert found[("x", "dvae P3")]["kept"] == pytest.approx(0.0)
+    assert found[("x", "dvae P3")]["psnr"] is None  # P3 is the clean set itself
+    assert found[("x", "none")]["kept"] == pytest.approx(1.0)
+    assert found[("clean", "none")]["kept"] is None
+    table = "\n".join(markdown(list(found.values()), ["clean", "x"]))
+    assert "| x | 0.50 / " in table and "| clean | " in table
