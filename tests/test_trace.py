@@ -80,4 +80,5 @@ def test_trace_follows_the_poison_through_each_output_in_the_store(tmp_path):
     assert found[("x", "none")]["kept"] == pytest.approx(1.0)
     assert found[("clean", "none")]["kept"] is None
     table = "\n".join(markdown(list(found.values()), ["clean", "x"]))
+    assert "on 60 training rows" in table
     assert "| x | 0.50 / " in table and "| clean | " in table

@@ -90,6 +90,7 @@ def trace(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 {
                     "row": row,
                     "output": label,
+                    "rows": len(ids),
                     "psnr": psnr(clean, out),
                     "kept": poison_kept(clean, sources[row], out),
                 }
@@ -104,9 +105,9 @@ def markdown(entries: list[dict[str, Any]], rows: list[str]) -> list[str]:
     outputs = list(dict.fromkeys(e["output"] for e in entries))
     cell = {(e["row"], e["output"]): e for e in entries}
     out = [
-        f"Purification trace on {SAMPLE:,} training rows against their clean originals: "
-        "poison kept (1 = untouched, 0 = removed) / PSNR in dB. A diagnostic; it needs the "
-        "clean images and chooses nothing:",
+        f"Purification trace on {entries[0]['rows']:,} training rows against their clean "
+        "originals: poison kept (1 = untouched, 0 = removed) / PSNR in dB. A diagnostic; it "
+        "needs the clean images and chooses nothing:",
         "",
         "| attack | " + " | ".join(outputs) + " |",
         "|---|" + "---:|" * len(outputs),
