@@ -147,6 +147,22 @@ def test_ar_search_keeps_bounded_processes_with_large_non_matching_responses():
     assert others.median() > 5  # and the other filters are not
 
 
+@pytest.mark.parametrize("preset", ["cifar10-paper", "cifar100-paper", "cifar10-mini"])
+def test_ar_settings_of_each_preset_find_a_process_per_class(preset):
+    """The search must succeed for the preset's class count: with the CIFAR-10 threshold a
+    100-class search finds too few processes, which only a smoke run of the preset showed."""
+    from raypurify.experiments import load_spec
+
+    spec = load_spec(preset)
+    classes = 100 if spec.dataset.name == "cifar100" else 10
+    for a in (a for a in spec.attacks if a.name == "ar"):
+        cfg = ar.ARConfig.model_validate(a.options)
+        kernels = ar.coefficients(
+            classes, cfg.process_seed, 3, cfg.min_response, cfg.max_norm, cfg.max_candidates
+        )
+        assert kernels.shape == (classes, 3, 3, 3)
+
+
 def test_quantise_keeps_bounds_on_the_uint8_grid():
     gen = torch.Generator().manual_seed(0)
     clean = torch.randint(0, 256, (64, 32, 32, 3), generator=gen, dtype=torch.uint8)
