@@ -10,10 +10,10 @@ import hashlib
 import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, model_serializer
 
 from raypurify.errors import ConfigError
 
@@ -22,6 +22,18 @@ class Config(BaseModel):
     """Base for all configs: strict about keys, validated on assignment too."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    # Fields added after results were stored under content keys: left out of dumps while at
+    # their default (which keeps the old behaviour), so adding a knob neither changes a
+    # stored step's key nor its meaning; loading fills the default back in.
+    added_fields: ClassVar[frozenset[str]] = frozenset()
+
+    @model_serializer(mode="wrap")
+    def _drop_added_defaults(self, handler) -> dict[str, Any]:
+        data = handler(self)
+        for name in self.added_fields:
+            if getattr(self, name) == type(self).model_fields[name].default:
+                data.pop(name, None)
+        return data
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

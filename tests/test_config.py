@@ -207,3 +207,26 @@ def test_digest_ignores_key_order_but_not_values():
     assert a.digest() == b.digest()
     assert a.digest() != c.digest()
     assert len(a.digest()) == 64
+
+
+class Stored(Config):
+    epochs: int = 5
+
+
+class Extended(Config):
+    added_fields = frozenset({"scale"})
+    epochs: int = 5
+    scale: float = 1.0
+
+
+class Holder(Config):
+    inner: Extended = Extended()
+
+
+def test_a_field_added_at_its_default_keeps_stored_content_keys():
+    assert Extended().digest() == Stored().digest()
+    assert Holder().to_dict() == {"inner": {"epochs": 5}}  # nested configs too
+    changed = Extended(scale=0.3)
+    assert changed.digest() != Stored().digest()
+    assert Extended.model_validate(changed.to_dict()) == changed
+    assert Extended.model_validate(Extended().to_dict()) == Extended()
