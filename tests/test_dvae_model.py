@@ -49,6 +49,27 @@ def test_class_embedding_changes_only_the_perturbation():
     assert not torch.allclose(a[1], b[1])  # p_hat does
 
 
+def test_zero_started_perturbation_decoder_outputs_nothing_yet_learns():
+    torch.manual_seed(0)
+    model = DVAE(10, width=16, latent=32, phat_zero_init=True)
+    x, y = torch.rand(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    _, p_hat, _, _ = model(x, y, sample=False)
+    assert torch.count_nonzero(p_hat) == 0
+    p_hat.sub(torch.rand_like(p_hat)).pow(2).mean().backward()
+    assert model.perturbation_decoder[-1].weight.grad.abs().sum() > 0  # not stuck at zero
+
+
+def test_param_groups_give_each_part_its_learning_rate():
+    model = DVAE(10, width=16, latent=32)
+    groups = model.param_groups(1e-3, phat_scale=0.5, embedding_scale=4.0)
+    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    assert len(lr_of) == len(list(model.parameters()))  # every parameter, once
+    assert lr_of[id(model.class_embedding.weight)] == pytest.approx(4e-3)
+    assert lr_of[id(model.perturbation_decoder[0].weight)] == pytest.approx(5e-4)
+    assert lr_of[id(model.encoder.net[0].weight)] == pytest.approx(1e-3)
+    assert len(DVAE(10, width=16, latent=32).param_groups(1e-3, 1.0, 1.0)) == 1
+
+
 def kl_gradient(mu: torch.Tensor, limit: float) -> torch.Tensor:
     mu = mu.clone().requires_grad_(True)
     logvar = torch.zeros_like(mu)

@@ -20,15 +20,22 @@ from raypurify.runtime import Precision
 
 
 class ModelConfig(Config):
+    added_fields = frozenset({"phat_zero_init"})
     width: PositiveInt = 64  # encoder/decoder channels (the latent grid has 2 * width)
     latent: PositiveInt = 256  # latent channels per grid location
+    # Start D_p's output layer at zero, so p_hat starts at "no poison" instead of noise of
+    # about 400 times a poison's energy (the authors' init leaves it random).
+    phat_zero_init: bool = False
 
 
 class StageConfig(Config):
+    added_fields = frozenset({"phat_lr_scale", "embedding_lr_scale"})
     kld_limit: float = Field(gt=0)  # the rate cap, nats per latent location
     epochs: PositiveInt = 60
     batch_size: PositiveInt = 128
     lr: float = Field(5e-3, gt=0)  # Adam, cosine-annealed over the stage
+    phat_lr_scale: float = Field(1.0, gt=0)  # D_p learns at lr * this
+    embedding_lr_scale: float = Field(1.0, gt=0)  # the class embedding u_y at lr * this
     weight_decay: float = Field(0.0, ge=0)
     kl_weight: float = Field(0.01, gt=0)  # lambda of Eq. 14
     phat_weight: float = Field(1.0, ge=0)  # weight of the p_hat magnitude hinge

@@ -81,6 +81,7 @@ class DVAE(nn.Module):
         width: int = 64,
         latent: int = 256,
         perturbation_decoder: bool = True,
+        phat_zero_init: bool = False,
     ):
         super().__init__()
         stages = downsampling_stages(image_size)
@@ -94,7 +95,18 @@ class DVAE(nn.Module):
         self.perturbation_decoder = None
         if perturbation_decoder:
             self.perturbation_decoder = decoder(width, stages, None)
+            if phat_zero_init:  # p_hat = 0 at the start; gradients still reach the layer
+                nn.init.zeros_(self.perturbation_decoder[-1].weight)
+                nn.init.zeros_(self.perturbation_decoder[-1].bias)
             self.class_embedding = nn.Embedding(num_classes, self.hidden * self.grid**2)
+
+    def param_groups(self, lr: float, phat_scale: float, embedding_scale: float) -> list[dict]:
+        """Optimizer groups: D_p at lr * phat_scale, u_y at lr * embedding_scale, the rest at lr."""
+        scales = {"perturbation_decoder": phat_scale, "class_embedding": embedding_scale}
+        groups: dict[float, list[nn.Parameter]] = {}
+        for name, param in self.named_parameters():
+            groups.setdefault(lr * scales.get(name.split(".")[0], 1.0), []).append(param)
+        return [{"params": params, "lr": group_lr} for group_lr, params in groups.items()]
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.encoder(x)

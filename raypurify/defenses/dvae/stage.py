@@ -44,6 +44,7 @@ def build(cfg: PurifyConfig, num_classes: int, image_size: int) -> DVAE:
         width=cfg.model.width,
         latent=cfg.model.latent,
         perturbation_decoder=cfg.method == "dvae",
+        phat_zero_init=cfg.model.phat_zero_init,
     )
 
 
@@ -56,11 +57,12 @@ def stage_worker(loop: dict[str, Any]) -> None:
     torch.manual_seed(cfg.seed)
     model = build(cfg, loop["num_classes"], loop["image_size"])
     model = ray.train.torch.prepare_model(model.to(memory_format=torch.channels_last))
+    groups = unwrap(model).param_groups(stage.lr, stage.phat_lr_scale, stage.embedding_lr_scale)
     per_worker = max(2, stage.batch_size // world)
     data = batches.EpochBatches(
         loop["arrays"], loop["rows"], per_worker, cfg.seed, rank, world, dev
     )
-    optimizer = torch.optim.Adam(model.parameters(), lr=stage.lr, weight_decay=stage.weight_decay)
+    optimizer = torch.optim.Adam(groups, lr=stage.lr, weight_decay=stage.weight_decay)
     total = stage.epochs * data.steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
