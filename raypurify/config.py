@@ -21,7 +21,14 @@ from raypurify.errors import ConfigError
 class Config(BaseModel):
     """Base for all configs: strict about keys, validated on assignment too."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    # ser_json_inf_nan: keep inf as a float in to_dict (with a model_serializer in place,
+    # pydantic's default would write None, which does not validate back).
+    model_config = ConfigDict(
+        extra="forbid",
+        validate_assignment=True,
+        protected_namespaces=(),
+        ser_json_inf_nan="constants",
+    )
     # Fields added after results were stored under content keys: left out of dumps while at
     # their default (which keeps the old behaviour), so adding a knob neither changes a
     # stored step's key nor its meaning; loading fills the default back in.

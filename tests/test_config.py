@@ -230,3 +230,4 @@ def test_a_field_added_at_its_default_keeps_stored_content_keys():
     assert changed.digest() != Stored().digest()
     assert Extended.model_validate(changed.to_dict()) == changed
     assert Extended.model_validate(Extended().to_dict()) == Extended()
+    assert Holder(inner=Extended(scale=float("inf"))).to_dict()["inner"]["scale"] == float("inf")
