@@ -214,7 +214,7 @@ def test_purification_removes_a_class_wise_pattern(ray_session, mlflow_uri, tmp_
             "stage1.batch_size=32",
             "stage2.batch_size=32",
             # The authors' D_p start and learning rate: the `cpu` preset's slower D_p (zero
-            # start, 0.3x lr) is tuned for 1,560 steps a stage, not this test's 78.
+            # start, 0.3x lr) is tuned for 1,560 steps a stage, not this test's 72.
             "model.phat_zero_init=false",
             "stage1.phat_lr_scale=1",
             "stage1.embedding_lr_scale=1",

@@ -24,7 +24,7 @@ class ModelConfig(Config):
     width: PositiveInt = 64  # encoder/decoder channels (the latent grid has 2 * width)
     latent: PositiveInt = 256  # latent channels per grid location
     # Start D_p's output layer at zero, so p_hat starts at "no poison" instead of noise of
-    # about 400 times a poison's energy (the authors' init leaves it random).
+    # energy 0.95, about 2,300 times the OPS poison's (the authors' init leaves it random).
     phat_zero_init: bool = False
 
 
@@ -80,9 +80,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # kld2 = 10, not 3: with 5 epochs the small net at rate 3 blurs clean images too much
     # (chosen on 5,000 held-out *training* images, clean, never on the test set: stage-2
     # PSNR 20.6 -> 23.3 dB, classifier accuracy 62.4 % -> 72.6 %).
-    # D_p starts at zero and learns at 0.3x lr, u_y at 3x, batches of 32 (as fast per image
-    # here, 4x the steps): on the OPS training set P1 kept 68 % of the poison instead of 98 %
-    # and x_hat at kld 1 gained 1.8 dB (stage-1 probes on 5,000 training images).
+    # D_p starts at zero and learns at 0.3x lr, u_y at 3x, batches of 32 (4x the steps for
+    # about 15 % more time): on the OPS training set P1 kept 68 % of the poison instead of
+    # 98 % and x_hat at kld 1 gained 1.8 dB (stage-1 probes on 5,000 training images).
     "cpu": {
         "model": CPU_MODEL | {"phat_zero_init": True},
         **_stages(
