@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import threading
 import time
 from pathlib import Path
 
@@ -175,3 +176,55 @@ def test_unknown_keys_in_a_yaml_name_their_path(tmp_path):
     )
     with pytest.raises(ConfigError, match=r"attacks\.0\.ratoi: unknown key"):
         load_spec(str(spec))
+
+
+def scheduled(tmp_path, cpus: list[int], budget: float, action) -> list:
+    """Run steps holding `cpus` each through the Scheduler (4 threads) under `budget`."""
+    from raypurify.experiments.runner import Scheduler
+    from raypurify.experiments.steps import Context, Step
+    from raypurify.experiments.store import Store
+
+    steps = [Step("probe", f"probe/{i}", {"i": i}, [], action, cpus=c) for i, c in enumerate(cpus)]
+    ctx = Context(spec=load_spec("demo", TINY), test=None, parent=None)
+    Scheduler(steps, Store(tmp_path / "store"), ctx, [], 4, tmp_path, budget).run()
+    return steps
+
+
+def test_running_steps_hold_no_more_cpus_than_the_budget(tmp_path):
+    """Two Ray Data passes whose actors held both of 2 CPUs waited for reads forever."""
+    lock, held, peak = threading.Lock(), [0], [0]
+
+    def action(step, directory, ctx):
+        with lock:
+            held[0] += step.cpus
+            peak[0] = max(peak[0], held[0])
+        time.sleep(0.2)
+        with lock:
+            held[0] -= step.cpus
+        return {"ok": True}
+
+    steps = scheduled(tmp_path, [1, 1, 1, 2], budget=1, action=action)
+    assert all(s.result == {"ok": True} for s in steps)
+    assert peak[0] == 2  # the 2-CPU step ran, alone
+
+
+def test_steps_within_the_budget_run_together(tmp_path):
+    together = threading.Barrier(3, timeout=60)  # breaks unless all three run at once
+
+    def action(step, directory, ctx):
+        together.wait()
+        return {"ok": True}
+
+    steps = scheduled(tmp_path, [1, 1, 0], budget=2, action=action)
+    assert [s.error for s in steps] == [None] * 3
+
+
+def test_the_plan_counts_the_cpus_each_step_holds():
+    from raypurify.experiments.steps import plan
+
+    steps = {s.name: s for s in plan(load_spec("cifar10-mini"))}
+    assert steps["data/clean"].cpus == steps["defend/ops/jpeg-10"].cpus == 0
+    assert steps["poison/ops"].cpus == 0  # computed in the driver
+    assert steps["poison/tap"].cpus >= 1 and steps["poison/em-class"].cpus >= 1
+    assert steps["purify/ops/d-vae"].cpus >= 1
+    assert steps["train/ops/d-vae/fast-resnet"].cpus == 1

@@ -1,8 +1,8 @@
 """Run an experiment: validate, plan the step graph, run it on Ray, write the table.
 
 Steps run in driver threads, as many at once as `max_parallel` allows (default: what the
-cluster can train at once); each step's heavy work runs on Ray (Train workers, Data
-actors). Finished steps are found in the store and skipped, so an interrupted run resumes
+cluster can train at once) and, on CPUs, as the CPUs their Ray work holds leave one free
+for Ray Data's reads; each step's heavy work runs on Ray (Train workers, Data actors). Finished steps are found in the store and skipped, so an interrupted run resumes
 where it stopped and rerunning a finished one only rebuilds the report.
 """
 
@@ -69,6 +69,17 @@ def default_parallel() -> int:
     return max(1, int(res.get("CPU", 1)) // 2)
 
 
+def cpu_budget() -> float:
+    """CPUs that running steps may hold at once: on a CPU cluster one stays free for Ray
+    Data's read tasks, which every pass needs and none can run without (two passes whose
+    actors held both of 2 CPUs waited for reads forever); on a GPU cluster actors and
+    workers hold GPUs and the CPUs stay free, so no limit."""
+    res = ray.cluster_resources()
+    if res.get("GPU", 0) >= 1:
+        return float("inf")
+    return max(1.0, res.get("CPU", 1) - 1)
+
+
 def run_experiment(
     spec: ExperimentSpec,
     out: str | Path,
@@ -90,7 +101,8 @@ def run_experiment(
     ctx = Context(spec=spec, test=test, parent=parent)
     start = time.perf_counter()
     with active_run(parent):
-        Scheduler(steps, store, ctx, force, spec.max_parallel or default_parallel(), out).run()
+        parallel = spec.max_parallel or default_parallel()
+        Scheduler(steps, store, ctx, force, parallel, out, cpu_budget()).run()
         records = [r for s in steps if s.dir and (r := store.record(s.dir))]
         results = report.collect(spec, records)
         results["wall_s"] = time.perf_counter() - start
@@ -132,13 +144,21 @@ def finished_steps(spec: ExperimentSpec, out: str | Path) -> list[Step]:
 
 
 class Scheduler:
-    """Runs steps whose inputs are done, up to `parallel` at once, in driver threads."""
+    """Runs steps whose inputs are done, up to `parallel` at once, in driver threads, and
+    while the CPUs they hold (`Step.cpus`) fit `budget`; a step runs alone if it needs more."""
 
     def __init__(
-        self, steps: list[Step], store: Store, ctx: Context, force, parallel: int, out: Path
+        self,
+        steps: list[Step],
+        store: Store,
+        ctx: Context,
+        force,
+        parallel: int,
+        out: Path,
+        budget: float = float("inf"),
     ):
         self.steps, self.store, self.ctx, self.out = steps, store, ctx, out
-        self.force, self.parallel = list(force), parallel
+        self.force, self.parallel, self.budget = list(force), parallel, budget
         self.cells = tqdm(
             total=sum(s.kind == "train" for s in steps), desc="table", unit="cell", position=0
         )
@@ -188,7 +208,7 @@ class Scheduler:
                         if self.resolve(step):
                             pending.remove(step)
                             self._done(step)
-                        elif free:
+                        elif free and self.fits(step, [s for s, _ in running.values()]):
                             pending.remove(step)
                             slot = free.pop(0)
                             running[pool.submit(self.execute, step, slot)] = (step, slot)
@@ -205,6 +225,10 @@ class Scheduler:
                         tqdm.write(f"step {step.name} failed: {step.error}")
                     self._done(step)
         self.cells.close()
+
+    def fits(self, step: Step, running: list[Step]) -> bool:
+        held = sum(s.cpus for s in running)
+        return step.cpus == 0 or held == 0 or held + step.cpus <= self.budget
 
     def _done(self, step: Step) -> None:
         dirs = [str(s.dir) for s in self.steps if s.dir is not None]

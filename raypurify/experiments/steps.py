@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from raypurify import defenses
+from raypurify import config, defenses
+from raypurify.attacks import ATTACKS
 from raypurify.data import registry
 from raypurify.data.imageset import ImageSet
 from raypurify.data.interchange import open_dataset, read_images, write_images
@@ -42,6 +43,8 @@ class Step:
     inputs: list[Step]
     action: Callable[[Step, Path, Context], dict[str, Any]]
     meta: dict[str, str] = field(default_factory=dict)  # row, column, classifier
+    # CPUs the step's Ray work holds while it runs (Train workers, Data actors); see Scheduler
+    cpus: int = 1
     key: str | None = None
     dir: Path | None = None
     result: dict[str, Any] | None = None
@@ -161,13 +164,15 @@ def plan(spec: ExperimentSpec) -> list[Step]:
     every other column: with few steps at a time, each attack is checked (its undefended
     cell) early, and the cheap columns fill in before the purifications start.
     """
-    clean = Step("data", "data/clean", {"dataset": spec.dataset.to_dict()}, [], make_clean)
+    clean = Step("data", "data/clean", {"dataset": spec.dataset.to_dict()}, [], make_clean, cpus=0)
     steps = [clean]
     if spec.clean_row:
         steps += row_steps(spec, "clean", clean)
     for a in spec.attacks:
         cfg = {"attack": a.name, "options": a.options, "ratio": a.ratio, "seed": spec.seed}
-        source = Step("poison", f"poison/{a.row}", cfg, [clean], make_poison, {"row": a.row})
+        source = Step(
+            "poison", f"poison/{a.row}", cfg, [clean], make_poison, {"row": a.row}, attack_cpus(a)
+        )
         steps += [source, *row_steps(spec, a.row, source)]
     steps += analysis_steps(spec, steps)
     return sorted(steps, key=after_purification)  # stable: inputs stay before their users
@@ -176,6 +181,13 @@ def plan(spec: ExperimentSpec) -> list[Step]:
 def after_purification(step: Step) -> bool:
     """True for a purification and for everything that uses one."""
     return step.kind == "purify" or any(after_purification(i) for i in step.inputs)
+
+
+def attack_cpus(entry) -> int:
+    """An attack's Train workers (EM) or Data actor pool (TAP, SEP); none for the attacks
+    that compute in the driver (LSP, AR, OPS)."""
+    cfg = config.validate(ATTACKS.get(entry.name).config, {**entry.options, "ratio": entry.ratio})
+    return max(getattr(cfg, "workers", 0), getattr(cfg, "actors", 0))
 
 
 def row_steps(spec: ExperimentSpec, row: str, source: Step) -> list[Step]:
@@ -197,6 +209,7 @@ def row_steps(spec: ExperimentSpec, row: str, source: Step) -> list[Step]:
                 [source],
                 make_defended,
                 meta,
+                cpus=0,  # Ray Data tasks only: nothing held while reads wait
             )
             steps.append(data)
         elif defense.kind == "purify":
@@ -208,6 +221,7 @@ def row_steps(spec: ExperimentSpec, row: str, source: Step) -> list[Step]:
                 [source],
                 make_purified,
                 meta,
+                cpus=max(resolved["workers"], resolved["infer_actors"]),
             )
             steps.append(data)
         elif defense.kind == "train":
@@ -221,7 +235,10 @@ def train_steps(spec, row, col, data, defense="none", options=None) -> list[Step
     for c in spec.classifiers:
         cfg = {"train": classifier_config(spec, c, defense, options or {})}
         meta = {"row": row, "column": col, "classifier": c.name}
-        out.append(Step("train", f"train/{row}/{col}/{c.name}", cfg, [data], train_cell, meta))
+        cpus = cfg["train"]["workers"]
+        out.append(
+            Step("train", f"train/{row}/{col}/{c.name}", cfg, [data], train_cell, meta, cpus)
+        )
     return out
 
 
@@ -249,6 +266,7 @@ def analysis_steps(spec: ExperimentSpec, steps: list[Step]) -> list[Step]:
                     [poison, purify],
                     analyses.detect,
                     meta,
+                    purify.config["resolved"]["infer_actors"],
                 )
             )
         if "disentangle" in spec.analyses:
