@@ -2,8 +2,9 @@
 
 Steps run in driver threads, as many at once as `max_parallel` allows (default: what the
 cluster can train at once) and, on CPUs, as the CPUs their Ray work holds leave one free
-for Ray Data's reads; each step's heavy work runs on Ray (Train workers, Data actors). Finished steps are found in the store and skipped, so an interrupted run resumes
-where it stopped and rerunning a finished one only rebuilds the report.
+for Ray Data's reads; each step's heavy work runs on Ray (Train workers, Data actors).
+Finished steps are found in the store and skipped, so an interrupted run resumes where it
+stopped and rerunning a finished one only rebuilds the report.
 """
 
 from __future__ import annotations
