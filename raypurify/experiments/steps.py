@@ -277,6 +277,7 @@ def analysis_steps(spec: ExperimentSpec, steps: list[Step]) -> list[Step]:
                 [by_name["data/clean"], poison, purify],
                 analyses.clean_plus_phat,
                 meta,
+                purify.config["resolved"]["infer_actors"],
             )
             out += [data, *train_steps(spec, a.row, DISENTANGLE_COLUMN, data)]
     return out
