@@ -257,6 +257,7 @@ def analysis_steps(spec: ExperimentSpec, steps: list[Step]) -> list[Step]:
     for a in spec.attacks:
         poison, purify = by_name[f"poison/{a.row}"], by_name[f"purify/{a.row}/{dvae[0]}"]
         meta = {"row": a.row, "column": dvae[0]}
+        pass_cpus = purify.config["resolved"]["infer_actors"]  # both run a stage-1 p_hat pass
         if "detect" in spec.analyses:
             out.append(
                 Step(
@@ -266,7 +267,7 @@ def analysis_steps(spec: ExperimentSpec, steps: list[Step]) -> list[Step]:
                     [poison, purify],
                     analyses.detect,
                     meta,
-                    purify.config["resolved"]["infer_actors"],
+                    pass_cpus,
                 )
             )
         if "disentangle" in spec.analyses:
@@ -277,7 +278,7 @@ def analysis_steps(spec: ExperimentSpec, steps: list[Step]) -> list[Step]:
                 [by_name["data/clean"], poison, purify],
                 analyses.clean_plus_phat,
                 meta,
-                purify.config["resolved"]["infer_actors"],
+                pass_cpus,
             )
             out += [data, *train_steps(spec, a.row, DISENTANGLE_COLUMN, data)]
     return out
