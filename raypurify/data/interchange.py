@@ -32,6 +32,7 @@ from raypurify import __version__
 from raypurify.atomic import staged_dir, write_json
 from raypurify.data.codec import decode_batch, encode_batch
 from raypurify.data.imageset import ImageSet, check_arrays
+from raypurify.data.manifest import check_fields, check_files, file_record, verify_content
 from raypurify.errors import DatasetError
 
 FORMAT = "raypurify-interchange/1"
@@ -193,12 +194,39 @@ def finalize(
     if not files:
         raise DatasetError(f"{directory}: dataset is empty (no rows were written)")
     meta = None
-    ids, digests = [], []
     for f in files:
         file_meta = _check_schema(f)
         if meta is not None and file_meta != meta:
             raise DatasetError(f"{f}: schema metadata differs from the other files")
         meta = file_meta
+    rows, sha256 = _content(files, directory)
+    manifest = {
+        "format": FORMAT,
+        "rows": rows,
+        "sha256": sha256,
+        **meta,
+        "has_poisoned": "poisoned" in pq.read_schema(files[0]).names,
+        "files": [f.name for f in files],
+        "file_info": {f.name: file_record(f) for f in files},
+        "config": dict(config or {}),
+        "parents": [dict(p) for p in parents],
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "raypurify_version": __version__,
+    }
+    write_json(directory / MANIFEST, manifest)
+    return manifest
+
+
+def content_sha256(files: Sequence[Path]) -> str:
+    """The content hash of a dataset's rows (what its manifest's `sha256` records)."""
+    return _content(files, files[0].parent)[1]
+
+
+def _content(files: Sequence[Path], directory: Path) -> tuple[int, str]:
+    """(rows, sha256) over every row's index, label, flag and image bytes, in index order:
+    independent of how rows are split into files."""
+    ids, digests = [], []
+    for f in files:
         i, d = _row_digests(f)
         ids.append(i)
         digests.extend(d)
@@ -211,26 +239,13 @@ def finalize(
     content = hashlib.sha256()
     for row in np.argsort(index, kind="stable"):
         content.update(digests[row])
-    manifest = {
-        "format": FORMAT,
-        "rows": int(len(index)),
-        "sha256": content.hexdigest(),
-        **meta,
-        "has_poisoned": "poisoned" in pq.read_schema(files[0]).names,
-        "files": [f.name for f in files],
-        "config": dict(config or {}),
-        "parents": [dict(p) for p in parents],
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "raypurify_version": __version__,
-    }
-    write_json(directory / MANIFEST, manifest)
-    return manifest
+    return int(len(index)), content.hexdigest()
 
 
 def _row_digests(path: Path) -> tuple[np.ndarray, list[bytes]]:
     names = pq.read_schema(path).names
     cols = ["image", "label", "index"] + (["poisoned"] if "poisoned" in names else [])
-    table = pq.read_table(path, columns=cols)
+    table = _read(path, cols)
     index = table["index"].to_numpy()
     labels = table["label"].to_numpy()
     flags = table["poisoned"].to_numpy(zero_copy_only=False) if "poisoned" in names else None
@@ -266,15 +281,30 @@ def _check_schema(path: Path) -> dict[str, Any]:
     raw = (sch.metadata or {}).get(META_KEY)
     if raw is None:
         raise DatasetError(f"{path}: no 'raypurify' schema metadata (classes, height, width)")
-    meta = json.loads(raw)
+    try:
+        meta = json.loads(raw)
+    except ValueError:
+        meta = None
+    if not isinstance(meta, dict):
+        raise DatasetError(f"{path}: 'raypurify' schema metadata is not a JSON object")
     missing = {"classes", "height", "width", "channels"} - set(meta)
     if missing:
         raise DatasetError(f"{path}: schema metadata lacks {sorted(missing)}")
     return {k: meta[k] for k in ("classes", "height", "width", "channels")}
 
 
-def open_dataset(path: str | Path) -> DatasetInfo:
-    """Check a dataset directory (manifest, files, schemas) without decoding images."""
+def _read(path: Path, columns: list[str]) -> pa.Table:
+    """Read columns of one file; corrupt pages fail with one line naming the file."""
+    try:
+        return pq.read_table(path, columns=columns)
+    except Exception as e:
+        msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise DatasetError(f"{path}: corrupt parquet data ({msg})") from None
+
+
+def open_dataset(path: str | Path, *, verify: bool = False) -> DatasetInfo:
+    """Check a dataset directory (manifest, files, schemas) without decoding images;
+    `verify` also recomputes the content hash from every row (the full check)."""
     path = Path(path)
     if not path.is_dir():
         raise DatasetError(f"{path}: no such dataset directory")
@@ -283,18 +313,21 @@ def open_dataset(path: str | Path) -> DatasetInfo:
         raise DatasetError(f"{path}: not a complete dataset (no {MANIFEST})")
     try:
         manifest = json.loads(mpath.read_text())
-    except json.JSONDecodeError as e:
-        raise DatasetError(f"{mpath}: invalid JSON ({e.msg})") from None
-    if manifest.get("format") != FORMAT:
-        raise DatasetError(f"{mpath}: format {manifest.get('format')!r} is not {FORMAT!r}")
-    if int(manifest.get("rows", 0)) == 0:
-        raise DatasetError(f"{path}: dataset is empty (0 rows)")
-    files = tuple(path / name for name in manifest.get("files", []))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DatasetError(f"{mpath}: invalid JSON ({getattr(e, 'msg', e)})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        got = manifest.get("format") if isinstance(manifest, dict) else None
+        raise DatasetError(f"{mpath}: format {got!r} is not {FORMAT!r}")
+    check_fields(manifest, mpath)
+    files = check_files(path, manifest, mpath)
+    declared = {k: manifest[k] for k in ("classes", "height", "width", "channels")}
     for f in files:
-        if not f.exists():
-            raise DatasetError(f"{f}: listed in the manifest but missing")
-        _check_schema(f)
-    return DatasetInfo(path=path, manifest=manifest, files=files)
+        if _check_schema(f) != declared:
+            raise DatasetError(f"{f}: schema metadata (classes, image size) differs from {mpath}")
+    info = DatasetInfo(path=path, manifest=manifest, files=files)
+    if verify:
+        verify_content(info)
+    return info
 
 
 def iter_images(path: str | Path, *, info: DatasetInfo | None = None) -> Iterator[ImageSet]:
@@ -302,7 +335,7 @@ def iter_images(path: str | Path, *, info: DatasetInfo | None = None) -> Iterato
     info = info or open_dataset(path)
     for f in info.files:
         names = pq.read_schema(f).names
-        table = pq.read_table(f, columns=[c for c in names if c in COLUMN_TYPES | OPTIONAL_TYPES])
+        table = _read(f, [c for c in names if c in COLUMN_TYPES | OPTIONAL_TYPES])
         if table.num_rows == 0:
             continue
         index = table["index"].to_numpy()
