@@ -85,18 +85,43 @@ def one_path(paths: list[Path], fmt: str) -> Path:
 
 
 def load_array(path: Path) -> np.ndarray:
-    """A .npy (no pickles) or a .pt holding one tensor (weights_only), as a numpy array."""
+    """A .npy (no pickles) or a .pt holding one tensor (weights_only), as a numeric array.
+
+    Anything else (a pickle, a dict, strings, a truncated file) is one line naming the file;
+    the message never suggests loading with weights_only=False, which would run its code.
+    """
+    if not path.is_file():
+        raise DatasetError(f"{path}: no such file")
     try:
         if path.suffix == ".npy":
-            return np.load(path, allow_pickle=False)
-        if path.suffix in (".pt", ".pth"):
-            value = torch.load(path, weights_only=True, map_location="cpu")
-            if not isinstance(value, torch.Tensor):
-                raise DatasetError(f"{path}: expected one tensor, found {type(value).__name__}")
-            return value.numpy()
-    except (OSError, ValueError, RuntimeError) as e:
-        raise DatasetError(f"{path}: unreadable ({str(e).splitlines()[0]})") from None
-    raise DatasetError(f"{path}: expected a .npy or .pt file")
+            value = np.load(path, allow_pickle=False)
+        elif path.suffix in (".pt", ".pth"):
+            value = _load_tensor(path)
+        else:
+            raise DatasetError(f"{path}: expected a .npy or .pt file")
+    except DatasetError:
+        raise
+    except Exception as e:  # numpy and torch raise many types for a bad file
+        text = str(e).lower()
+        pickled = any(w in text for w in ("weights_only", "global", "allow_pickle", "object arr"))
+        detail = "pickled objects are never loaded" if pickled else type(e).__name__
+        raise DatasetError(f"{path}: not a plain tensor or array file ({detail})") from None
+    if not (np.issubdtype(value.dtype, np.number) or value.dtype == bool):
+        raise DatasetError(f"{path}: holds {value.dtype} values, expected numbers")
+    if np.iscomplexobj(value):
+        raise DatasetError(f"{path}: holds complex values, expected real numbers")
+    return value
+
+
+def _load_tensor(path: Path) -> np.ndarray:
+    value = torch.load(path, weights_only=True, map_location="cpu")
+    if not isinstance(value, torch.Tensor):
+        raise DatasetError(f"{path}: expected one tensor, found {type(value).__name__}")
+    if value.is_floating_point() and value.dtype not in (torch.float32, torch.float64):
+        value = value.float()  # bf16 and fp16 have no numpy dtype of their own
+    if value.is_sparse or value.is_quantized:
+        raise DatasetError(f"{path}: a sparse or quantised tensor, expected a dense one")
+    return value.numpy()
 
 
 def to_unit(values: np.ndarray, units: Units, low: float, where: Path) -> np.ndarray:
@@ -301,6 +326,35 @@ def configure_import(
     importer = IMPORTERS.get(fmt, key="format")
     data = config.apply_overrides(dict(settings or {}), overrides)
     return importer, config.validate(importer.config, data, source=f"import {fmt}")
+
+
+PROTOCOL_BUDGETS = {"linf": 8 / 255, "l2": 1.0, "l0": 1.0}  # l_inf 8/255, l2 1.0, l0 one pixel
+
+
+def budget_check(budget: Mapping[str, float], attack: str | None) -> dict[str, Any]:
+    """The protocol budget an imported poison is held to, and whether it fits.
+
+    A poison naming a registered attack (`--set attack=em`) is held to that attack's
+    default budget in its norm; any other to the protocol's: it fits when it is within
+    l_inf 8/255, l2 1.0 per image or l0 one pixel.
+    """
+    from raypurify.attacks import ATTACKS
+    from raypurify.attacks.base import within_budget
+
+    if attack and attack in ATTACKS.names():
+        entry = ATTACKS.get(attack)
+        limits = {entry.norm: entry.config().limit()}
+    else:
+        limits = PROTOCOL_BUDGETS
+    fits = [norm for norm, limit in limits.items() if within_budget(norm, limit, budget)]
+    return {"limits": limits, "within": bool(fits), "fits": fits}
+
+
+def describe_over(check: Mapping[str, Any], budget: Mapping[str, float]) -> str:
+    measured = {"linf": budget["linf"], "l2": budget["l2_max"], "l0": budget["l0_max"]}
+    return ", ".join(
+        f"{norm} {measured[norm]:.4g} > {limit:.4g}" for norm, limit in check["limits"].items()
+    )
 
 
 def import_poison(

@@ -35,10 +35,35 @@ def register(sub) -> None:
     t.set_defaults(run=run_disentangle)
 
 
+def check_inputs(data: str, purified: str, *others: str) -> None:
+    """Every input is there and readable before Ray starts: the datasets open, and the
+    purification directory holds its config and stage-1 weights."""
+    import json
+    from pathlib import Path
+
+    from raypurify.data.interchange import open_dataset
+    from raypurify.defenses.dvae.config import PurifyConfig
+    from raypurify.errors import RaypurifyError
+
+    for d in (data, *others):
+        open_dataset(d)
+    pdir = Path(purified)
+    for name in ("config.json", "stage1.pt"):
+        if not (pdir / name).is_file():
+            raise RaypurifyError(f"{pdir}: no {name}; is this a `raypurify purify` output?")
+    try:
+        PurifyConfig.model_validate(json.loads((pdir / "config.json").read_text()))
+    except ValueError as e:
+        first = (str(e).splitlines() or ["invalid"])[0]
+        where = pdir / "config.json"
+        raise RaypurifyError(f"{where}: not a purification config ({first})") from None
+
+
 def run_detect(args) -> int:
     from raypurify.experiments.analyses import detect_poisoned
     from raypurify.runtime import init_ray
 
+    check_inputs(args.data, args.purified)
     init_ray(args.num_cpus)
     print(json.dumps(detect_poisoned(args.data, args.purified), indent=2))
     return 0
@@ -47,6 +72,7 @@ def run_detect(args) -> int:
 def run_disentangle(args) -> int:
     from pathlib import Path
 
+    from raypurify.atomic import check_not_input
     from raypurify.data import registry
     from raypurify.data.interchange import read_images
     from raypurify.experiments.analyses import write_clean_plus_phat
@@ -55,9 +81,11 @@ def run_disentangle(args) -> int:
     from raypurify.training.trainer import train_classifier
 
     cfg = recipe(args.recipe, args.overrides)
+    check_inputs(args.data, args.purified, args.clean)
+    out = Path(args.out)
+    check_not_input(out, [args.data, args.purified, args.clean, args.test])
     test = registry.load(registry.spec_for(args.test, split="test"))
     init_ray(args.num_cpus)
-    out = Path(args.out)
     info = write_clean_plus_phat(args.clean, args.data, args.purified, out / "clean_plus_phat")
     metrics = train_classifier(read_images(info.path), test, cfg, out / "train")
     print(f"trained on clean + p_hat: accuracy {metrics['accuracy']:.2%} -> {out}/train")

@@ -32,6 +32,14 @@ def register(sub) -> None:
     sh.add_argument("--grid", default=None, help="where to save the sample grid PNG")
     sh.set_defaults(run=run_show)
 
+    ve = dsub.add_parser(
+        "verify",
+        parents=[common],
+        help="recompute a dataset's content hash from every row and check it (the full check)",
+    )
+    ve.add_argument("dir", help="a dataset directory in the interchange format")
+    ve.set_defaults(run=run_verify)
+
 
 def run_list(args) -> int:
     width = max(map(len, SOURCES))
@@ -41,10 +49,12 @@ def run_list(args) -> int:
 
 
 def run_export(args) -> int:
+    from raypurify.atomic import check_new
     from raypurify.data.export import export
 
     base = spec_for(args.name, split=args.split, subset=args.subset, seed=args.seed)
     spec = config.load(DatasetSpec, base.to_dict(), args.overrides)
+    check_new(args.out, args.overwrite, inputs=[spec.path])
     info = export(spec, args.out, overwrite=args.overwrite, num_cpus=args.num_cpus)
     print(f"wrote {info.rows} images to {info.path} (id {info.id})")
     return 0
@@ -54,4 +64,12 @@ def run_show(args) -> int:
     from raypurify.data.summary import summarize
 
     print("\n".join(summarize(args.dir, args.grid).lines()))
+    return 0
+
+
+def run_verify(args) -> int:
+    from raypurify.data.interchange import open_dataset
+
+    info = open_dataset(args.dir, verify=True)
+    print(f"{info.path}: {info.rows} rows, content matches its id {info.id}")
     return 0

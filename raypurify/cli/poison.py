@@ -47,6 +47,12 @@ def register(sub) -> None:
     imp.add_argument("--format", required=True, help="perturbation, png, npz or ntga")
     imp.add_argument("--from", dest="paths", nargs="+", required=True, help="released file(s)")
     imp.add_argument("--base", required=True, help="the clean dataset the poison was made from")
+    imp.add_argument(
+        "--allow-over-budget",
+        action="store_true",
+        help="write a poison over the protocol's budget (l_inf 8/255, l2 1.0, l0 1 pixel, or "
+        "the named attack's); the measured budget is in the manifest either way",
+    )
     dataset_options(imp)
     imp.set_defaults(run=run_import)
 
@@ -61,13 +67,15 @@ def dataset_options(p) -> None:
 def run_attack(args) -> int:
     from raypurify.atomic import check_new
     from raypurify.attacks.base import configure, poison
+    from raypurify.training.run import check_attack_options
 
     missing = [f"--{name}" for name in ("attack", "data", "out") if not getattr(args, name)]
     if missing:
         raise ConfigError(f"poison: {', '.join(missing)} required (or: raypurify poison import)")
-    check_new(args.out, args.overwrite)
+    check_new(args.out, args.overwrite, inputs=[args.data])
     settings = {k: v for k, v in (("ratio", args.ratio), ("seed", args.seed)) if v is not None}
     attack, cfg = configure(args.attack, settings, args.overrides)
+    check_attack_options(cfg, "options")
     spec, data = load_base(args.data, args)
     config = {"attack": attack.name, "attack_config": cfg.to_dict()}
 
@@ -79,19 +87,38 @@ def run_attack(args) -> int:
 
 def run_import(args) -> int:
     from raypurify.atomic import check_new
-    from raypurify.attacks.importers import configure_import, import_poison
+    from raypurify.attacks.base import log_poisoning
+    from raypurify.attacks.importers import (
+        budget_check,
+        configure_import,
+        describe_over,
+        import_poison,
+    )
+    from raypurify.errors import RaypurifyError
 
-    check_new(args.out, args.overwrite)
+    if not args.out:
+        raise ConfigError("poison import: --out required (the output dataset directory)")
+    check_new(args.out, args.overwrite, inputs=[args.base, *args.paths])
     importer, cfg = configure_import(args.format, {}, args.overrides)
     spec, base = load_base(args.base, args)
+    poisoned, budget = import_poison(base, importer.name, args.paths, settings=cfg.to_dict())
+    check = budget_check(budget, cfg.attack)
+    if not check["within"] and not args.allow_over_budget:
+        raise RaypurifyError(
+            f"{args.paths[0]}: poison over the protocol budget ({describe_over(check, budget)}); "
+            "pass --allow-over-budget to import it anyway"
+        )
     config = {
         "attack": cfg.attack or f"import:{importer.name}",
         "attack_config": cfg.to_dict(),
         "import": {"format": importer.name, "from": list(args.paths)},
+        "budget_check": {**check, "allowed_over": not check["within"]},
     }
 
     def make(run):
-        return import_poison(base, importer.name, args.paths, (), run, settings=cfg.to_dict())
+        params = {"format": importer.name, "from": list(args.paths), **cfg.to_dict()}
+        log_poisoning(run, params, base, poisoned, budget)
+        return poisoned, budget
 
     return generate(args, spec, config, make)
 

@@ -11,21 +11,31 @@ def register(sub) -> None:
         parents=[common_options()],
         help="purify a (poisoned) dataset with D-VAE: P0 -> P1 -> P2 -> P3",
         description="Two-stage D-VAE purification (Algorithm 1). OUT receives p1/, p2/, p3/ "
-        "and summary.json; rerunning with the same OUT resumes.",
+        "and summary.json; rerunning with the same input and config resumes, anything else is "
+        "refused.",
     )
     p.add_argument("--data", required=True, help="input dataset directory (interchange format)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--preset", default="paper", help="paper, cpu, vae-paper, vae-cpu, ...")
-    p.add_argument("--overwrite", action="store_true", help="discard an existing OUT")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="discard a purification in OUT made from another input or config (only ever a "
+        "raypurify output, never the input)",
+    )
     p.set_defaults(run=run)
 
 
 def run(args) -> int:
+    from raypurify.atomic import check_not_input
+    from raypurify.data.interchange import open_dataset
     from raypurify.defenses.dvae.config import preset
     from raypurify.defenses.dvae.pipeline import purify
     from raypurify.runtime import init_ray
 
     cfg = preset(args.preset, args.overrides)
+    open_dataset(args.data)  # a missing or malformed input fails before Ray starts
+    check_not_input(args.out, [args.data])
     init_ray(args.num_cpus)
     summary = purify(args.data, args.out, cfg, overwrite=args.overwrite)
     for name, stage in summary["stages"].items():

@@ -11,7 +11,8 @@ def register(sub) -> None:
         parents=[common_options()],
         help="train a classifier and report its clean test accuracy",
         description="Train a classifier on --data (optionally defended) and evaluate it on "
-        "--test. Writes OUT/metrics.json beside the checkpoints; rerunning resumes.",
+        "--test. Writes OUT/metrics.json beside the checkpoints; rerunning with the same "
+        "inputs and settings resumes, another run in OUT is refused.",
     )
     p.add_argument("--data", required=True, help="training set: dataset directory or name")
     p.add_argument("--test", required=True, help="clean test set: dataset name or directory")
@@ -19,6 +20,12 @@ def register(sub) -> None:
     p.add_argument("--arch", default=None, help="architecture (default: the recipe's)")
     p.add_argument("--recipe", default="paper", help="training recipe: paper or cpu")
     p.add_argument("--defense", default="none", help="defence to apply (default: none)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a run in OUT made from other inputs or settings (only ever a raypurify "
+        "output, never the input)",
+    )
     p.set_defaults(run=run)
 
 
@@ -34,6 +41,7 @@ def run(args) -> int:
         defense=args.defense,
         overrides=args.overrides,
         num_cpus=args.num_cpus,
+        overwrite=args.overwrite,
     )
     print(
         f"accuracy {metrics['accuracy']:.2%} after {metrics['epochs']} epochs "

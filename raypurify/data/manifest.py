@@ -96,7 +96,8 @@ def check_files(directory: Path, manifest: dict[str, Any], where: Path) -> tuple
     files, seen = [], set()
     for name in names:
         p = directory / name
-        if not name or "/" in name or "\\" in name or name in (".", "..") or Path(name).is_absolute():
+        plain = name and name not in (".", "..") and "/" not in name and "\\" not in name
+        if not plain or Path(name).is_absolute():
             raise DatasetError(f"{where}: file {name!r} is not a plain name inside the dataset")
         if name in seen:
             raise DatasetError(f"{where}: file {name!r} is listed more than once")

@@ -53,6 +53,14 @@ def source(spec: DatasetSpec) -> Source:
         ) from None
 
 
+def check(spec: DatasetSpec) -> None:
+    """Raise the error loading `spec` would raise for a missing or malformed dataset,
+    without decoding it (a run checks its datasets before Ray starts)."""
+    src = source(spec)
+    if src.check is not None:
+        src.check(spec)
+
+
 def load(spec: DatasetSpec) -> ImageSet:
     """The split in memory as an ImageSet (small data)."""
     return source(spec).load(spec)

@@ -49,6 +49,9 @@ class Source:
     description: str
     load: Callable[[DatasetSpec], ImageSet]
     stream: Callable[[DatasetSpec], Stream] | None = None
+    # Finds the split without decoding it (raises the error `load` would), so a missing
+    # dataset stops a run before Ray starts; None: `load` itself is cheap.
+    check: Callable[[DatasetSpec], None] | None = None
 
 
 def subset_of(data: ImageSet, spec: DatasetSpec) -> ImageSet:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,7 +10,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from raypurify.atomic import write_bytes
 from raypurify.data.interchange import DatasetInfo, iter_images, open_dataset
+from raypurify.errors import DatasetError
 from raypurify.reports.images import class_rows, grid
 
 PER_CLASS = 8
@@ -60,32 +63,37 @@ class Summary:
 def summarize(path: str | Path, grid_path: str | Path | None = None) -> Summary:
     """Stream the dataset once (file by file) and save a grid of examples per class."""
     info = open_dataset(path)
+    grid_path = Path(grid_path) if grid_path else info.path.parent / f"{info.path.name}-grid.png"
+    if not grid_path.parent.is_dir():
+        raise DatasetError(f"--grid {grid_path}: folder {grid_path.parent} does not exist")
+    if grid_path.is_dir():
+        raise DatasetError(f"--grid {grid_path}: is a folder; give a .png file path")
     counts = np.zeros(len(info.classes), np.int64)
     c = info.shape[2]
     total, sq = np.zeros(c), np.zeros(c)
     low, high = np.full(c, 255.0), np.zeros(c)
     poisoned = 0 if info.has_poisoned else None
     examples = {k: [] for k in range(min(10, len(info.classes)))}
-    bar = tqdm(total=info.rows, desc="reading", unit="img", leave=False)
-    for chunk in iter_images(info.path, info=info):
-        counts += chunk.class_counts()
-        px = chunk.images.reshape(-1, c).astype(np.float64)
-        total += px.sum(0)
-        sq += (px**2).sum(0)
-        low, high = np.minimum(low, px.min(0)), np.maximum(high, px.max(0))
-        if poisoned is not None:
-            poisoned += int(chunk.poisoned.sum())
-        for r in class_rows(chunk.labels, chunk.num_classes, PER_CLASS):
-            k = int(chunk.labels[r])
-            if len(examples[k]) < PER_CLASS:
-                examples[k].append(chunk.images[r])
-        bar.update(len(chunk))
-    bar.close()
+    with tqdm(total=info.rows, desc="reading", unit="img", leave=False) as bar:
+        for chunk in iter_images(info.path, info=info):
+            counts += chunk.class_counts()
+            px = chunk.images.reshape(-1, c).astype(np.float64)
+            total += px.sum(0)
+            sq += (px**2).sum(0)
+            low, high = np.minimum(low, px.min(0)), np.maximum(high, px.max(0))
+            if poisoned is not None:
+                poisoned += int(chunk.poisoned.sum())
+            for r in class_rows(chunk.labels, chunk.num_classes, PER_CLASS):
+                k = int(chunk.labels[r])
+                if len(examples[k]) < PER_CLASS:
+                    examples[k].append(chunk.images[r])
+            bar.update(len(chunk))
     n = info.rows * info.shape[0] * info.shape[1]
     mean = total / n
     std = np.sqrt(np.maximum(sq / n - mean**2, 0))
-    grid_path = Path(grid_path) if grid_path else info.path.parent / f"{info.path.name}-grid.png"
     tiles = [img for k in sorted(examples) for img in examples[k]]
     scale = max(1, 64 // info.shape[0])
-    Image.fromarray(grid(np.stack(tiles), ncol=PER_CLASS, scale=scale)).save(grid_path)
+    png = io.BytesIO()
+    Image.fromarray(grid(np.stack(tiles), ncol=PER_CLASS, scale=scale)).save(png, format="PNG")
+    write_bytes(grid_path, png.getvalue())
     return Summary(info, counts, poisoned, mean, std, low, high, grid_path)

@@ -212,16 +212,17 @@ def save_run(out: Path, spec: ExperimentSpec, step_dirs: list[str]) -> None:
 def load_run(out: Path) -> tuple[ExperimentSpec, list[dict[str, Any]]]:
     """The spec and finished step records of the last run in `out` (for `report`)."""
     from raypurify.errors import RaypurifyError
-    from raypurify.experiments.store import RECORD
+    from raypurify.experiments.store import RECORD, read_record
 
     f = out / RUN_FILE
     if not f.exists():
         raise RaypurifyError(f"{out}: no {RUN_FILE}; is this an experiment output directory?")
-    data = json.loads(f.read_text())
-    spec = ExperimentSpec.model_validate(data["spec"])
-    records = [
-        json.loads((Path(d) / RECORD).read_text())
-        for d in data["steps"]
-        if (Path(d) / RECORD).exists()
-    ]
+    try:
+        data = json.loads(f.read_text())
+        spec = ExperimentSpec.model_validate(data["spec"])
+        steps = [str(d) for d in data["steps"]]
+    except (ValueError, KeyError, TypeError) as e:
+        detail = (str(e).splitlines() or [type(e).__name__])[0]
+        raise RaypurifyError(f"{f}: not a run record ({detail}); rerun the experiment") from None
+    records = [read_record(Path(d) / RECORD) for d in steps if (Path(d) / RECORD).exists()]
     return spec, records

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from raypurify.atomic import write_json
+from raypurify.errors import RaypurifyError
 
 RECORD = "step.json"
 
@@ -35,7 +36,7 @@ class Store:
     def record(self, directory: Path) -> dict[str, Any] | None:
         """The finished step's record, or None if it has not finished."""
         f = directory / RECORD
-        return json.loads(f.read_text()) if f.exists() else None
+        return read_record(f) if f.exists() else None
 
     def finish(self, directory: Path, record: dict[str, Any]) -> None:
         write_json(directory / RECORD, record)
@@ -47,4 +48,20 @@ class Store:
 
     def records(self) -> list[dict[str, Any]]:
         """Every finished step's record (for `raypurify report`)."""
-        return [json.loads(f.read_text()) for f in sorted(self.root.glob(f"*/*/{RECORD}"))]
+        return [read_record(f) for f in sorted(self.root.glob(f"*/*/{RECORD}"))]
+
+
+def read_record(f: Path) -> dict[str, Any]:
+    """A step record, or one line naming the file when it is not one (edited, truncated)."""
+    try:
+        data = json.loads(f.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise RaypurifyError(
+            f"{f}: unreadable step record ({getattr(e, 'msg', type(e).__name__)}); delete "
+            "that step's directory to rerun it"
+        ) from None
+    if not isinstance(data, dict) or not isinstance(data.get("kind"), str):
+        raise RaypurifyError(f"{f}: not a step record (no 'kind'); delete that step's directory")
+    if not isinstance(data.get("meta", {}), dict) or not isinstance(data.get("result", {}), dict):
+        raise RaypurifyError(f"{f}: step record with a malformed 'meta' or 'result'")
+    return data

@@ -100,7 +100,43 @@ def _loader(name: str):
     return load
 
 
-CIFAR10 = Source("cifar10", "CIFAR-10 (offline copy, a path, or torchvision)", _loader("cifar10"))
+_TORCHVISION_DIRS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
+
+
+def _checker(name: str):
+    """Whether `load` will find the split, in the same order, without decoding anything."""
+
+    def check(spec: DatasetSpec) -> None:
+        if spec.path:
+            root = Path(spec.path)
+            found = [root / MANIFEST, root / spec.split / MANIFEST, root / f"{spec.split}.parquet"]
+            if any(f.exists() for f in found) or (root / _TORCHVISION_DIRS[name]).is_dir():
+                return
+            raise DatasetError(
+                f"{name}: path {root} holds neither our format, {spec.split}.parquet, "
+                "nor torchvision's files"
+            )
+        data_dir = os.environ.get("RAYPURIFY_DATA_DIR")
+        if data_dir and (Path(data_dir) / name / f"{spec.split}.parquet").exists():
+            return
+        if (_torchvision_root() / _TORCHVISION_DIRS[name]).is_dir():
+            return
+        if os.environ.get("RAYPURIFY_OFFLINE", "0") != "1":
+            return  # torchvision will download it
+        _loader(name)(spec)  # raises the one-line error that lists where it looked
+
+    return check
+
+
+CIFAR10 = Source(
+    "cifar10",
+    "CIFAR-10 (offline copy, a path, or torchvision)",
+    _loader("cifar10"),
+    check=_checker("cifar10"),
+)
 CIFAR100 = Source(
-    "cifar100", "CIFAR-100 (offline copy, a path, or torchvision)", _loader("cifar100")
+    "cifar100",
+    "CIFAR-100 (offline copy, a path, or torchvision)",
+    _loader("cifar100"),
+    check=_checker("cifar100"),
 )

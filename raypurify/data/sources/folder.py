@@ -117,7 +117,21 @@ def _loader(max_classes: int | None, default_size: int | None):
 
 _folder = _loader(None, None)
 _imagenet = _loader(IMAGENET_CLASSES, IMAGENET_SIZE)
-FOLDER = Source("folder", "any ImageFolder (path; options: size, subset)", *_folder)
+
+
+def _check(max_classes: int | None):
+    def check(spec: DatasetSpec) -> None:
+        _select(spec, spec.classes or max_classes)  # scans the folders, decodes nothing
+
+    return check
+
+
+FOLDER = Source(
+    "folder", "any ImageFolder (path; options: size, subset)", *_folder, check=_check(None)
+)
 IMAGENET_SUBSET = Source(
-    "imagenet-subset", "first 100 ImageNet classes by name, resized to size (224)", *_imagenet
+    "imagenet-subset",
+    "first 100 ImageNet classes by name, resized to size (224)",
+    *_imagenet,
+    check=_check(100),
 )

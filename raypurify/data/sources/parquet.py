@@ -39,4 +39,10 @@ def stream(spec: DatasetSpec) -> Stream:
     return Stream(read_ray(info.path), info.classes, info.shape, info.rows, str(info.path))
 
 
-SOURCE = Source("parquet", "a dataset directory in the interchange format", load, stream)
+def check(spec: DatasetSpec) -> None:
+    open_dataset(locate(spec))
+
+
+SOURCE = Source(
+    "parquet", "a dataset directory in the interchange format", load, stream, check=check
+)

@@ -8,24 +8,32 @@ The plain VAE (Eq. 3) is one stage with P1 = x_hat(x0).
 Everything lands in the output directory: p1/, p2/, p3/ (interchange format, same `index`
 and `label` as the input, lineage in their manifests), the stage weights, the Ray Train
 checkpoints and summary.json. A rerun resumes: finished passes are reused, an interrupted
-stage continues from its last epoch.
+stage continues from its last epoch; but only when the output was made from the same input
+content and config (recorded in its `.raypurify` marker), never a run of another input.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from raypurify.atomic import check_new, save_torch, write_json
+from raypurify.atomic import (
+    claim_dir,
+    mark,
+    read_marker,
+    release,
+    remove_ours,
+    save_torch,
+    write_json,
+)
 from raypurify.data.interchange import MANIFEST, DatasetInfo, open_dataset, read_images
 from raypurify.distributed import use_gpu
-from raypurify.errors import DatasetError, RaypurifyError
+from raypurify.errors import DatasetError
 from raypurify.runtime import init_ray
 from raypurify.tracking import Run, active_run, start_run
 
@@ -37,22 +45,33 @@ SUMMARY = "summary.json"
 CONFIG = "config.json"
 
 
-def prepare_output(out: Path, cfg: PurifyConfig, overwrite: bool) -> None:
-    """Create `out`, or check that the purification already there used the same config."""
-    if overwrite and out.exists():
-        shutil.rmtree(out)
-    stamp = out / CONFIG
-    if stamp.exists():
-        if json.loads(stamp.read_text()) != cfg.to_dict():
-            raise RaypurifyError(
-                f"{out} holds a purification with another config; pass --overwrite or "
-                "choose another --out"
-            )
-        return
-    if out.exists() and any(out.iterdir()):
-        check_new(out, overwrite=False)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(stamp, cfg.to_dict())
+def prepare_output(
+    out: Path, cfg: PurifyConfig, info: DatasetInfo, overwrite: bool, inputs=()
+) -> bool:
+    """Claim `out` for purifying `info` with `cfg`; True when it already holds that run.
+
+    `out` is reused or resumed only when it was made from the same input content and the
+    same config (its marker records both); another run there is refused with what differs.
+    An output from before the marker (config.json, and summary.json when finished) is
+    adopted when its config and, where recorded, its input match.
+    """
+    what = {"input": info.sha256, "config": cfg.to_dict()}
+    if not overwrite and read_marker(out) is None and (out / CONFIG).is_file():
+        _adopt_legacy(out, cfg, info, what)
+    resumed = claim_dir(out, what, overwrite=overwrite, inputs=inputs)
+    write_json(out / CONFIG, cfg.to_dict())
+    return resumed
+
+
+def _adopt_legacy(out: Path, cfg: PurifyConfig, info: DatasetInfo, what: dict) -> None:
+    try:
+        stamp = json.loads((out / CONFIG).read_text())
+        summary = json.loads((out / SUMMARY).read_text()) if (out / SUMMARY).exists() else {}
+        recorded = summary.get("input", {}).get("sha256", info.sha256)
+    except (ValueError, AttributeError):
+        return  # not ours to judge: claim_dir refuses it
+    if stamp == cfg.to_dict() and recorded == info.sha256:
+        mark(out, what=what)
 
 
 def check_input(info: DatasetInfo, data) -> None:
@@ -79,12 +98,18 @@ def purify(
     """Purify the dataset at `data_dir` into `out_dir`; returns the summary."""
     info = open_dataset(data_dir)  # checked before any work
     out = Path(out_dir).resolve()
-    if (out / SUMMARY).exists() and not overwrite:
-        prepare_output(out, cfg, overwrite=False)
+    existed = out.exists()
+    resumed = prepare_output(out, cfg, info, overwrite, inputs=[info.path])
+    if resumed and (out / SUMMARY).exists():
         return json.loads((out / SUMMARY).read_text())
-    data0 = read_images(info.path)
-    check_input(info, data0)
-    prepare_output(out, cfg, overwrite)
+    try:
+        data0 = read_images(info.path)
+        check_input(info, data0)
+    except BaseException:
+        if not resumed:  # a bad input found while reading leaves nothing behind
+            (out / CONFIG).unlink(missing_ok=True)
+            release(out, existed)
+        raise
     init_ray()
     gpu = use_gpu(cfg.device)
     start = time.perf_counter()
@@ -141,8 +166,7 @@ def _run_passes(name, source, out, weights, cfg, gpu, summary, run):
         timing = summary["passes"].get(key, {"seconds": 0.0, "reused": True})
     else:
         for p in outputs.values():  # a pass interrupted between its two writes
-            if p.exists():
-                shutil.rmtree(p)
+            remove_ours(p)
         timing = run_pass(
             source, outputs, weights=weights, cfg=cfg, mode=mode, gpu=gpu, lineage=lineage
         )

@@ -1,0 +1,577 @@
+"""Every bad input is one line on stderr and exit code 2, with no traceback, nothing left
+behind in the working tree, and (for input that can be checked first) Ray never started.
+
+The table runs the real command line in-process (`raypurify.cli.main`), each case in a
+fresh folder holding a small real dataset, and compares a listing of that folder (names,
+sizes, modification times) before and after. A few cases also run as a real subprocess to
+check what the terminal shows.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from raypurify.cli import main
+from raypurify.data.imageset import ImageSet
+from raypurify.data.interchange import MANIFEST, write_images
+
+CLASSES = ["a", "b", "c"]
+
+
+def small_set(n: int = 30, seed: int = 0, classes: int = 3, size: int = 8) -> ImageSet:
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+    return ImageSet(images, np.arange(n) % classes, np.arange(n), CLASSES)
+
+
+def edit_manifest(d: Path, **changes) -> None:
+    m = json.loads((d / MANIFEST).read_text())
+    for k, v in changes.items():
+        if v is DROP:
+            m.pop(k, None)
+        else:
+            m[k] = v
+    (d / MANIFEST).write_text(json.dumps(m))
+
+
+DROP = object()
+
+
+def legacy(d: Path) -> None:
+    """A manifest as written before per-file records (no file_info)."""
+    edit_manifest(d, file_info=DROP)
+
+
+def corrupt_middle(f: Path) -> None:
+    blob = bytearray(f.read_bytes())
+    mid = len(blob) // 2
+    blob[mid : mid + 64] = bytes(64)
+    f.write_bytes(bytes(blob))
+
+
+def write_yaml(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def spec_yaml(dataset: str, test: str, extra: str = "") -> str:
+    return (
+        f"name: t\ndataset: {dataset}\ntest: {test}\nattacks: [{{name: lsp}}]\n"
+        f"defenses: [{{name: none}}]\n{extra}"
+    )
+
+
+@dataclass
+class Case:
+    name: str
+    argv: Callable[[Path], list[str]]  # given the folder holding `good` (a dataset)
+    setup: Callable[[Path], None] = lambda root: None
+    expect: str = ""  # a fragment of the one-line message
+
+
+def experiment_dir(root: Path, record: str | None, run_json: str | None = None) -> Path:
+    exp = root / "exp"
+    step = exp / "store" / "train" / "x-0123"
+    step.mkdir(parents=True)
+    if record is not None:
+        (step / "step.json").write_text(record)
+    spec = {
+        "name": "t",
+        "dataset": {"name": "synthetic"},
+        "test": {"name": "synthetic", "split": "test"},
+        "attacks": [{"name": "lsp"}],
+        "defenses": [{"name": "none"}],
+    }
+    run = run_json if run_json is not None else json.dumps({"spec": spec, "steps": [str(step)]})
+    (exp / "run.json").write_text(run)
+    return exp
+
+
+def pt(root: Path, name: str, value) -> None:
+    torch.save(value, root / name)
+
+
+class Evil:
+    def __reduce__(self):
+        return (print, ("pickle executed",))
+
+
+def poison_import(fmt: str, src: str, *extra: str):
+    return lambda r: [
+        "poison",
+        "import",
+        "--format",
+        fmt,
+        "--from",
+        str(r / src),
+        "--base",
+        str(r / "good"),
+        "--out",
+        str(r / "out"),
+        *extra,
+    ]
+
+
+def train(*extra: str, data: str = "good", out: str = "out"):
+    return lambda r: [
+        "train",
+        "--data",
+        str(r / data),
+        "--test",
+        str(r / "good"),
+        "--out",
+        str(r / out),
+        "--recipe",
+        "cpu",
+        *extra,
+    ]
+
+
+CASES = [
+    # datasets -------------------------------------------------------------------------
+    Case("export unknown", lambda r: ["datasets", "export", "nope", "--out", str(r / "o")]),
+    Case(
+        "export over user dir",
+        lambda r: ["datasets", "export", "synthetic", "--out", str(r / "mine"), "--overwrite"],
+        lambda r: (r / "mine").mkdir() or (r / "mine" / "notes.txt").write_text("mine"),
+        "not written by raypurify",
+    ),
+    Case(
+        "export onto its input",
+        lambda r: ["datasets", "export", str(r / "good"), "--out", str(r / "good"), "--overwrite"],
+        expect="is the input",
+    ),
+    Case(
+        "export into parent of input",
+        lambda r: ["datasets", "export", str(r / "good"), "--out", str(r), "--overwrite"],
+        expect="contains the input",
+    ),
+    Case(
+        "export subset 0",
+        lambda r: ["datasets", "export", "synthetic", "--subset", "0", "--out", str(r / "o")],
+    ),
+    Case("show missing", lambda r: ["datasets", "show", str(r / "nope")]),
+    Case("show a file", lambda r: ["datasets", "show", str(r / "good" / MANIFEST)]),
+    Case(
+        "manifest not JSON",
+        lambda r: ["datasets", "show", str(r / "good")],
+        lambda r: (r / "good" / MANIFEST).write_text("{oops"),
+        "invalid JSON",
+    ),
+    Case(
+        "manifest a list",
+        lambda r: ["datasets", "show", str(r / "good")],
+        lambda r: (r / "good" / MANIFEST).write_text("[1, 2]"),
+    ),
+    Case(
+        "files outside (..)",
+        lambda r: ["datasets", "show", str(r / "good")],
+        lambda r: edit_manifest(r / "good", files=["../good/part-00000.parquet"]),
+        "not a plain name",
+    ),
+    Case(
+        "files absolute",
+        lambda r: ["datasets", "show", str(r / "good")],
+        lambda r: edit_manifest(r / "good", files=[str(r / "good" / "part-00000.parquet")]),
+        "not a plain name",
+    ),
+    Case(
+        "file listed twice",
+        lambda r: ["datasets", "show", str(r / "good")],
+        lambda r: edit_manifest(r / "good", files=["part-00000.parquet"] * 2),
+        "listed more than once",
+    ),
+    Case(
+        "rows a string",
+        lambda r: ["datasets", "show", str(r / "good")],
+        lambda r: edit_manifest(r / "good", rows="30"),
+        "'rows'",
+    ),
+    Case(
+        "sha256 missing",
+        lambda r: ["datasets", "show", str(r / "good")],
+        lambda r: edit_manifest(r / "good", sha256=DROP),
+        "'sha256'",
+    ),
+    Case(
+        "classes wrong type",
+        lambda r: ["datasets", "show", str(r / "good")],
+        lambda r: edit_manifest(r / "good", classes="abc"),
+        "'classes'",
+    ),
+    Case(
+        "height null",
+        lambda r: ["datasets", "show", str(r / "good")],
+        lambda r: edit_manifest(r / "good", height=None),
+        "'height'",
+    ),
+    Case(
+        "files missing",
+        lambda r: ["datasets", "show", str(r / "good")],
+        lambda r: edit_manifest(r / "good", files=DROP),
+        "'files'",
+    ),
+    Case(
+        "corrupt parquet bytes",
+        lambda r: ["datasets", "show", str(r / "good")],
+        lambda r: corrupt_middle(r / "good" / "part-00000.parquet"),
+    ),
+    Case(
+        "corrupt parquet bytes, legacy manifest",
+        lambda r: ["datasets", "show", str(r / "good")],
+        lambda r: (legacy(r / "good"), corrupt_middle(r / "good" / "part-00000.parquet")),
+    ),
+    Case(
+        "grid into a missing folder",
+        lambda r: ["datasets", "show", str(r / "good"), "--grid", str(r / "no" / "g.png")],
+        expect="does not exist",
+    ),
+    Case(
+        "verify edited content",
+        lambda r: ["datasets", "verify", str(r / "good")],
+        lambda r: (
+            legacy(r / "good"),
+            edit_manifest(r / "good", sha256="ab" * 32),
+        ),
+        "does not match",
+    ),
+    # poison import --------------------------------------------------------------------
+    Case(
+        "import without --out",
+        lambda r: [
+            "poison",
+            "import",
+            "--format",
+            "perturbation",
+            "--from",
+            str(r / "d.npy"),
+            "--base",
+            str(r / "good"),
+        ],
+        expect="--out",
+    ),
+    Case("import unknown format", poison_import("nope", "d.npy")),
+    Case("import missing file", poison_import("perturbation", "missing.pt")),
+    Case(
+        "import pickle .pt",
+        poison_import("perturbation", "evil.pt"),
+        lambda r: (r / "evil.pt").write_bytes(pickle.dumps(Evil())),
+    ),
+    Case(
+        "import pickled object in a torch file",
+        poison_import("perturbation", "evil2.pt"),
+        lambda r: pt(r, "evil2.pt", {"noise": Evil()}),
+    ),
+    Case(
+        "import dict .pt",
+        poison_import("perturbation", "dict.pt"),
+        lambda r: pt(r, "dict.pt", {"noise": torch.zeros(3)}),
+        "expected one tensor",
+    ),
+    Case(
+        "import bf16 .pt of the wrong shape",
+        poison_import("perturbation", "bf16.pt"),
+        lambda r: pt(r, "bf16.pt", torch.zeros(30, 3, 8, dtype=torch.bfloat16)),
+        "shape",
+    ),
+    Case(
+        "import garbage .pt",
+        poison_import("perturbation", "junk.pt"),
+        lambda r: (r / "junk.pt").write_bytes(b"\x00garbage" * 10),
+    ),
+    Case(
+        "import object .npy",
+        poison_import("perturbation", "obj.npy"),
+        lambda r: np.save(r / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True),
+    ),
+    Case(
+        "import string .npy",
+        poison_import("perturbation", "str.npy"),
+        lambda r: np.save(r / "str.npy", np.full((30, 3, 8, 8), "x")),
+        "expected numbers",
+    ),
+    Case(
+        "import over budget",
+        poison_import("perturbation", "big.npy"),
+        lambda r: np.save(r / "big.npy", np.full((30, 3, 8, 8), 0.5, np.float32)),
+        "--allow-over-budget",
+    ),
+    Case(
+        "import onto its base",
+        lambda r: [
+            "poison",
+            "import",
+            "--format",
+            "perturbation",
+            "--from",
+            str(r / "d.npy"),
+            "--base",
+            str(r / "good"),
+            "--out",
+            str(r / "good"),
+            "--overwrite",
+        ],
+        expect="is the input",
+    ),
+    Case(
+        "import base missing",
+        lambda r: [
+            "poison",
+            "import",
+            "--format",
+            "perturbation",
+            "--from",
+            str(r / "d.npy"),
+            "--base",
+            str(r / "no"),
+            "--out",
+            str(r / "out"),
+        ],
+    ),
+    # poison ---------------------------------------------------------------------------
+    Case(
+        "poison unknown attack",
+        lambda r: [
+            "poison",
+            "--attack",
+            "nope",
+            "--data",
+            str(r / "good"),
+            "--out",
+            str(r / "out"),
+        ],
+    ),
+    Case(
+        "poison without --out", lambda r: ["poison", "--attack", "lsp", "--data", str(r / "good")]
+    ),
+    Case(
+        "poison unknown option",
+        lambda r: [
+            "poison",
+            "--attack",
+            "lsp",
+            "--data",
+            str(r / "good"),
+            "--out",
+            str(r / "o"),
+            "--set",
+            "bogus=1",
+        ],
+    ),
+    Case(
+        "poison surrogate option",
+        lambda r: [
+            "poison",
+            "--attack",
+            "em",
+            "--data",
+            str(r / "good"),
+            "--out",
+            str(r / "o"),
+            "--set",
+            "surrogate=fast-resnet",
+            "--set",
+            "surrogate_options.depth=3",
+        ],
+        expect="surrogate_options",
+    ),
+    # train ----------------------------------------------------------------------------
+    Case("train data missing", train(data="nope")),
+    Case(
+        "train unknown arch option", train("--set", "arch_options.depth=3"), expect="arch_options"
+    ),
+    Case("train unknown recipe", lambda r: train()(r)[:-1] + ["nope"]),
+    Case("train unknown defence", train("--defense", "nope")),
+    Case("train zero epochs", train("--set", "epochs=0")),
+    Case("train onto its data", train("--overwrite", out="good"), expect="is the input"),
+    Case(
+        "train over user files",
+        train("--overwrite", out="mine"),
+        lambda r: (r / "mine").mkdir() or (r / "mine" / "notes.txt").write_text("mine"),
+        "not written by",
+    ),
+    Case(
+        "train on a one-class set",
+        train(data="one"),
+        lambda r: write_images(
+            ImageSet(small_set().images, np.zeros(30, int), np.arange(30), CLASSES), r / "one"
+        ),
+        "at least 2 classes",
+    ),
+    # purify ---------------------------------------------------------------------------
+    Case(
+        "purify data missing", lambda r: ["purify", "--data", str(r / "no"), "--out", str(r / "o")]
+    ),
+    Case(
+        "purify unknown preset",
+        lambda r: ["purify", "--data", str(r / "good"), "--preset", "nope", "--out", str(r / "o")],
+    ),
+    Case(
+        "purify unknown key",
+        lambda r: [
+            "purify",
+            "--data",
+            str(r / "good"),
+            "--out",
+            str(r / "o"),
+            "--set",
+            "stage9.epochs=1",
+        ],
+    ),
+    Case(
+        "purify onto its input",
+        lambda r: ["purify", "--data", str(r / "good"), "--out", str(r / "good"), "--overwrite"],
+        expect="is the input",
+    ),
+    # run ------------------------------------------------------------------------------
+    Case("run unknown preset", lambda r: ["run", "nope", "--out", str(r / "o")]),
+    Case(
+        "run with a missing training set",
+        lambda r: ["run", str(r / "s.yaml"), "--out", str(r / "o")],
+        lambda r: write_yaml(
+            r / "s.yaml",
+            spec_yaml(f"{{name: parquet, path: {r / 'nope'}}}", "{name: synthetic, split: test}"),
+        ),
+    ),
+    Case(
+        "run with an unknown arch option",
+        lambda r: ["run", str(r / "s.yaml"), "--out", str(r / "o")],
+        lambda r: write_yaml(
+            r / "s.yaml",
+            spec_yaml(
+                "{name: synthetic}",
+                "{name: synthetic, split: test}",
+                "classifiers: [{recipe: cpu, overrides: [arch_options.depth=3]}]\n",
+            ),
+        ),
+        "classifiers.0.arch_options",
+    ),
+    Case(
+        "run with malformed YAML",
+        lambda r: ["run", str(r / "s.yaml"), "--out", str(r / "o")],
+        lambda r: write_yaml(r / "s.yaml", "name: [unclosed\n"),
+    ),
+    # report ---------------------------------------------------------------------------
+    Case("report missing dir", lambda r: ["report", str(r / "nope")]),
+    Case(
+        "report corrupt step.json",
+        lambda r: ["report", str(r / "exp")],
+        lambda r: experiment_dir(r, '{"kind": "train", "meta"'),
+        "step.json",
+    ),
+    Case(
+        "report step.json of the wrong shape",
+        lambda r: ["report", str(r / "exp")],
+        lambda r: experiment_dir(r, "[1, 2, 3]"),
+        "step.json",
+    ),
+    Case(
+        "report corrupt run.json",
+        lambda r: ["report", str(r / "exp")],
+        lambda r: experiment_dir(r, None, run_json='{"spec": 3}'),
+        "run.json",
+    ),
+    # analyze --------------------------------------------------------------------------
+    Case(
+        "detect with missing input",
+        lambda r: ["analyze", "detect", "--data", str(r / "nope"), "--purified", str(r / "p")],
+    ),
+    Case(
+        "detect with a folder that is no purification",
+        lambda r: ["analyze", "detect", "--data", str(r / "good"), "--purified", str(r / "good")],
+        expect="purify",
+    ),
+]
+
+
+def terminal_lines(text: str) -> list[str]:
+    """What a terminal shows: a progress bar redrawn with carriage returns is one line, and
+    one cleared at the end (spaces) is none."""
+    shown = (line.rsplit("\r", 1)[-1].strip() for line in text.split("\n"))
+    return [line for line in shown if line]
+
+
+def listing(root: Path) -> dict[str, tuple[int, int]]:
+    return {
+        str(p.relative_to(root)): (p.stat().st_size if p.is_file() else -1, p.stat().st_mtime_ns)
+        for p in sorted(root.rglob("*"))
+    }
+
+
+@pytest.fixture(scope="module")
+def good_template(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("template") / "good"
+    write_images(small_set(), d)
+    return d
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_bad_input_is_one_line(case, good_template, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    import ray
+
+    root = tmp_path / "work"
+    root.mkdir()
+    shutil.copytree(good_template, root / "good")
+    np.save(root / "d.npy", np.zeros((30, 3, 8, 8), np.float32))
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    case.setup(root)
+    before = listing(root)
+    capsys.readouterr()
+
+    code = main(case.argv(root))
+
+    out, err = capsys.readouterr()
+    lines = terminal_lines(err)
+    assert code == 2, (out, err)
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err + out and "pickle executed" not in out
+    assert "weights_only=False" not in err
+    assert case.expect in lines[0]
+    assert listing(root) == before, "the command left files behind or changed them"
+    assert not ray.is_initialized(), "Ray started before the input was checked"
+
+
+def test_bad_input_on_the_real_terminal(tmp_path):
+    """The installed entry point: exit 2, one line on stderr, no traceback."""
+    d = tmp_path / "good"
+    write_images(small_set(), d)
+    edit_manifest(d, files=["../../etc/passwd"])
+    proc = subprocess.run(
+        [sys.executable, "-m", "raypurify", "datasets", "show", str(d)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "not a plain name" in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_corrupt_bytes_are_found_in_a_legacy_dataset_too(tmp_path):
+    """Without per-file hashes, a corrupt page is still one line when the rows are read."""
+    from raypurify.data.interchange import read_images
+    from raypurify.errors import DatasetError
+
+    d = tmp_path / "good"
+    write_images(small_set(), d)
+    legacy(d)
+    corrupt_middle(d / "part-00000.parquet")
+    with pytest.raises(DatasetError) as e:
+        read_images(d)
+    assert len(str(e.value).splitlines()) == 1 and "part-00000.parquet" in str(e.value)
+    assert pq.ParquetFile(d / "part-00000.parquet").metadata.num_rows == 30
