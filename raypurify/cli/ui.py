@@ -1,0 +1,68 @@
+"""`raypurify ui`: the MLflow UI on the project's store, with a sweep's comparison link."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "ui",
+        help="serve the MLflow UI (on 127.0.0.1) and print a sweep's comparison link",
+        description="Serve the MLflow UI against the project's store (MLFLOW_TRACKING_URI, "
+        "else ./mlflow.db; with --sweep, the store the sweep logged to) until Ctrl-C. With "
+        "--sweep DIR, also print the link to MLflow's compare-runs page of every trial of "
+        "that sweep (kld1, kld2, lambda and the objective side by side).",
+    )
+    p.add_argument(
+        "--port",
+        type=int,
+        default=None,
+        help="port to serve on (default 5000, or a free one when 5000 is taken)",
+    )
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="interface to bind (default 127.0.0.1: this machine only)",
+    )
+    p.add_argument("--sweep", metavar="DIR", help="a sweep's output directory (has sweep.json)")
+    p.add_argument(
+        "--backend-store-uri",
+        metavar="URI",
+        help="the MLflow store to serve (overrides MLFLOW_TRACKING_URI and the sweep's)",
+    )
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from raypurify.sweeps.ui import serve
+
+    return serve(
+        host=args.host,
+        port=args.port,
+        sweep_dir=args.sweep,
+        backend_store_uri=args.backend_store_uri,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m raypurify.cli.ui`: the command on its own, with the CLI's error handling."""
+    import sys
+
+    from raypurify.errors import user_error
+
+    parser = argparse.ArgumentParser(prog="raypurify")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["ui", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return args.run(args) or 0
+    except Exception as e:
+        err = user_error(e)
+        if err is None:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
