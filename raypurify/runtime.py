@@ -2,7 +2,10 @@
 
 This is the one place that starts or joins Ray. With RAY_ADDRESS set (a cluster, or
 `ray job submit`, which sets it) we join that cluster; otherwise we start a local Ray
-with a bounded object store so a laptop or a 2-core CI box is not swamped.
+with a bounded object store so a laptop or a 2-core CI box is not swamped, and with every
+Ray service (GCS, raylet, workers, agents) listening on 127.0.0.1 only: by default a
+local Ray on Linux listens on all interfaces, where anyone on the network could reach
+services that run code. See cluster/README.md for what to firewall on a cluster.
 """
 
 from __future__ import annotations
@@ -35,13 +38,32 @@ def init_ray(num_cpus: int | None = None, *, object_store_bytes: int | None = No
     store = object_store_bytes or int(
         os.environ.get("RAYPURIFY_OBJECT_STORE_BYTES", DEFAULT_OBJECT_STORE_BYTES)
     )
+    loopback_only()
     ray.init(
         address="local",
+        _node_ip_address="127.0.0.1",
         num_cpus=num_cpus,
         object_store_memory=store,
         include_dashboard=False,
         log_to_driver=verbose,
     )
+
+
+def loopback_only() -> None:
+    """Make a local Ray's node address 127.0.0.1, so its gRPC servers and agents bind there.
+
+    Ray turns a loopback node address into the machine's outward IP (and then listens on
+    all interfaces) unless clustering is off, which it is by default only on macOS and
+    Windows: RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 turns it off here too. The variable
+    reaches the processes Ray starts; this process read it when `ray` was imported, so the
+    constant is set as well. RAYPURIFY_RAY_ALL_INTERFACES=1 keeps Ray's default.
+    """
+    if os.environ.get("RAYPURIFY_RAY_ALL_INTERFACES") == "1":
+        return
+    from ray._private import ray_constants
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def quiet_data_logs() -> None:
