@@ -4,21 +4,26 @@ A step's key hashes its kind, its config and the fingerprints of its inputs (a d
 content sha256), so changing anything upstream changes every key downstream, and an
 unchanged step is found again: a rerun skips it, an interrupted run resumes it, and a
 second classifier trained on a purified set reuses that purification. A step is finished
-when its `step.json` exists (written last, atomically).
+when its `step.json` exists (written last, atomically). A step that fails keeps its whole
+error, traceback and cause included, in `error.log` beside its partial output (and in the
+experiment's MLflow run); the terminal shows only its first line.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
+import traceback
 from pathlib import Path
 from typing import Any
 
-from raypurify.atomic import write_json
+from raypurify.atomic import write_bytes, write_json
 from raypurify.errors import RaypurifyError
 
 RECORD = "step.json"
+ERROR_LOG = "error.log"
 
 
 def step_key(kind: str, config: dict[str, Any], fingerprints: list[str]) -> str:
@@ -40,6 +45,18 @@ class Store:
 
     def finish(self, directory: Path, record: dict[str, Any]) -> None:
         write_json(directory / RECORD, record)
+        (directory / ERROR_LOG).unlink(missing_ok=True)  # an earlier attempt's
+
+    def fail(self, directory: Path, error: BaseException, run=None) -> Path:
+        """Keep a failed step's full error (the traceback and its causes, Ray's remote
+        traceback included) in `error.log`, and in MLflow `run` as errors/<step>.log."""
+        text = "".join(traceback.format_exception(error))
+        path = directory / ERROR_LOG
+        write_bytes(path, text.encode())
+        if run is not None:  # the log on disk is what matters; MLflow may be unreachable
+            with contextlib.suppress(Exception):
+                run.log_artifact(path, f"errors/{directory.parent.name}/{directory.name}")
+        return path
 
     def forget(self, directory: Path) -> None:
         """Delete a step's output so it runs again (`--force`)."""
