@@ -247,7 +247,7 @@ def claim_dir(
             diff = differences(ours.get("what"), what)
             shown = "; ".join(diff[:3]) + (f" (+{len(diff) - 3} more)" if len(diff) > 3 else "")
             raise RaypurifyError(
-                f"{out} holds a run made from other inputs or settings ({shown}); "
+                f"{out} holds a run with another config or input ({shown}); "
                 "choose another --out, or pass --overwrite to replace it"
             )
         elif not (plain_dir and not any(out.iterdir())):  # an empty folder made for us is fine
