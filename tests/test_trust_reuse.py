@@ -1,0 +1,112 @@
+"""Single-step commands reuse or resume an output only when it was made from the same input
+content and the same settings; anything else is refused with one line saying what differs.
+
+Real Ray Train runs on tiny synthetic sets: one classifier training behind JPEG and one
+two-stage purification, each then asked to continue with another input or setting.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from raypurify.atomic import MARKER
+from raypurify.data.interchange import open_dataset, write_images
+from raypurify.data.registry import load
+from raypurify.data.spec import DatasetSpec
+from raypurify.defenses.dvae.config import preset
+from raypurify.defenses.dvae.pipeline import purify
+from raypurify.errors import RaypurifyError
+from raypurify.training.run import run_training
+
+FAST = ["epochs=1", "arch_options.width=8", "batch_size=32", "eval_subset=null"]
+TINY = [
+    "model.width=8",
+    "model.latent=16",
+    "stage1.epochs=1",
+    "stage2.epochs=1",
+    "stage1.batch_size=32",
+    "stage2.batch_size=32",
+    "infer_batch_size=64",
+]
+
+
+@pytest.fixture(scope="module")
+def sets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sets")
+
+    def make(name, seed, split="train", rows=96):
+        spec = DatasetSpec(name="synthetic", rows=rows, size=16, classes=4, seed=seed, split=split)
+        return write_images(load(spec), root / name).path
+
+    return {"a": make("a", 0), "b": make("b", 1), "test": make("test", 2, "test", 64)}
+
+
+def train(sets, out, data="a", extra=(), **kw):
+    return run_training(
+        str(sets[data]),
+        str(sets["test"]),
+        out,
+        recipe_name="cpu",
+        defense=kw.pop("defense", "jpeg"),
+        overrides=[*FAST, *extra],
+        **kw,
+    )
+
+
+def test_train_reuses_only_the_same_run(ray_session, mlflow_uri, sets, tmp_path):
+    out = tmp_path / "run"
+    first = train(sets, out)
+    defended = open_dataset(out / "defended")
+    assert defended.manifest["parents"][0]["sha256"] == open_dataset(sets["a"]).sha256
+
+    # Another training set, learning rate, epoch count or defence: refused, nothing changed.
+    before = (out / "metrics.json").read_text()
+    for kwargs, differs in [
+        ({"data": "b"}, "data.sha256"),
+        ({"extra": ["optim.lr=0.05"]}, "config.optim.lr"),
+        ({"extra": ["epochs=2"]}, "config.epochs"),
+        ({"defense": "grayscale"}, "config.defense.name"),
+    ]:
+        with pytest.raises(RaypurifyError) as e:
+            train(sets, out, **kwargs)
+        message = str(e.value)
+        assert len(message.splitlines()) == 1
+        assert differs in message and "--overwrite" in message and "another --out" in message
+    assert (out / "metrics.json").read_text() == before
+    assert open_dataset(out / "defended").sha256 == defended.sha256
+
+    # The same command resumes the finished run: the same model, nothing retrained.
+    again = train(sets, out)
+    assert again["accuracy"] == first["accuracy"] and again["epochs"] == first["epochs"]
+
+    # --overwrite replaces our own run: the defended set is rebuilt from the new input.
+    train(sets, out, data="b", overwrite=True)
+    parents = open_dataset(out / "defended").manifest["parents"]
+    assert parents[0]["sha256"] == open_dataset(sets["b"]).sha256
+    assert json.loads((out / MARKER).read_text())["what"]["data"]["sha256"] == parents[0]["sha256"]
+
+
+def test_purify_reuses_only_the_same_input_and_config(ray_session, mlflow_uri, sets, tmp_path):
+    out = tmp_path / "purified"
+    cfg = preset("cpu", TINY)
+    summary = purify(sets["a"], out, cfg)
+    stamp = (out / "p3" / "manifest.json").stat().st_mtime_ns
+
+    # Another input: the old summary is not returned.
+    with pytest.raises(RaypurifyError) as e:
+        purify(sets["b"], out, cfg)
+    assert "input" in str(e.value) and "--overwrite" in str(e.value)
+    with pytest.raises(RaypurifyError, match="another config"):
+        purify(sets["a"], out, preset("cpu", [*TINY, "seed=1"]))
+    assert purify(sets["a"], out, cfg) == summary
+    assert (out / "p3" / "manifest.json").stat().st_mtime_ns == stamp
+
+    # An output written before the marker is adopted only for its own input and config.
+    (out / MARKER).unlink()
+    with pytest.raises(RaypurifyError, match="not written by"):
+        purify(sets["b"], out, cfg)
+    assert not (out / MARKER).exists()
+    assert purify(sets["a"], out, cfg) == summary
+    assert (out / MARKER).exists()
