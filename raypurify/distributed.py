@@ -163,12 +163,14 @@ def fit(
     desc: str,
     datasets: dict[str, Any] | None = None,
     keep: int | None = 2,
+    callbacks: list | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Run `worker` on `workers` Ray Train workers; return (last metrics, last state).
 
     The run lives at storage/name: rerunning with the same pair resumes from its last
-    checkpoint; `keep` checkpoints are kept (None: all of them). Errors the user can act
-    on come back as themselves, not as Ray wrappers.
+    checkpoint; `keep` checkpoints are kept (None: all of them). `callbacks` are Ray Train
+    callbacks (a sweep trial passes Tune's report callback, so each epoch reaches Tune).
+    Errors the user can act on come back as themselves, not as Ray wrappers.
     """
     check_gpus(workers, gpu)
     previous = saved_state(storage, name)
@@ -191,6 +193,7 @@ def fit(
                     storage_path=str(storage),
                     checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep),
                     logging_config=LoggingConfig(log_level="WARNING"),
+                    callbacks=callbacks,
                 ),
             )
             result = trainer.fit()

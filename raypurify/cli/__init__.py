@@ -6,10 +6,10 @@ import argparse
 import sys
 
 from raypurify import __version__
-from raypurify.cli import analyze, datasets, experiments, poison, purify, train
+from raypurify.cli import analyze, datasets, experiments, poison, purify, sweep, train, ui
 from raypurify.errors import user_error
 
-COMMANDS = [datasets, poison, train, purify, experiments, analyze]
+COMMANDS = [datasets, poison, train, purify, experiments, sweep, analyze, ui]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -131,6 +131,39 @@ def locate(step: Step, store: Store) -> None:
     step.dir = store.path(step.kind, step.slug, step.key)
 
 
+def resolve(step: Step, store: Store, force: list[str] = ()) -> bool:
+    """Locate `step` in the store (forgetting it first if `force` matches its name); True,
+    with its result filled in, if it finished in an earlier run."""
+    locate(step, store)
+    if any(fnmatch.fnmatch(step.name, pattern) for pattern in force):
+        store.forget(step.dir)
+    record = store.record(step.dir)
+    if record is not None:
+        step.result, step.cached = record["result"], True
+    return record is not None
+
+
+def execute(step: Step, store: Store, ctx) -> dict[str, Any]:
+    """Run a located step's action into its directory and record it as finished."""
+    step.dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    result = step.action(step, step.dir, ctx)
+    store.finish(
+        step.dir,
+        {
+            "kind": step.kind,
+            "name": step.name,
+            "key": step.key,
+            "config": step.config,
+            "inputs": [i.name for i in step.inputs],
+            "meta": step.meta,
+            "result": result,
+            "seconds": time.perf_counter() - t0,
+        },
+    )
+    return result
+
+
 def finished_steps(spec: ExperimentSpec, out: str | Path) -> list[Step]:
     """The spec's steps already finished in OUT's store, found without running anything:
     what `raypurify report OUT --spec` tabulates while a long run is still going."""
@@ -166,33 +199,11 @@ class Scheduler:
 
     def resolve(self, step: Step) -> bool:
         """Compute the step's key and directory; True if it finished in an earlier run."""
-        locate(step, self.store)
-        if any(fnmatch.fnmatch(step.name, pattern) for pattern in self.force):
-            self.store.forget(step.dir)
-        record = self.store.record(step.dir)
-        if record is not None:
-            step.result, step.cached = record["result"], True
-        return record is not None
+        return resolve(step, self.store, self.force)
 
     def execute(self, step: Step, slot: int) -> dict[str, Any]:
-        step.dir.mkdir(parents=True, exist_ok=True)
-        t0 = time.perf_counter()
         with bar_slot(slot):
-            result = step.action(step, step.dir, self.ctx)
-        self.store.finish(
-            step.dir,
-            {
-                "kind": step.kind,
-                "name": step.name,
-                "key": step.key,
-                "config": step.config,
-                "inputs": [i.name for i in step.inputs],
-                "meta": step.meta,
-                "result": result,
-                "seconds": time.perf_counter() - t0,
-            },
-        )
-        return result
+            return execute(step, self.store, self.ctx)
 
     def run(self) -> None:
         pending = list(self.steps)

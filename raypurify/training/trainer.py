@@ -52,11 +52,15 @@ def train_classifier(
     out_dir: str | Path,
     *,
     run: Run | None = None,
+    eval_key: str = "test_acc",
+    callbacks: list | None = None,
 ) -> dict[str, Any]:
     """Train `cfg` on `train`, evaluate on `test`; resumable; returns the metrics dict.
 
     An in-memory `train` set reaches the workers as uint8 tensors through the object store
-    (unless `data_path: ray_data`); a `Stream` arrives through Ray Data shards.
+    (unless `data_path: ray_data`); a `Stream` arrives through Ray Data shards. `eval_key`
+    names the per-epoch accuracy on `test` in reports and MLflow: a sweep trial evaluates on
+    clean validation rows and calls it `val_accuracy`. `callbacks` go to Ray Train.
     """
     ARCHS.get(cfg.arch, key="arch")
     check_compatible(train, test)
@@ -84,6 +88,7 @@ def train_classifier(
         "test_arrays": ray.put(batches.pack(test)),
         "eval_rows": eval_rows,
         "mlflow": None if run is None else {"uri": run.uri, "run_id": run.run_id},
+        "eval_key": eval_key,
     }
     final, state = fit(
         train_worker,
@@ -96,10 +101,11 @@ def train_classifier(
         desc=f"train {cfg.arch}",
         datasets=shipped["datasets"],
         keep=cfg.keep_checkpoints,
+        callbacks=callbacks,
     )
     history = state["history"]
     metrics = {
-        "accuracy": final["test_acc"],
+        "accuracy": final[eval_key],
         "per_class": final["per_class"],
         "confusion": final["confusion"],
         "epochs": final["epoch"],

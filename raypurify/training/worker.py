@@ -106,7 +106,7 @@ def train_worker(loop: dict) -> None:
             "epoch": epoch + 1,
             **stats,
             "train_images_per_s": stats["train_images_per_s"] * world,
-            "test_acc": result["accuracy"],
+            loop["eval_key"]: result["accuracy"],
             "lr": scheduler.get_last_lr()[0],
             "epoch_s": time.perf_counter() - t0,
         }
@@ -121,7 +121,7 @@ def train_worker(loop: dict) -> None:
 
     if start_epoch == cfg.epochs:  # resumed a finished run: report its final evaluation
         result = evaluate(model, test_images, test_labels, num_classes, rank, world, cfg)
-        final = history[-1] | {"test_acc": result["accuracy"]}
+        final = history[-1] | {loop["eval_key"]: result["accuracy"]}
         report(
             final | {"per_class": result["per_class"], "confusion": result["confusion"]}, None, rank
         )

@@ -1,0 +1,63 @@
+"""`raypurify sweep` and `raypurify spaces`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from raypurify.cli.common import common_options
+
+
+def register(sub) -> None:
+    common = common_options()
+    p = sub.add_parser(
+        "sweep",
+        parents=[common],
+        help="sweep kld1, kld2 and lambda with Ray Tune + Optuna (a space name or a YAML)",
+        description="Search a space (see `raypurify spaces`) with Optuna's TPE and ASHA early "
+        "stopping; every trial purifies and trains through the step store. OUT receives "
+        "trials.csv, best.json, results.md, plots, the Optuna study and the store. "
+        "Rerunning the same command (or --resume) resumes a killed sweep.",
+    )
+    p.add_argument("space", help="a shipped space name or a YAML file")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--samples", type=int, help="trials to run (budget.samples)")
+    p.add_argument("--concurrency", type=int, help="trials at once (budget.concurrency)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="require OUT to hold this sweep already (rerunning without it resumes too)",
+    )
+    p.set_defaults(run=run)
+
+    ls = sub.add_parser("spaces", parents=[common], help="list the shipped sweep spaces")
+    ls.set_defaults(run=run_spaces)
+
+
+def run(args) -> int:
+    from raypurify.errors import ConfigError
+    from raypurify.sweeps.driver import STATE, run_sweep
+    from raypurify.sweeps.space import load_space
+
+    overrides = list(args.overrides)
+    if args.samples is not None:
+        overrides.append(f"budget.samples={args.samples}")
+    if args.concurrency is not None:
+        overrides.append(f"budget.concurrency={args.concurrency}")
+    space = load_space(args.space, overrides)
+    if args.resume and not (Path(args.out) / STATE).exists():
+        raise ConfigError(f"--resume: {args.out} holds no sweep to resume ({STATE} missing)")
+    summary = run_sweep(space, args.out, num_cpus=args.num_cpus)
+    print((Path(args.out) / "results.md").read_text())
+    print(f"results -> {args.out}/trials.csv, best.json, results.md, *.png")
+    print(f"compare the trials in MLflow: raypurify ui --sweep {args.out}")
+    return 0 if summary["done"] else 1
+
+
+def run_spaces(args) -> int:
+    from raypurify.sweeps.space import load_space, spaces
+
+    for name in spaces():
+        space = load_space(name)
+        first = space.description.strip().splitlines()[0] if space.description else ""
+        print(f"{name:<20} {first}")
+    return 0

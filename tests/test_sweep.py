@@ -1,0 +1,303 @@
+"""Sweeps, for real: Ray Tune + Optuna + ASHA over a tiny space, tracked in a real MLflow
+store, killed after its first trial and resumed; and bad space files refused before work."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import run_and_kill
+
+from raypurify.cli import main
+from raypurify.sweeps.results import spearman
+from raypurify.sweeps.space import load_space, overrides_for
+
+TINY = {
+    "name": "tiny",
+    "dataset": {"name": "cifar10-sample", "subset": 400},
+    "validation": {"rows": 100, "seed": 1},
+    "test": {"name": "cifar10-sample", "split": "test"},
+    # a weak "attack", so the classifiers of sensible trials learn above chance quickly
+    "attack": {"name": "random-noise"},
+    "purifier": {
+        "preset": "cpu",
+        "overrides": [
+            "model.width=8",
+            "model.latent=16",
+            "stage1.epochs=1",
+            "stage2.epochs=1",
+            "stage1.batch_size=64",
+            "stage2.batch_size=64",
+            "stage1.phat_start_epoch=0",
+            "stage2.phat_start_epoch=0",
+        ],
+    },
+    "classifier": {
+        "recipe": "cpu",
+        "overrides": ["epochs=4", "arch_options.width=8", "batch_size=32", "optim.warmup_epochs=0"],
+    },
+    "parameters": {
+        "kld1": {"low": 0.5, "high": 2.0, "log": True},
+        "kld2": {"low": 0.001, "high": 20.0, "log": True},
+        "lambda": {"low": 0.001, "high": 1000.0, "log": True},
+    },
+    "probe_rows": 50,
+    # The second point caps stage 2 at a rate of ~0 nats and weighs it heavily: P3 is a
+    # flat mean image, its classifier is at chance, and ASHA stops it after the preset's.
+    "budget": {
+        "samples": 3,
+        "concurrency": 1,
+        "seed": 0,
+        "points": [{"kld1": 1.0, "kld2": 0.001, "lambda": 1000.0}],
+    },
+    "asha": {"grace_period": 3, "reduction_factor": 2},
+}
+
+
+def write_space(path: Path, **changes) -> Path:
+    data = json.loads(json.dumps(TINY))
+    for key, value in changes.items():
+        node = data
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node[p]
+        if value is None:
+            node.pop(last, None)
+        else:
+            node[last] = value
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def children(uri: str, parent_id: str) -> list:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exps = [e.experiment_id for e in client.search_experiments()]
+    return client.search_runs(exps, filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
+
+
+def finished_children(uri: str, out: Path) -> int:
+    state = out / "sweep.json"
+    if not state.exists():
+        return 0
+    try:
+        parent = json.loads(state.read_text())["parent_run_id"]
+        return sum(r.info.status == "FINISHED" for r in children(uri, parent))
+    except Exception:  # the store is being written by the sweep
+        return 0
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory, ray_session):
+    """A 3-trial sweep, killed (with its own Ray) once its first trial finished, then
+    resumed in this process to the full count."""
+    root = tmp_path_factory.mktemp("sweep")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    old = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    try:
+        space_file = write_space(root / "tiny.yaml")
+        out = root / "out"
+        args = ["-m", "raypurify", "sweep", str(space_file), "--out", str(out)]
+        run_and_kill(args, lambda: finished_children(uri, out) >= 1, timeout=900)
+        killed_with = finished_children(uri, out)
+        assert (out / "sweep.json").exists()
+        assert main(["sweep", str(space_file), "--out", str(out), "--resume"]) == 0
+        yield {"out": out, "uri": uri, "space": load_space(str(space_file)), "killed": killed_with}
+    finally:
+        if old is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = old
+
+
+def trials(out: Path) -> list[dict]:
+    with (out / "trials.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_a_killed_sweep_resumes_to_every_output(sweep):
+    out = sweep["out"]
+    assert sweep["killed"] >= 1  # it was killed after its first trial, not before
+    rows = trials(out)
+    assert len(rows) == 3
+    assert {
+        "trial_id",
+        "status",
+        "kld1",
+        "kld2",
+        "lambda",
+        "objective",
+        "test_accuracy",
+        "wall_s",
+        "stopped_by_asha",
+    } <= set(rows[0])
+    for name in (
+        "best.json",
+        "results.md",
+        "summary.json",
+        "optuna.journal",
+        "sweep.json",
+        "parallel_coordinates.png",
+        "param_importance.png",
+        "objective_by_trial.png",
+    ):
+        assert (out / name).stat().st_size > 0, name
+    best = json.loads((out / "best.json").read_text())
+    done = [r for r in rows if r["status"] == "DONE"]
+    assert best["objective"] == pytest.approx(max(float(r["objective"]) for r in done))
+    assert set(best["config"]) == {"kld1", "kld2", "lambda"}
+    assert "| best |" in (out / "results.md").read_text()
+
+
+def test_every_suggestion_lies_inside_the_space(sweep):
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    space = sweep["space"]
+    for row in trials(sweep["out"]):
+        for name, rng in space.parameters.items():
+            assert rng.low <= float(row[name]) <= rng.high, (name, row[name])
+    state = json.loads((sweep["out"] / "sweep.json").read_text())
+    storage = JournalStorage(JournalFileBackend(str(sweep["out"] / "optuna.journal")))
+    study = optuna.load_study(study_name=state["study_name"], storage=storage)
+    assert len(study.trials) >= 3
+    first = study.trials[0].params  # the preset's values come first
+    assert first == pytest.approx({"kld1": 1.0, "kld2": 10.0, "lambda": 0.01})
+
+
+def test_asha_stops_a_trial_and_the_sweep_still_finishes(sweep):
+    rows = trials(sweep["out"])
+    stopped = [r for r in rows if r["stopped_by_asha"] == "True"]
+    assert stopped, rows
+    assert all(int(r["epoch"]) < 4 for r in stopped)
+    assert float(stopped[0]["kld2"]) == pytest.approx(0.001)
+    assert sum(r["status"] == "DONE" for r in rows) >= 1
+
+
+def test_mlflow_has_one_child_per_trial_with_its_params(sweep):
+    state = json.loads((sweep["out"] / "sweep.json").read_text())
+    runs = children(sweep["uri"], state["parent_run_id"])
+    rows = {r["trial_id"]: r for r in trials(sweep["out"])}
+    assert len(runs) == len(rows) == 3  # no duplicate after the resume
+    for run in runs:
+        row = rows[run.data.tags["trial_id"]]
+        for name in ("kld1", "kld2", "lambda"):
+            assert float(run.data.params[name]) == pytest.approx(float(row[name]))
+        assert "val_accuracy" in run.data.metrics
+        if row["status"] == "DONE":
+            assert run.data.metrics["objective"] == pytest.approx(float(row["objective"]))
+            assert run.info.status == "FINISHED"
+
+
+def test_the_best_purified_set_is_a_step_run_reuses(sweep):
+    """An experiment with the same data, attack and the best overrides finds the sweep's
+    clean data, poison and purification finished in the sweep's store."""
+    from raypurify.experiments.runner import finished_steps
+    from raypurify.experiments.spec import ExperimentSpec
+
+    space = sweep["space"]
+    best = json.loads((sweep["out"] / "best.json").read_text())
+    spec = ExperimentSpec.model_validate(
+        {
+            "name": "reuse",
+            "dataset": space.dataset.to_dict(),
+            "test": space.test.to_dict(),
+            "attacks": [{"name": "random-noise"}],
+            "defenses": [{"name": "dvae", "options": best["purifier"]}],
+            "clean_row": False,
+        }
+    )
+    found = {s.name for s in finished_steps(spec, sweep["out"])}
+    assert {"data/clean", "poison/random-noise", "purify/random-noise/dvae"} <= found
+    assert best["purify_key"] in {
+        s.key for s in finished_steps(spec, sweep["out"]) if s.kind == "purify"
+    }
+
+
+BAD = [
+    ({"parameters.width2": {"low": 1, "high": 2}}, "parameters.width2"),
+    ({"parameters.kld1": {"low": 2.0, "high": 2.0}}, "parameters.kld1"),
+    ({"parameters.kld1": {"low": 3.0, "high": 1.0}}, "parameters.kld1"),
+    ({"parameters.lambda": {"low": 0.0, "high": 1.0, "log": True}}, "parameters.lambda"),
+    ({"parameters.kld2": None}, "parameters.kld2"),
+    ({"objective": "test_accuracy"}, "objective"),
+    ({"attack.name": "emm"}, "attack"),
+    ({"purifier.preset": "nope"}, "preset"),
+    ({"classifier.recipe": "nope"}, "recipe"),
+    ({"budget.concurrency": 64}, "budget.concurrency"),
+    ({"budget.samples": 0}, "budget.samples"),
+    ({"asha.grace_period": 4}, "asha.grace_period"),
+    ({"dataset.subset": None}, "dataset.subset"),
+    ({"budget.points": [{"kld1": 1.0}]}, "budget.points"),
+]
+
+
+@pytest.mark.parametrize(("change", "names"), BAD, ids=[b[1] for b in BAD])
+def test_a_bad_space_fails_before_any_work(tmp_path, capsys, ray_session, change, names):
+    space_file = write_space(tmp_path / "bad.yaml", **change)
+    out = tmp_path / "out"
+    assert main(["sweep", str(space_file), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and names in err and "\n" not in err, err
+    assert not out.exists()
+
+
+def test_a_space_name_or_file_is_required(capsys):
+    assert main(["sweep", "no-such-space", "--out", "x"]) == 2
+    assert "shipped space" in capsys.readouterr().err
+
+
+def test_the_shipped_spaces_validate():
+    for name in ("demo", "cpu", "cifar10-paper", "cifar100-paper"):
+        space = load_space(name)
+        assert {"kld1", "kld2", "lambda"} <= set(space.parameters)
+
+
+def test_parameters_map_to_their_config_paths():
+    assert overrides_for({"kld1": 0.5, "lambda": 0.02, "width": 16.0}) == [
+        "stage1.kld_limit=0.5",
+        "stage1.kl_weight=0.02",
+        "stage2.kl_weight=0.02",
+        "model.width=16",
+    ]
+
+
+def test_spearman_ranks():
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 2], [1, 2]) is None
+
+
+def test_the_linear_probe_finds_a_shortcut_and_not_noise():
+    """The label-free score's linear part: near-perfect on class-wise patterns, chance on
+    images whose labels carry no pixel signal."""
+    import numpy as np
+
+    from raypurify.data.imageset import ImageSet
+    from raypurify.sweeps.trial import linear_probe_accuracy
+
+    rng = np.random.default_rng(0)
+    labels = np.arange(600) % 10
+    noise = rng.integers(0, 256, (600, 8, 8, 3)).astype(np.uint8)
+    patterns = rng.integers(-20, 21, (10, 8, 8, 3))
+    shortcut = np.clip(noise.astype(int) // 2 + 64 + patterns[labels], 0, 255).astype(np.uint8)
+    names = [str(c) for c in range(10)]
+
+    def acc(images):
+        data = ImageSet(images, labels, np.arange(600), names)
+        return linear_probe_accuracy(data.take(np.arange(500)), data.take(np.arange(500, 600)), 0)
+
+    assert acc(shortcut) > 0.9
+    assert acc(noise) < 0.3
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__]))
