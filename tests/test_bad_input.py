@@ -495,6 +495,25 @@ CASES = [
 ]
 
 
+def ray_starts(monkeypatch) -> list[str]:
+    """Calls of `runtime.init_ray` (which asks Ray whether it is up first), recorded even
+    when another test of the session has started Ray already."""
+    import inspect
+
+    import ray
+
+    calls, real = [], ray.is_initialized
+
+    def is_initialized():
+        caller = inspect.stack()[1]
+        if caller.function == "init_ray":
+            calls.append(caller.filename)
+        return real()
+
+    monkeypatch.setattr(ray, "is_initialized", is_initialized)
+    return calls
+
+
 def terminal_lines(text: str) -> list[str]:
     """What a terminal shows: a progress bar redrawn with carriage returns is one line, and
     one cleared at the end (spaces) is none."""
@@ -520,8 +539,6 @@ def good_template(tmp_path_factory) -> Path:
 def test_bad_input_is_one_line(case, good_template, tmp_path, monkeypatch, capsys):
     import shutil
 
-    import ray
-
     root = tmp_path / "work"
     root.mkdir()
     shutil.copytree(good_template, root / "good")
@@ -531,6 +548,7 @@ def test_bad_input_is_one_line(case, good_template, tmp_path, monkeypatch, capsy
     case.setup(root)
     before = listing(root)
     capsys.readouterr()
+    starts = ray_starts(monkeypatch)
 
     code = main(case.argv(root))
 
@@ -542,7 +560,7 @@ def test_bad_input_is_one_line(case, good_template, tmp_path, monkeypatch, capsy
     assert "weights_only=False" not in err
     assert case.expect in lines[0]
     assert listing(root) == before, "the command left files behind or changed them"
-    assert not ray.is_initialized(), "Ray started before the input was checked"
+    assert not starts, "Ray was started (or joined) before the input was checked"
 
 
 def test_bad_input_on_the_real_terminal(tmp_path):
@@ -575,3 +593,16 @@ def test_corrupt_bytes_are_found_in_a_legacy_dataset_too(tmp_path):
         read_images(d)
     assert len(str(e.value).splitlines()) == 1 and "part-00000.parquet" in str(e.value)
     assert pq.ParquetFile(d / "part-00000.parquet").metadata.num_rows == 30
+
+
+def test_ray_starts_records_init_ray(monkeypatch):
+    """The control for the table's last check: a call of init_ray is seen."""
+    import ray
+
+    from raypurify.runtime import init_ray
+
+    starts = ray_starts(monkeypatch)
+    monkeypatch.setattr(ray, "init", lambda *args, **kwargs: None)  # record, never start
+    monkeypatch.setenv("RAYPURIFY_RAY_ALL_INTERFACES", "1")
+    init_ray()
+    assert starts

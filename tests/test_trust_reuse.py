@@ -59,7 +59,8 @@ def test_train_reuses_only_the_same_run(ray_session, mlflow_uri, sets, tmp_path)
     out = tmp_path / "run"
     first = train(sets, out)
     defended = open_dataset(out / "defended")
-    assert defended.manifest["parents"][0]["sha256"] == open_dataset(sets["a"]).sha256
+    made_from = json.loads((out / MARKER).read_text())["what"]["data"]
+    assert made_from["sha256"] == open_dataset(sets["a"]).sha256
 
     # Another training set, learning rate, epoch count or defence: refused, nothing changed.
     before = (out / "metrics.json").read_text()
@@ -83,9 +84,10 @@ def test_train_reuses_only_the_same_run(ray_session, mlflow_uri, sets, tmp_path)
 
     # --overwrite replaces our own run: the defended set is rebuilt from the new input.
     train(sets, out, data="b", overwrite=True)
-    parents = open_dataset(out / "defended").manifest["parents"]
-    assert parents[0]["sha256"] == open_dataset(sets["b"]).sha256
-    assert json.loads((out / MARKER).read_text())["what"]["data"]["sha256"] == parents[0]["sha256"]
+    assert open_dataset(out / "defended").manifest["parents"] == [{"source": str(sets["b"])}]
+    assert open_dataset(out / "defended").sha256 != defended.sha256
+    made_from = json.loads((out / MARKER).read_text())["what"]["data"]
+    assert made_from["sha256"] == open_dataset(sets["b"]).sha256
 
 
 def test_purify_reuses_only_the_same_input_and_config(ray_session, mlflow_uri, sets, tmp_path):

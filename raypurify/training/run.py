@@ -99,7 +99,7 @@ def run_training(
     existed = out.exists()
     resumed = claim_dir(out, what, overwrite=overwrite, inputs=inputs)
     try:
-        train_set = training_set(chosen, options, train_spec, source, out, num_cpus)
+        train_set = training_set(chosen, options, train_spec, data, out, num_cpus)
         check_compatible(train_set, test_set)  # the trainer checks again; before Ray here
         if len(np.unique(train_set.labels)) < 2:
             raise DatasetError(f"{train_set.name}: training needs at least 2 classes with images")
@@ -117,9 +117,12 @@ def run_training(
         return train_classifier(train_set, test_set, cfg, out, run=run)
 
 
-def training_set(chosen, options, train_spec, source: dict, out: Path, num_cpus):
+def training_set(chosen, options, train_spec, data: str, out: Path, num_cpus):
     """The training set in memory: defended into `out/defended` first for a transform
-    defence (reusing one made from this input by this defence, replacing any other)."""
+    defence (reusing one made from this input by this defence, replacing any other). The
+    marker of `out` already ties the run to the input's content; the defended set's own
+    manifest names the defence and the input as given."""
+    source = {"source": data}
     if chosen.kind != "transform":
         return registry.load(train_spec)
     init_ray(num_cpus)
