@@ -141,6 +141,19 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def named_or_file(name_or_path: str, shipped: Mapping[str, Path], what: str) -> Path:
+    """A YAML file's path, or the path of the shipped `what` (preset, space) of that name."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    if name_or_path not in shipped:
+        raise ConfigError(
+            f"'{name_or_path}' is neither a YAML file nor a shipped {what} "
+            f"({what}s: {', '.join(shipped) or 'none found'})"
+        )
+    return shipped[name_or_path]
+
+
 def load(
     model: type[C],
     base: Mapping[str, Any] | str | Path | None = None,

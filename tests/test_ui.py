@@ -148,13 +148,10 @@ def test_cli_bad_input_exits_2_with_one_line(sweep_dir, tmp_path, capsys):
 
 
 def _cli_main(argv: list[str]) -> int:
-    """`raypurify ui ...` in process: through the main CLI once `ui` is registered there."""
+    """`raypurify ui ...` in process."""
     from raypurify import cli
-    from raypurify.cli import ui as ui_cli
 
-    if ui_cli in cli.COMMANDS:
-        return cli.main(["ui", *argv])
-    return ui_cli.main(argv)
+    return cli.main(["ui", *argv])
 
 
 # --- the browser ----------------------------------------------------------------------------
@@ -169,12 +166,7 @@ def _chromium() -> str | None:
 
 
 def _ui_command() -> list[str]:
-    from raypurify import cli
-    from raypurify.cli import ui as ui_cli
-
-    if ui_cli in cli.COMMANDS:
-        return [sys.executable, "-m", "raypurify", "ui"]
-    return [sys.executable, "-m", "raypurify.cli.ui"]
+    return [sys.executable, "-m", "raypurify", "ui"]
 
 
 def _port_open(port: int) -> bool:
@@ -195,6 +187,7 @@ def _wait_for_line(lines: list[str], prefix: str, proc, timeout: float) -> str:
     pytest.fail(f"no {prefix!r} line from raypurify ui; output:\n" + "".join(lines))
 
 
+@pytest.mark.slow
 def test_browser_shows_every_trial_on_the_comparison_page(sweep_dir, tmp_path):
     chromium = _chromium()
     if chromium is None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
-
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -43,26 +41,3 @@ def run(args) -> int:
         sweep_dir=args.sweep,
         backend_store_uri=args.backend_store_uri,
     )
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m raypurify.cli.ui`: the command on its own, with the CLI's error handling."""
-    import sys
-
-    from raypurify.errors import user_error
-
-    parser = argparse.ArgumentParser(prog="raypurify")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["ui", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return args.run(args) or 0
-    except Exception as e:
-        err = user_error(e)
-        if err is None:
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from raypurify import config
-from raypurify.errors import ConfigError
 from raypurify.experiments.spec import ExperimentSpec
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
@@ -17,13 +16,5 @@ def presets() -> dict[str, Path]:
 
 def load_spec(name_or_path: str, overrides: list[str] = ()) -> ExperimentSpec:
     """A shipped preset by name, or a YAML file, with `--set` overrides; validated."""
-    path = Path(name_or_path)
-    if not path.is_file():
-        known = presets()
-        if name_or_path not in known:
-            raise ConfigError(
-                f"'{name_or_path}' is neither a YAML file nor a preset "
-                f"(presets: {', '.join(known)})"
-            )
-        path = known[name_or_path]
+    path = config.named_or_file(name_or_path, presets(), "preset")
     return config.load(ExperimentSpec, path, overrides)

@@ -194,15 +194,7 @@ def spaces() -> dict[str, Path]:
 def load_space(name_or_path: str, overrides: list[str] = ()) -> SweepSpace:
     """A shipped space by name, or a YAML file, with `--set` overrides; validated whole
     (every parameter's range ends resolve to a valid purification config)."""
-    path = Path(name_or_path)
-    if not path.is_file():
-        known = spaces()
-        if name_or_path not in known:
-            raise ConfigError(
-                f"'{name_or_path}' is neither a YAML file nor a shipped space "
-                f"(spaces: {', '.join(known) or 'none found'})"
-            )
-        path = known[name_or_path]
+    path = config.named_or_file(name_or_path, spaces(), "space")
     space = config.load(SweepSpace, path, overrides)
     check(space, source=str(path))
     return space
