@@ -23,6 +23,10 @@ def init_ray(num_cpus: int | None = None, *, object_store_bytes: int | None = No
     """Join the cluster in RAY_ADDRESS, or start a local Ray (idempotent)."""
     import ray
 
+    if num_cpus is not None and num_cpus < 1:  # a local Ray with no CPU waits forever
+        from raypurify.errors import ConfigError
+
+        raise ConfigError(f"--num-cpus: {num_cpus} is not at least 1")
     if ray.is_initialized():
         return
     quiet_data_logs()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -308,6 +309,24 @@ CASES = [
         "--allow-over-budget",
     ),
     Case(
+        "import npz of strings",
+        poison_import("npz", "s.npz"),
+        lambda r: np.savez(r / "s.npz", x=np.full((30, 8, 8, 3), "a"), y=np.arange(30) % 3),
+        "expected numbers",
+    ),
+    Case(
+        "import npz that is no zip",
+        poison_import("npz", "g.npz"),
+        lambda r: (r / "g.npz").write_bytes(b"PK\x03\x04garbage"),
+        "unreadable",
+    ),
+    Case(
+        "import corrupt png",
+        poison_import("png", "pngs"),
+        lambda r: ((r / "pngs").mkdir(), (r / "pngs" / "0.png").write_bytes(b"\x89PNG junk")),
+        "undecodable",
+    ),
+    Case(
         "import onto its base",
         lambda r: [
             "poison",
@@ -409,6 +428,24 @@ CASES = [
         ),
         "at least 2 classes",
     ),
+    Case(
+        "train with a test set of other classes",
+        train(data="train"),
+        lambda r: (
+            shutil.rmtree(r / "good"),
+            write_images(small_set(), r / "train"),
+            write_images(
+                ImageSet(small_set().images, np.arange(30) % 2, np.arange(30), ["x", "y"]),
+                r / "good",
+            ),
+        ),
+        "classes",
+    ),
+    Case(
+        "export with --num-cpus 0",
+        lambda r: ["datasets", "export", "synthetic", "--out", str(r / "o"), "--num-cpus", "0"],
+        expect="--num-cpus",
+    ),
     # purify ---------------------------------------------------------------------------
     Case(
         "purify data missing", lambda r: ["purify", "--data", str(r / "no"), "--out", str(r / "o")]
@@ -436,6 +473,11 @@ CASES = [
     ),
     # run ------------------------------------------------------------------------------
     Case("run unknown preset", lambda r: ["run", "nope", "--out", str(r / "o")]),
+    Case(
+        "run with max_parallel 0",
+        lambda r: ["run", "demo", "--out", str(r / "o"), "--set", "max_parallel=0"],
+        expect="max_parallel",
+    ),
     Case(
         "run with a missing training set",
         lambda r: ["run", str(r / "s.yaml"), "--out", str(r / "o")],
@@ -537,8 +579,6 @@ def good_template(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_bad_input_is_one_line(case, good_template, tmp_path, monkeypatch, capsys):
-    import shutil
-
     root = tmp_path / "work"
     root.mkdir()
     shutil.copytree(good_template, root / "good")

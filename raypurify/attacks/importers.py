@@ -106,10 +106,15 @@ def load_array(path: Path) -> np.ndarray:
         pickled = any(w in text for w in ("weights_only", "global", "allow_pickle", "object arr"))
         detail = "pickled objects are never loaded" if pickled else type(e).__name__
         raise DatasetError(f"{path}: not a plain tensor or array file ({detail})") from None
+    return numeric(value, path)
+
+
+def numeric(value: np.ndarray, where: Path) -> np.ndarray:
+    """`value` if it holds real numbers (or booleans); strings and the like are one line."""
     if not (np.issubdtype(value.dtype, np.number) or value.dtype == bool):
-        raise DatasetError(f"{path}: holds {value.dtype} values, expected numbers")
+        raise DatasetError(f"{where}: holds {value.dtype} values, expected numbers")
     if np.iscomplexobj(value):
-        raise DatasetError(f"{path}: holds complex values, expected real numbers")
+        raise DatasetError(f"{where}: holds complex values, expected real numbers")
     return value
 
 
@@ -239,6 +244,7 @@ def images_from_arrays(
     labels_where: Path,
 ) -> np.ndarray:
     """The base's rows of released (N, H, W, C) images checked against the base's labels."""
+    images, labels = numeric(images, where), numeric(labels, labels_where)
     if images.ndim != 4 or images.shape[1:] != base.shape:
         raise DatasetError(f"{where}: images have shape {images.shape}, expected N x {base.shape}")
     if labels.ndim == 2:  # one-hot
@@ -268,8 +274,11 @@ def read_npz(paths: list[Path], base: ImageSet, cfg: ScaledImportConfig):
             if pair is None:
                 raise DatasetError(f"{path}: needs keys data/targets or x/y, has {sorted(keys)}")
             images, labels = arrays[pair[0]], arrays[pair[1]]
-    except (OSError, ValueError) as e:
-        raise DatasetError(f"{path}: unreadable ({str(e).splitlines()[0]})") from None
+    except DatasetError:
+        raise
+    except Exception as e:  # not a zip, a truncated member, a pickled array...
+        detail = (str(e).splitlines() or [type(e).__name__])[0]
+        raise DatasetError(f"{path}: unreadable as .npz ({detail})") from None
     return images_from_arrays(images, labels, base, cfg.units, path, path)
 
 
