@@ -16,7 +16,6 @@ for small data) or through Ray Data (`read_ray` / `write_ray`, decoding in map_b
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -32,7 +31,14 @@ from raypurify import __version__
 from raypurify.atomic import staged_dir, write_json
 from raypurify.data.codec import decode_batch, encode_batch
 from raypurify.data.imageset import ImageSet, check_arrays
-from raypurify.data.manifest import check_fields, check_files, file_record, verify_content
+from raypurify.data.manifest import (
+    check_fields,
+    check_files,
+    file_record,
+    read_columns,
+    rows_and_sha256,
+    verify_content,
+)
 from raypurify.errors import DatasetError
 
 FORMAT = "raypurify-interchange/1"
@@ -199,7 +205,7 @@ def finalize(
         if meta is not None and file_meta != meta:
             raise DatasetError(f"{f}: schema metadata differs from the other files")
         meta = file_meta
-    rows, sha256 = _content(files, directory)
+    rows, sha256 = rows_and_sha256(files, directory)
     manifest = {
         "format": FORMAT,
         "rows": rows,
@@ -215,48 +221,6 @@ def finalize(
     }
     write_json(directory / MANIFEST, manifest)
     return manifest
-
-
-def content_sha256(files: Sequence[Path]) -> str:
-    """The content hash of a dataset's rows (what its manifest's `sha256` records)."""
-    return _content(files, files[0].parent)[1]
-
-
-def _content(files: Sequence[Path], directory: Path) -> tuple[int, str]:
-    """(rows, sha256) over every row's index, label, flag and image bytes, in index order:
-    independent of how rows are split into files."""
-    ids, digests = [], []
-    for f in files:
-        i, d = _row_digests(f)
-        ids.append(i)
-        digests.extend(d)
-    index = np.concatenate(ids)
-    if len(index) == 0:
-        raise DatasetError(f"{directory}: dataset is empty (0 rows)")
-    uniq, counts = np.unique(index, return_counts=True)
-    if len(uniq) != len(index):
-        raise DatasetError(f"{directory}: index {int(uniq[counts > 1][0])} appears more than once")
-    content = hashlib.sha256()
-    for row in np.argsort(index, kind="stable"):
-        content.update(digests[row])
-    return int(len(index)), content.hexdigest()
-
-
-def _row_digests(path: Path) -> tuple[np.ndarray, list[bytes]]:
-    names = pq.read_schema(path).names
-    cols = ["image", "label", "index"] + (["poisoned"] if "poisoned" in names else [])
-    table = _read(path, cols)
-    index = table["index"].to_numpy()
-    labels = table["label"].to_numpy()
-    flags = table["poisoned"].to_numpy(zero_copy_only=False) if "poisoned" in names else None
-    digests = []
-    for r, blob in enumerate(table["image"].to_pylist()):
-        h = hashlib.sha256(int(index[r]).to_bytes(8, "little", signed=True))
-        h.update(int(labels[r]).to_bytes(8, "little", signed=True))
-        h.update(b"\x02" if flags is None else bytes([bool(flags[r])]))
-        h.update(blob or b"")
-        digests.append(h.digest())
-    return index, digests
 
 
 # ---------------------------------------------------------------------------------------
@@ -293,15 +257,6 @@ def _check_schema(path: Path) -> dict[str, Any]:
     return {k: meta[k] for k in ("classes", "height", "width", "channels")}
 
 
-def _read(path: Path, columns: list[str]) -> pa.Table:
-    """Read columns of one file; corrupt pages fail with one line naming the file."""
-    try:
-        return pq.read_table(path, columns=columns)
-    except Exception as e:
-        msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise DatasetError(f"{path}: corrupt parquet data ({msg})") from None
-
-
 def open_dataset(path: str | Path, *, verify: bool = False) -> DatasetInfo:
     """Check a dataset directory (manifest, files, schemas) without decoding images;
     `verify` also recomputes the content hash from every row (the full check)."""
@@ -335,7 +290,7 @@ def iter_images(path: str | Path, *, info: DatasetInfo | None = None) -> Iterato
     info = info or open_dataset(path)
     for f in info.files:
         names = pq.read_schema(f).names
-        table = _read(f, [c for c in names if c in COLUMN_TYPES | OPTIONAL_TYPES])
+        table = read_columns(f, [c for c in names if c in COLUMN_TYPES | OPTIONAL_TYPES])
         if table.num_rows == 0:
             continue
         index = table["index"].to_numpy()

@@ -8,15 +8,20 @@ sha256 of the bytes, rows) are also checked file by file, so pixels edited after
 manifest was written are caught on open; a hash is computed once per process for a file
 whose size and mtime did not change. `verify_content` is the full check on demand: it
 recomputes the content sha256 from the rows themselves (`raypurify datasets verify`).
+The content hash lives here too: it is what the manifest records and the store trusts,
+and its formula must never change (stored step keys are made from it).
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raypurify.errors import DatasetError
@@ -139,8 +144,6 @@ def check_files(directory: Path, manifest: dict[str, Any], where: Path) -> tuple
 
 def verify_content(info) -> str:
     """Recompute the content sha256 from every row; raise if it is not the manifest's."""
-    from raypurify.data.interchange import content_sha256
-
     got = content_sha256(info.files)
     if got != info.sha256:
         raise DatasetError(
@@ -148,3 +151,57 @@ def verify_content(info) -> str:
             f"{info.sha256[:16]} (the data changed after it was written)"
         )
     return got
+
+
+# Content hash: over every row's index, label, poisoned flag and image bytes
+
+
+def content_sha256(files: Sequence[Path]) -> str:
+    """The content hash of a dataset's rows (what its manifest's `sha256` records)."""
+    return rows_and_sha256(files, files[0].parent)[1]
+
+
+def rows_and_sha256(files: Sequence[Path], directory: Path) -> tuple[int, str]:
+    """(rows, sha256) over every row's index, label, flag and image bytes, in index order:
+    independent of how rows are split into files."""
+    ids, digests = [], []
+    for f in files:
+        i, d = _row_digests(f)
+        ids.append(i)
+        digests.extend(d)
+    index = np.concatenate(ids)
+    if len(index) == 0:
+        raise DatasetError(f"{directory}: dataset is empty (0 rows)")
+    uniq, counts = np.unique(index, return_counts=True)
+    if len(uniq) != len(index):
+        raise DatasetError(f"{directory}: index {int(uniq[counts > 1][0])} appears more than once")
+    content = hashlib.sha256()
+    for row in np.argsort(index, kind="stable"):
+        content.update(digests[row])
+    return int(len(index)), content.hexdigest()
+
+
+def _row_digests(path: Path) -> tuple[np.ndarray, list[bytes]]:
+    names = pq.read_schema(path).names
+    cols = ["image", "label", "index"] + (["poisoned"] if "poisoned" in names else [])
+    table = read_columns(path, cols)
+    index = table["index"].to_numpy()
+    labels = table["label"].to_numpy()
+    flags = table["poisoned"].to_numpy(zero_copy_only=False) if "poisoned" in names else None
+    digests = []
+    for r, blob in enumerate(table["image"].to_pylist()):
+        h = hashlib.sha256(int(index[r]).to_bytes(8, "little", signed=True))
+        h.update(int(labels[r]).to_bytes(8, "little", signed=True))
+        h.update(b"\x02" if flags is None else bytes([bool(flags[r])]))
+        h.update(blob or b"")
+        digests.append(h.digest())
+    return index, digests
+
+
+def read_columns(path: Path, columns: list[str]) -> pa.Table:
+    """Read columns of one file; corrupt pages fail with one line naming the file."""
+    try:
+        return pq.read_table(path, columns=columns)
+    except Exception as e:
+        msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise DatasetError(f"{path}: corrupt parquet data ({msg})") from None
