@@ -40,7 +40,14 @@ TINY = {
     },
     "classifier": {
         "recipe": "cpu",
-        "overrides": ["epochs=4", "arch_options.width=8", "batch_size=32", "optim.warmup_epochs=0"],
+        "overrides": [
+            "epochs=4",
+            "arch_options.width=8",
+            "batch_size=32",
+            "optim.lr=0.4",
+            "optim.warmup_epochs=0",
+            "optim.label_smoothing=0",
+        ],
     },
     "parameters": {
         "kld1": {"low": 0.5, "high": 2.0, "log": True},

@@ -152,7 +152,7 @@ def run_sweep(space: SweepSpace, out: str | Path, *, num_cpus: int | None = None
     from raypurify.runtime import init_ray
     from raypurify.sweeps import results
     from raypurify.sweeps.live import LiveTable
-    from raypurify.sweeps.tracking import close_stopped, parent_run
+    from raypurify.sweeps.tracking import parent_run, reconcile
     from raypurify.tracking import tracking_uri
 
     out = Path(out).resolve()
@@ -199,7 +199,7 @@ def run_sweep(space: SweepSpace, out: str | Path, *, num_cpus: int | None = None
         parent.finish("FAILED")
         raise
     trials = results.collect(space, grid)
-    close_stopped(parent, {t["trial_id"]: t["epoch"] for t in trials if t["stopped_by_asha"]})
+    reconcile(parent, trials)
     summary = results.write(space, trials, out, state, time.perf_counter() - start)
     results.log(parent, out, summary)
     parent.finish()

@@ -7,6 +7,7 @@ Test accuracy is a reported-only column: nothing here or in the search reads it 
 from __future__ import annotations
 
 import csv
+import re
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ def collect(space: SweepSpace, grid) -> list[dict[str, Any]]:
         m = result.metrics or {}
         done = "objective" in m
         row = {
-            "trial_id": m.get("trial_id") or Path(str(result.path)).name,
+            "trial_id": m.get("trial_id") or _trial_id(result.path),
             "status": "DONE" if done else ("ERROR" if result.error else "STOPPED"),
             **{name: result.config.get(name) for name in space.parameters},
             "objective": m.get("objective"),
@@ -41,6 +42,13 @@ def collect(space: SweepSpace, grid) -> list[dict[str, Any]]:
         }
         trials.append(row)
     return sorted(trials, key=lambda t: t["trial_id"])
+
+
+def _trial_id(path) -> str:
+    """A trial's id from its directory (`<trainable>_<id>_<n>_<params>_<time>`), for a
+    trial that failed before it reported anything."""
+    match = re.search(r"run_trial_([0-9a-f]+)_", Path(str(path)).name)
+    return match.group(1) if match else Path(str(path)).name
 
 
 def spearman(a: list[float], b: list[float]) -> float | None:

@@ -67,12 +67,21 @@ def parent_run(space: SweepSpace, name: str, run_id: str | None, uri: str | None
     )
 
 
-def close_stopped(parent: Run, stopped: dict[str, int]) -> None:
-    """Mark trials ASHA stopped (their process is gone before it could) as KILLED, with
-    the epoch they reached."""
+def reconcile(parent: Run, trials: list[dict]) -> None:
+    """Bring the child runs in line with the trials Tune finished with.
+
+    A trial ASHA stopped had its process ended before it could close its run: it is marked
+    KILLED with the epoch it reached. A sweep killed just after starting a trial, before
+    Tune saved that trial in its state, resumes without it (the searcher suggests afresh):
+    the run that trial opened belongs to no trial of the sweep, so it is deleted (MLflow
+    keeps it in its trash) and every trial keeps exactly one run.
+    """
+    by_id = {t["trial_id"]: t for t in trials}
     for r in children(parent):
-        epoch = stopped.get(r.data.tags.get(TRIAL_TAG, ""))
-        if epoch is not None:
+        trial = by_id.get(r.data.tags.get(TRIAL_TAG, ""))
+        if trial is None:
+            _retry(parent.client.delete_run, r.info.run_id)
+        elif trial["stopped_by_asha"]:
             run = Run(parent.uri, r.info.run_id)
-            run.set_tags({"asha_stopped_at_epoch": epoch})
+            run.set_tags({"asha_stopped_at_epoch": trial["epoch"]})
             run.finish("KILLED")

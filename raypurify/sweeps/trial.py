@@ -26,7 +26,7 @@ from raypurify.data.interchange import read_images
 from raypurify.experiments.steps import Step, make_purified
 from raypurify.experiments.store import Store
 from raypurify.sweeps.space import SweepSpace, overrides_for
-from raypurify.tracking import Run
+from raypurify.tracking import Run, active_run
 
 # Fields of a trial's result, besides its parameters (the trials table's columns).
 TRIAL_METRICS = ("val_accuracy", "test_accuracy", "label_free", "probe_deep", "probe_linear")
@@ -225,22 +225,22 @@ def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
     t0 = time.perf_counter()
     purified = purify_step(space, params, spec.poison.as_input())
     train = classifier_step(space, purified, spec.validation.as_input())
-    for step in (purified, train):
-        if not resolve(step, store):
-            step.result = execute(step, store, ctx)
-    result = train.result
-    final = {
-        "epoch": result["epochs"],
-        **{k: result[k] for k in TRIAL_METRICS},
-        "objective": result[space.objective],
-        "purify_key": purified.key,
-        "train_key": train.key,
-        "trial_s": time.perf_counter() - t0,
-    }
-    run.log_metrics({k: final[k] for k in (*TRIAL_METRICS, "objective")})
-    if train.cached:  # its epochs reached Tune in an earlier run; give ASHA the curve again
-        for epoch, acc in enumerate(result["val_curve"], 1):
-            tune.report({"epoch": epoch, "val_accuracy": acc})
-    tune.report(final)
-    run.set_tags({"purify_key": purified.key, "purified": purified.result["path"]})
-    run.finish()
+    with active_run(run):  # FAILED if a step raises; a trial ASHA kills is closed by the driver
+        for step in (purified, train):
+            if not resolve(step, store):
+                step.result = execute(step, store, ctx)
+        result = train.result
+        final = {
+            "epoch": result["epochs"],
+            **{k: result[k] for k in TRIAL_METRICS},
+            "objective": result[space.objective],
+            "purify_key": purified.key,
+            "train_key": train.key,
+            "trial_s": time.perf_counter() - t0,
+        }
+        run.log_metrics({k: final[k] for k in (*TRIAL_METRICS, "objective")})
+        run.set_tags({"purify_key": purified.key, "purified": purified.result["path"]})
+        if train.cached:  # its epochs reached Tune in an earlier run: give ASHA the curve again
+            for epoch, acc in enumerate(result["val_curve"], 1):
+                tune.report({"epoch": epoch, "val_accuracy": acc})
+        tune.report(final)
