@@ -224,6 +224,24 @@ CASES = [
         "'files'",
     ),
     Case(
+        "parents not a list",
+        lambda r: ["datasets", "show", str(r / "good")],
+        lambda r: edit_manifest(r / "good", parents="x"),
+        "'parents'",
+    ),
+    Case(
+        "file_info of the wrong type",
+        lambda r: ["datasets", "show", str(r / "good")],
+        lambda r: edit_manifest(r / "good", file_info={"part-00000.parquet": 3}),
+        "file_info",
+    ),
+    Case(
+        "manifest not UTF-8",
+        lambda r: ["datasets", "show", str(r / "good")],
+        lambda r: (r / "good" / MANIFEST).write_bytes(b"\xff\xfe{\x00}\x00"),
+        "invalid JSON",
+    ),
+    Case(
         "corrupt parquet bytes",
         lambda r: ["datasets", "show", str(r / "good")],
         lambda r: corrupt_middle(r / "good" / "part-00000.parquet"),
@@ -498,6 +516,17 @@ CASES = [
             ),
         ),
         "classifiers.0.arch_options",
+    ),
+    Case(
+        "run with a binary YAML file",
+        lambda r: ["run", str(r / "s.yaml"), "--out", str(r / "o")],
+        lambda r: (r / "s.yaml").write_bytes(b"\xff\xfe\x00garbage"),
+        "UTF-8",
+    ),
+    Case(
+        "train with a negative width",
+        train("--set", "arch_options.width=-1"),
+        expect="arch_options",
     ),
     Case(
         "run with malformed YAML",

@@ -43,6 +43,21 @@ def register(sub) -> None:
     ls.set_defaults(run=run_presets)
 
 
+def load(name_or_path: str, overrides):
+    """The spec, with an unreadable YAML file (binary, not UTF-8) as one line too."""
+    from raypurify.errors import ConfigError
+    from raypurify.experiments import load_spec
+
+    path = Path(name_or_path)
+    if path.is_file():
+        try:
+            path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            detail = e.reason if isinstance(e, UnicodeDecodeError) else e.strerror
+            raise ConfigError(f"{path}: not a readable UTF-8 YAML file ({detail})") from None
+    return load_spec(name_or_path, overrides)
+
+
 def preflight(spec) -> None:
     """What the runner's own validation leaves to the steps, checked before Ray or MLflow
     start: both datasets are there, and every option passed through to a model (a
@@ -71,10 +86,9 @@ def preflight(spec) -> None:
 
 
 def run(args) -> int:
-    from raypurify.experiments import load_spec
     from raypurify.experiments.runner import run_experiment
 
-    spec = load_spec(args.spec, args.overrides)
+    spec = load(args.spec, args.overrides)
     preflight(spec)
     results = run_experiment(spec, args.out, force=args.force, num_cpus=args.num_cpus)
     print((Path(args.out) / "results.md").read_text())
@@ -89,10 +103,9 @@ def run_report(args) -> int:
 
     out = Path(args.dir)
     if args.spec:
-        from raypurify.experiments import load_spec
         from raypurify.experiments.runner import finished_steps
 
-        spec = load_spec(args.spec, args.overrides)
+        spec = load(args.spec, args.overrides)
         report.save_run(out, spec, [str(s.dir) for s in finished_steps(spec, out)])
     spec, records = report.load_run(out)
     results = report.collect(spec, records)
