@@ -60,6 +60,14 @@ def is_ours(path: str | Path) -> bool:
     )
 
 
+def replaceable(path: str | Path) -> bool:
+    """Ours, or an empty folder (nothing in it to lose): what `--overwrite` may replace."""
+    path = Path(path)
+    if is_ours(path):
+        return True
+    return path.is_dir() and not path.is_symlink() and not any(path.iterdir())
+
+
 def mark(directory: str | Path, **fields: Any) -> None:
     """Mark `directory` as written by this project (with what made it, if given)."""
     from raypurify import __version__
@@ -92,7 +100,7 @@ def check_new(out: str | Path | None, overwrite: bool, inputs: Iterable = ()) ->
     path = Path(out)
     if not (path.exists() or path.is_symlink()):
         return
-    if not is_ours(path):
+    if not replaceable(path):
         raise RaypurifyError(
             f"{out} already exists and was not written by raypurify (no {MARKER} marker); "
             "it is never replaced: choose another --out"
@@ -171,7 +179,7 @@ def replace_dir(src: Path, dst: Path) -> None:
     """Move directory `src` to `dst`, replacing `dst` if present (only our own)."""
     old = None
     if dst.exists():
-        if not is_ours(dst):
+        if not replaceable(dst):
             raise RaypurifyError(f"{dst} was not written by raypurify; not replacing it")
         old = _sibling(dst, "old")
         os.rename(dst, old)
