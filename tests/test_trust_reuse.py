@@ -112,3 +112,24 @@ def test_purify_reuses_only_the_same_input_and_config(ray_session, mlflow_uri, s
     assert not (out / MARKER).exists()
     assert purify(sets["a"], out, cfg) == summary
     assert (out / MARKER).exists()
+
+
+def test_disentangle_refuses_an_out_made_from_other_inputs(sets, tmp_path, capsys):
+    """`analyze disentangle --out DIR` resumes its training only for the same clean set,
+    poisoned set, purification and recipe (no Ray needed to see the refusal)."""
+    from raypurify.atomic import mark
+    from raypurify.cli import main
+
+    purified = tmp_path / "purified"
+    purified.mkdir()
+    (purified / "config.json").write_text(json.dumps(preset("cpu", TINY).to_dict()))
+    (purified / "stage1.pt").write_bytes(b"weights")
+    out = tmp_path / "dis"
+    out.mkdir()
+    mark(out, what={"clean": {"id": "another clean set"}})
+    argv = ["analyze", "disentangle", "--clean", str(sets["a"]), "--data", str(sets["b"])]
+    argv += ["--purified", str(purified), "--test", str(sets["test"]), "--out", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "another config or input" in err and "clean" in err and len(err.splitlines()) == 1
+    assert sorted(p.name for p in out.iterdir()) == [MARKER]

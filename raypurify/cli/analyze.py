@@ -72,19 +72,32 @@ def run_detect(args) -> int:
 def run_disentangle(args) -> int:
     from pathlib import Path
 
-    from raypurify.atomic import check_not_input
+    from raypurify.atomic import claim_dir
     from raypurify.data import registry
     from raypurify.data.interchange import read_images
+    from raypurify.data.manifest import file_sha256
     from raypurify.experiments.analyses import write_clean_plus_phat
     from raypurify.runtime import init_ray
     from raypurify.training.config import recipe
+    from raypurify.training.run import EXECUTION_KEYS, check_options, identity
     from raypurify.training.trainer import train_classifier
 
     cfg = recipe(args.recipe, args.overrides)
+    check_options(cfg)
     check_inputs(args.data, args.purified, args.clean)
     out = Path(args.out)
-    check_not_input(out, [args.data, args.purified, args.clean, args.test])
-    test = registry.load(registry.spec_for(args.test, split="test"))
+    test_spec = registry.spec_for(args.test, split="test")
+    stage1 = Path(args.purified) / "stage1.pt"
+    what = {  # resumed only for the same inputs and settings (see training.run)
+        "clean": identity(registry.spec_for(args.clean)),
+        "data": identity(registry.spec_for(args.data)),
+        "purified": {"config": json.loads((Path(args.purified) / "config.json").read_text())},
+        "stage1_sha256": file_sha256(stage1),
+        "test": identity(test_spec),
+        "config": {k: v for k, v in cfg.to_dict().items() if k not in EXECUTION_KEYS},
+    }
+    test = registry.load(test_spec)
+    claim_dir(out, what, inputs=[args.data, args.purified, args.clean, args.test])
     init_ray(args.num_cpus)
     info = write_clean_plus_phat(args.clean, args.data, args.purified, out / "clean_plus_phat")
     metrics = train_classifier(read_images(info.path), test, cfg, out / "train")
