@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -66,20 +67,26 @@ def run_and_kill(args: list[str], ready, *, timeout: float = 300.0) -> None:
     Ray, wait until `ready()` is true, then SIGKILL the whole group: a real crash, Ray
     included. Fails if the command ends first or `ready()` never holds."""
     env = dict(os.environ, RAY_ADDRESS="")
-    proc = subprocess.Popen(
-        [sys.executable, *args],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.time() + timeout
-        while not ready():
-            assert proc.poll() is None, "the command ended before it could be killed"
-            if time.time() > deadline:
-                pytest.fail(f"not ready within {timeout:.0f} s")
-            time.sleep(0.1)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    with tempfile.NamedTemporaryFile("w+", suffix=".log", prefix="run_and_kill-") as log:
+        proc = subprocess.Popen(
+            [sys.executable, *args],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            deadline = time.time() + timeout
+            while not ready():
+                if proc.poll() is not None:
+                    log.seek(0)
+                    pytest.fail(
+                        f"the command ended (exit {proc.returncode}) before it could be "
+                        f"killed; its output ends:\n{log.read()[-2000:]}"
+                    )
+                if time.time() > deadline:
+                    pytest.fail(f"not ready within {timeout:.0f} s")
+                time.sleep(0.1)
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from raypurify.cli.common import common_options
@@ -50,6 +51,13 @@ def run(args) -> int:
     print((Path(args.out) / "results.md").read_text())
     print(f"results -> {args.out}/trials.csv, best.json, results.md, *.png")
     print(f"compare the trials in MLflow: raypurify ui --sweep {args.out}")
+    if summary["interrupted"]:
+        print(
+            f"interrupted with {summary['interrupted']} trial(s) to run; resume with: "
+            f"raypurify sweep {args.space} --out {args.out} --resume",
+            file=sys.stderr,
+        )
+        return 130
     return 0 if summary["done"] else 1
 
 

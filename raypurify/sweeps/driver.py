@@ -202,7 +202,7 @@ def run_sweep(space: SweepSpace, out: str | Path, *, num_cpus: int | None = None
     reconcile(parent, trials)
     summary = results.write(space, trials, out, state, time.perf_counter() - start)
     results.log(parent, out, summary)
-    parent.finish()
+    parent.finish("KILLED" if summary["interrupted"] else "FINISHED")
     return summary
 
 

@@ -23,25 +23,39 @@ PLOTS = ("parallel_coordinates.png", "param_importance.png", "objective_by_trial
 
 def collect(space: SweepSpace, grid) -> list[dict[str, Any]]:
     """One row per trial from Tune's results, in the order the trials started."""
-    epochs = classifier_epochs(space)
+    statuses = tune_statuses(grid)
     trials = []
     for result in grid:
         m = result.metrics or {}
-        done = "objective" in m
+        trial_id = m.get("trial_id") or _trial_id(result.path)
+        if "objective" in m:
+            status = "DONE"
+        elif result.error:
+            status = "ERROR"
+        elif statuses.get(trial_id) == "TERMINATED":  # ended without its scores: ASHA
+            status = "STOPPED"
+        else:  # the sweep was interrupted while this trial ran or waited
+            status = "INTERRUPTED"
         row = {
-            "trial_id": m.get("trial_id") or _trial_id(result.path),
-            "status": "DONE" if done else ("ERROR" if result.error else "STOPPED"),
+            "trial_id": trial_id,
+            "status": status,
             **{name: result.config.get(name) for name in space.parameters},
             "objective": m.get("objective"),
             **{k: m.get(k) for k in TRIAL_METRICS},
             "epoch": m.get("epoch", 0),
-            "stopped_by_asha": not done and not result.error and m.get("epoch", 0) < epochs,
+            "stopped_by_asha": status == "STOPPED",
             "wall_s": m.get("time_total_s"),
             "purify_key": m.get("purify_key"),
             "error": str(result.error).splitlines()[0] if result.error else "",
         }
         trials.append(row)
     return sorted(trials, key=lambda t: t["trial_id"])
+
+
+def tune_statuses(grid) -> dict[str, str]:
+    """Tune's status of each trial (TERMINATED, ERROR, RUNNING, ...). ResultGrid has no
+    public per-trial status; this is the one place that reads its analysis for it."""
+    return {t.trial_id: t.status for t in grid._experiment_analysis.trials}
 
 
 def _trial_id(path) -> str:
@@ -87,6 +101,8 @@ def summarize(space: SweepSpace, trials: list[dict], state: dict, wall_s: float)
         "done": len(done),
         "stopped_by_asha": sum(t["stopped_by_asha"] for t in trials),
         "errors": sum(t["status"] == "ERROR" for t in trials),
+        "interrupted": sum(t["status"] == "INTERRUPTED" for t in trials)
+        + max(0, space.budget.samples - len(trials)),
         "classifier_epochs_saved": saved,
         "classifier_epochs": epochs,
         "wall_s": wall_s,
@@ -181,7 +197,8 @@ def markdown(space: SweepSpace, trials: list[dict], s: dict) -> str:
         f"# Sweep `{space.name}`: {space.attack.name}, objective `{space.objective}`",
         "",
         f"{s['trials']} trials ({s['done']} finished, {s['stopped_by_asha']} stopped by ASHA, "
-        f"{s['errors']} failed) in {s['wall_s'] / 60:.1f} min; ASHA saved "
+        f"{s['errors']} failed, {s['interrupted']} still to run) in "
+        f"{s['wall_s'] / 60:.1f} min; ASHA saved "
         f"{s['classifier_epochs_saved']} classifier epochs of "
         f"{s['trials'] * s['classifier_epochs']}. Optuna study `{s['study_name']}` in "
         "optuna.journal.",

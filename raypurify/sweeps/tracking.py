@@ -71,10 +71,11 @@ def reconcile(parent: Run, trials: list[dict]) -> None:
     """Bring the child runs in line with the trials Tune finished with.
 
     A trial ASHA stopped had its process ended before it could close its run: it is marked
-    KILLED with the epoch it reached. A sweep killed just after starting a trial, before
-    Tune saved that trial in its state, resumes without it (the searcher suggests afresh):
-    the run that trial opened belongs to no trial of the sweep, so it is deleted (MLflow
-    keeps it in its trash) and every trial keeps exactly one run.
+    KILLED with the epoch it reached; so is a trial the user interrupted (until resumed).
+    A sweep killed just after starting a trial, before Tune saved that trial in its state,
+    resumes without it (the searcher suggests afresh): the run that trial opened belongs
+    to no trial of the sweep, so it is deleted (MLflow keeps it in its trash) and every
+    trial keeps exactly one run.
     """
     by_id = {t["trial_id"]: t for t in trials}
     for r in children(parent):
@@ -85,3 +86,5 @@ def reconcile(parent: Run, trials: list[dict]) -> None:
             run = Run(parent.uri, r.info.run_id)
             run.set_tags({"asha_stopped_at_epoch": trial["epoch"]})
             run.finish("KILLED")
+        elif trial["status"] == "INTERRUPTED":  # reopened when the sweep resumes
+            Run(parent.uri, r.info.run_id).finish("KILLED")
