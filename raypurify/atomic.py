@@ -233,6 +233,37 @@ def differences(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [f"{prefix.rstrip('.')}: {short[0]} -> {short[1]}"]
 
 
+def check_claim(
+    out: str | Path, what: dict[str, Any], *, overwrite: bool = False, inputs: Iterable = ()
+) -> str:
+    """What `claim_dir` would do with `out`, without touching it: "new", "resume" or
+    "replace"; raises the one-line refusal instead when `out` may not be used (so a
+    command can refuse before it starts Ray)."""
+    out = Path(out)
+    check_not_input(out, inputs)
+    if not (out.exists() or out.is_symlink()):
+        return "new"
+    plain_dir = out.is_dir() and not out.is_symlink()
+    ours = read_marker(out) if plain_dir else None
+    if ours is not None and overwrite:
+        return "replace"
+    if ours is not None and ours.get("what") == what:
+        return "resume"
+    if ours is not None:
+        diff = differences(ours.get("what"), what)
+        shown = "; ".join(diff[:3]) + (f" (+{len(diff) - 3} more)" if len(diff) > 3 else "")
+        raise RaypurifyError(
+            f"{out} holds a run with another config or input ({shown}); "
+            "choose another --out, or pass --overwrite to replace it"
+        )
+    if plain_dir and not any(out.iterdir()):  # an empty folder made for us is fine
+        return "new"
+    raise RaypurifyError(
+        f"{out} already exists and was not written by this version of raypurify "
+        f"(no {MARKER} marker); it is never replaced: choose another --out"
+    )
+
+
 def claim_dir(
     out: str | Path, what: dict[str, Any], *, overwrite: bool = False, inputs: Iterable = ()
 ) -> bool:
@@ -243,26 +274,11 @@ def claim_dir(
     refused with one line saying what differs; `overwrite` replaces only our own.
     """
     out = Path(out)
-    check_not_input(out, inputs)
-    if out.exists() or out.is_symlink():
-        plain_dir = out.is_dir() and not out.is_symlink()
-        ours = read_marker(out) if plain_dir else None
-        if ours is not None and overwrite:
-            shutil.rmtree(out)
-        elif ours is not None and ours.get("what") == what:
-            return True
-        elif ours is not None:
-            diff = differences(ours.get("what"), what)
-            shown = "; ".join(diff[:3]) + (f" (+{len(diff) - 3} more)" if len(diff) > 3 else "")
-            raise RaypurifyError(
-                f"{out} holds a run with another config or input ({shown}); "
-                "choose another --out, or pass --overwrite to replace it"
-            )
-        elif not (plain_dir and not any(out.iterdir())):  # an empty folder made for us is fine
-            raise RaypurifyError(
-                f"{out} already exists and was not written by this version of raypurify "
-                f"(no {MARKER} marker); it is never replaced: choose another --out"
-            )
+    action = check_claim(out, what, overwrite=overwrite, inputs=inputs)
+    if action == "resume":
+        return True
+    if action == "replace":
+        shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     mark(out, what=what)
     return False

@@ -489,6 +489,18 @@ CASES = [
         lambda r: ["purify", "--data", str(r / "good"), "--out", str(r / "good"), "--overwrite"],
         expect="is the input",
     ),
+    Case(
+        "purify over user files",
+        lambda r: ["purify", "--data", str(r / "good"), "--out", str(r / "mine"), "--overwrite"],
+        lambda r: (r / "mine").mkdir() or (r / "mine" / "notes.txt").write_text("mine"),
+        "not written by",
+    ),
+    Case(
+        "purify into another run",
+        lambda r: ["purify", "--data", str(r / "good"), "--out", str(r / "p"), "--preset", "cpu"],
+        lambda r: __import__("raypurify.atomic").atomic.mark(r / "p", what={"input": "x"}),
+        "another config or input",
+    ),
     # run ------------------------------------------------------------------------------
     Case("run unknown preset", lambda r: ["run", "nope", "--out", str(r / "o")]),
     Case(

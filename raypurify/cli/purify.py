@@ -27,15 +27,18 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    from pathlib import Path
+
     from raypurify.atomic import check_not_input
     from raypurify.data.interchange import open_dataset
     from raypurify.defenses.dvae.config import preset
-    from raypurify.defenses.dvae.pipeline import purify
+    from raypurify.defenses.dvae.pipeline import check_output, purify
     from raypurify.runtime import init_ray
 
     cfg = preset(args.preset, args.overrides)
-    open_dataset(args.data)  # a missing or malformed input fails before Ray starts
+    info = open_dataset(args.data)  # a missing or malformed input fails before Ray starts
     check_not_input(args.out, [args.data])
+    check_output(Path(args.out).resolve(), cfg, info, args.overwrite)  # another run there
     init_ray(args.num_cpus)
     summary = purify(args.data, args.out, cfg, overwrite=args.overwrite)
     for name, stage in summary["stages"].items():

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from raypurify.atomic import (
+    check_claim,
     claim_dir,
     mark,
     read_marker,
@@ -45,6 +46,15 @@ SUMMARY = "summary.json"
 CONFIG = "config.json"
 
 
+def check_output(out: Path, cfg: PurifyConfig, info: DatasetInfo, overwrite: bool) -> None:
+    """Refuse, without touching `out`, what `prepare_output` would refuse (before Ray)."""
+    what = {"input": info.sha256, "config": cfg.to_dict()}
+    legacy = not overwrite and read_marker(out) is None and (out / CONFIG).is_file()
+    if legacy and _legacy_matches(out, cfg, info):
+        return
+    check_claim(out, what, overwrite=overwrite, inputs=[info.path])
+
+
 def prepare_output(
     out: Path, cfg: PurifyConfig, info: DatasetInfo, overwrite: bool, inputs=()
 ) -> bool:
@@ -64,14 +74,18 @@ def prepare_output(
 
 
 def _adopt_legacy(out: Path, cfg: PurifyConfig, info: DatasetInfo, what: dict) -> None:
+    if _legacy_matches(out, cfg, info):
+        mark(out, what=what)
+
+
+def _legacy_matches(out: Path, cfg: PurifyConfig, info: DatasetInfo) -> bool:
     try:
         stamp = json.loads((out / CONFIG).read_text())
         summary = json.loads((out / SUMMARY).read_text()) if (out / SUMMARY).exists() else {}
         recorded = summary.get("input", {}).get("sha256", info.sha256)
     except (ValueError, AttributeError):
-        return  # not ours to judge: claim_dir refuses it
-    if stamp == cfg.to_dict() and recorded == info.sha256:
-        mark(out, what=what)
+        return False  # not ours to judge: claim_dir refuses it
+    return stamp == cfg.to_dict() and recorded == info.sha256
 
 
 def check_input(info: DatasetInfo, data) -> None:
