@@ -1,0 +1,162 @@
+"""The storage root every node must see, checked before a job writes anything.
+
+Everything a job writes (the step store, Ray Train checkpoints, Tune results, exported
+datasets) lives under the `--out` the user gives: that is the storage root. On one machine
+any path works. On a cluster the driver and the Ray workers run on different nodes, and
+each writes its part (a worker its checkpoint, the driver the step record that names it)
+straight into that root, so it must be the same directory on every node: NFS, a shared
+PVC, a bucket mounted with gcsfuse or s3fs. A path on the driver's own disk "works" until
+a worker on another node writes its checkpoint to *its* disk and the driver finds nothing,
+an hour into a run. So an entry point calls `check_shared(out, "--out")` after joining Ray:
+with more than one alive node it refuses, in one line, a relative path (it resolves against
+each process's working directory, which under `ray job submit` is a per-job copy on the
+head) and a path that some node cannot see. Visibility is tested, not guessed from the
+path: the driver writes a marker file with a random token into the directory and a tiny
+zero-CPU task pinned to each alive node reads it back.
+
+URIs (s3://, gs://) are refused with a hint to mount them: Ray Train and Tune accept them
+through pyarrow's filesystems, but the step store and the interchange datasets are plain
+directories. `check_tracking(uri)` does the same for MLflow: workers log from their own
+processes, so on several nodes a SQLite file (each worker's own) is refused in favour of a
+tracking server.
+
+Nodes that join later (an autoscaler adding workers) are not checked: they come from the
+same node template, which is where the shared mount belongs.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from pathlib import Path
+
+from raypurify.errors import ConfigError
+
+MARKER_PREFIX = ".raypurify-shared-check-"
+# A marker written on one NFS client can take a moment to appear on another (attribute
+# caches); a node is declared blind only after this many seconds of looking.
+LOOK_SECONDS = 3.0
+
+
+def is_uri(path: str | Path) -> bool:
+    """Whether `path` is a URI (s3://, gs://, file://...) rather than a filesystem path."""
+    return "://" in str(path)
+
+
+def alive_nodes() -> list[dict]:
+    """The alive nodes of the Ray cluster this process is connected to ([] without Ray)."""
+    import ray
+
+    if not ray.is_initialized():
+        return []
+    return [n for n in ray.nodes() if n.get("Alive")]
+
+
+def multi_node() -> bool:
+    """Whether the connected Ray cluster has more than one alive node."""
+    return len(alive_nodes()) > 1
+
+
+def _looks(path: str, name: str, token: str, seconds: float) -> bool:
+    """On a node: whether the marker `name` in `path` holds `token` (looked for `seconds`)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            if (Path(path) / name).read_text() == token:
+                return True
+        except OSError:
+            pass
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.25)
+
+
+def unseen_by(path: str | Path, *, seconds: float = LOOK_SECONDS) -> list[str]:
+    """The alive nodes (by IP and id prefix) that do not see directory `path` as this
+    process does; [] when every node does. `path` must exist and be writable here."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    directory = Path(path)
+    token = secrets.token_hex(16)
+    name = f"{MARKER_PREFIX}{token[:8]}"
+    marker = directory / name
+    marker.write_text(token)
+    try:
+        look = ray.remote(num_cpus=0, max_retries=0)(_looks)
+        nodes = alive_nodes()
+        refs = [
+            look.options(
+                scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
+            ).remote(str(directory), name, token, seconds)
+            for n in nodes
+        ]
+        blind = []
+        for node, ref in zip(nodes, refs, strict=True):
+            try:
+                seen = ray.get(ref, timeout=120 + seconds)
+            except ray.exceptions.NodeDiedError:
+                continue  # gone meanwhile: it will write nothing
+            except ray.exceptions.GetTimeoutError:
+                seen = False  # cannot even run a zero-CPU task: not a node to write from
+            if not seen:
+                blind.append(f"{node['NodeManagerAddress']} ({node['NodeID'][:8]})")
+        return blind
+    finally:
+        marker.unlink(missing_ok=True)
+
+
+def check_shared(path: str | Path, what: str) -> Path:
+    """`path` made absolute, after checking that every node of the cluster sees it.
+
+    On a local Ray (one node) any path is fine. With several alive nodes a relative path,
+    a URI, or a directory some node does not see raises a one-line ConfigError naming
+    `what` (e.g. "--out"). The directory is created if missing. Call it after joining Ray
+    and before writing anything; without Ray it only resolves the path.
+    """
+    text = str(path)
+    if is_uri(text):
+        raise ConfigError(
+            f"{what}: {text} is a URI; give a directory every node mounts (NFS, a shared "
+            "volume, or the bucket mounted with gcsfuse/s3fs)"
+        )
+    if not multi_node():
+        return Path(path).resolve()
+    if not os.path.isabs(text):
+        raise ConfigError(
+            f"{what}: {text} is relative; on a cluster of several nodes give an absolute "
+            "path on storage every node mounts (e.g. /mnt/results/...)"
+        )
+    return visible_everywhere(Path(text), what)
+
+
+def visible_everywhere(directory: Path, what: str) -> Path:
+    """`directory`, created if missing, after every alive node has read a marker in it;
+    a one-line ConfigError naming `what` otherwise."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        blind = unseen_by(directory)
+    except OSError as e:
+        raise ConfigError(f"{what}: cannot write to {directory} ({e.strerror or e})") from None
+    if blind:
+        raise ConfigError(
+            f"{what}: {directory} is not visible on node(s) {', '.join(blind)}; on a cluster "
+            "give a path on storage every node mounts (NFS, a shared volume), not the "
+            "driver's disk"
+        )
+    return directory
+
+
+def check_tracking(uri: str) -> str:
+    """`uri` (an MLflow tracking URI), refused on a multi-node cluster unless it is a server.
+
+    Workers on every node log their own epochs; a SQLite file or a local folder would be
+    a different (or a corrupted, shared-over-NFS) store per node.
+    """
+    if multi_node() and not uri.startswith(("http://", "https://", "databricks")):
+        raise ConfigError(
+            f"MLFLOW_TRACKING_URI: {uri} is a local store; on a cluster of several nodes set "
+            "it to a tracking server (http://HOST:5000, see cluster/README.md)"
+        )
+    return uri
