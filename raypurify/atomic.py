@@ -141,7 +141,9 @@ def clean_stale(out: str | Path) -> list[Path]:
     if not out.parent.is_dir():
         return removed
     host = socket.gethostname()
-    for tag in ("tmp", "old"):
+    # A replaced output is only deleted once its successor is in place: a writer killed
+    # between the two renames leaves the `.old-` directory as the only complete copy.
+    for tag in ("tmp", "old") if out.exists() else ("tmp",):
         prefix = f".{out.name}.{tag}-"
         for p in out.parent.glob(f"{glob.escape(prefix)}*"):
             parts = p.name[len(prefix) :].split("-", 2)
@@ -173,6 +175,7 @@ def staged_dir(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     replace_dir(tmp, out)
+    clean_stale(out)  # now that `out` is in place, a dead writer's `.old-` copy can go
 
 
 def replace_dir(src: Path, dst: Path) -> None:

@@ -122,3 +122,17 @@ def test_a_killed_writers_staging_is_cleaned_on_the_next_write(tmp_path):
     from raypurify.atomic import clean_stale
 
     assert clean_stale(out) == []
+
+
+def test_a_replaced_output_is_kept_until_its_successor_is_in_place(tmp_path):
+    """A writer killed between its two renames leaves the old output as `.NAME.old-*` and
+    no NAME: that copy is never cleaned away; once NAME exists again, it is."""
+    from raypurify.atomic import clean_stale
+
+    out = tmp_path / "out"
+    old = write_images(
+        small_set(seed=1), tmp_path / f".out.old-0badc0de-4194000-{socket.gethostname()}"
+    )
+    assert clean_stale(out) == [] and old.path.exists()
+    write_images(small_set(seed=2), out)
+    assert not old.path.exists() and open_dataset(out).rows == 30
