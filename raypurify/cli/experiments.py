@@ -58,38 +58,10 @@ def load(name_or_path: str, overrides):
     return load_spec(name_or_path, overrides)
 
 
-def preflight(spec) -> None:
-    """What the runner's own validation leaves to the steps, checked before Ray or MLflow
-    start: both datasets are there, and every option passed through to a model (a
-    classifier's `arch_options`, an attack's surrogate) builds."""
-    from raypurify import config
-    from raypurify.attacks import ATTACKS
-    from raypurify.data import registry
-    from raypurify.errors import ConfigError
-    from raypurify.experiments.runner import validate
-    from raypurify.training.config import recipe
-    from raypurify.training.run import check_attack_options, check_options
-
-    validate(spec)
-    registry.check(spec.dataset)
-    registry.check(spec.test)
-    for i, a in enumerate(spec.attacks):
-        attack = ATTACKS.get(a.name, key=f"attacks.{i}.name")
-        cfg = config.validate(attack.config, {**a.options, "ratio": a.ratio}, source="attack")
-        check_attack_options(cfg, f"attacks.{i}.options")
-    for i, c in enumerate(spec.classifiers):
-        try:
-            cfg = recipe(c.recipe, ([f"arch={c.arch}"] if c.arch else []) + c.overrides)
-        except ConfigError as e:
-            raise ConfigError(f"classifiers.{i}: {e}") from None
-        check_options(cfg, f"classifiers.{i}.arch_options")
-
-
 def run(args) -> int:
     from raypurify.experiments.runner import run_experiment
 
     spec = load(args.spec, args.overrides)
-    preflight(spec)
     results = run_experiment(spec, args.out, force=args.force, num_cpus=args.num_cpus)
     print((Path(args.out) / "results.md").read_text())
     steps = results["steps"]

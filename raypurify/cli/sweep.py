@@ -65,7 +65,7 @@ def run_spaces(args) -> int:
     from raypurify.sweeps.space import load_space, spaces
 
     for name in spaces():
-        space = load_space(name)
+        space = load_space(name, datasets=False)
         first = space.description.strip().splitlines()[0] if space.description else ""
         print(f"{name:<20} {first}")
     return 0

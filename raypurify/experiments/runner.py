@@ -25,7 +25,7 @@ from raypurify.errors import ConfigError, RaypurifyError
 from raypurify.experiments import report
 from raypurify.experiments.spec import ExperimentSpec
 from raypurify.experiments.steps import Context, Step, plan
-from raypurify.experiments.store import Store, step_key
+from raypurify.experiments.store import ERROR_LOG, Store, step_key
 from raypurify.models import ARCHS
 from raypurify.progress import bar_slot
 from raypurify.runtime import init_ray
@@ -34,14 +34,19 @@ from raypurify.training.config import recipe
 
 
 def validate(spec: ExperimentSpec) -> None:
-    """Every name and option resolves, before any work starts (errors carry key paths)."""
-    registry.source(spec.dataset)
-    registry.source(spec.test)
+    """Every name and option resolves and both datasets are there, before Ray or MLflow
+    start (errors carry key paths): options passed through to models (a classifier's
+    `arch_options`, an attack's surrogate) are built once here, not in a Ray worker."""
+    from raypurify.training.run import check_attack_options, check_options
+
+    registry.check(spec.dataset)
+    registry.check(spec.test)
     for i, a in enumerate(spec.attacks):
         attack = ATTACKS.get(a.name, key=f"attacks.{i}.name")
-        config.validate(
+        cfg = config.validate(
             attack.config, {**a.options, "ratio": a.ratio}, source=f"attacks.{i}.options"
         )
+        check_attack_options(cfg, f"attacks.{i}.options")
     for i, d in enumerate(spec.defenses):
         if d.best_of:
             continue
@@ -59,6 +64,7 @@ def validate(spec: ExperimentSpec) -> None:
         except ConfigError as e:
             raise ConfigError(f"classifiers.{i}: {e}") from None
         ARCHS.get(cfg.arch, key=f"classifiers.{i}.arch")
+        check_options(cfg, f"classifiers.{i}.arch_options")
 
 
 def default_parallel() -> int:
@@ -147,7 +153,11 @@ def execute(step: Step, store: Store, ctx) -> dict[str, Any]:
     """Run a located step's action into its directory and record it as finished."""
     step.dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    result = step.action(step, step.dir, ctx)
+    try:
+        result = step.action(step, step.dir, ctx)
+    except Exception as e:  # the whole error in the step's error.log and MLflow; one line on
+        store.fail(step.dir, e, run=ctx.parent)
+        raise
     store.finish(
         step.dir,
         {
@@ -233,7 +243,8 @@ class Scheduler:
                     try:
                         step.result = future.result()
                     except Exception as e:  # keep going: independent cells still run
-                        step.error = f"{type(e).__name__}: {e}".splitlines()[0]
+                        first = f"{type(e).__name__}: {e}".splitlines()[0]
+                        step.error = f"{first} (full error: {step.dir / ERROR_LOG})"
                         tqdm.write(f"step {step.name} failed: {step.error}")
                     self._done(step)
         self.cells.close()

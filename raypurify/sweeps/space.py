@@ -191,28 +191,35 @@ def spaces() -> dict[str, Path]:
     return {p.stem: p for p in sorted(SPACE_DIR.glob("*.yaml"))}
 
 
-def load_space(name_or_path: str, overrides: list[str] = ()) -> SweepSpace:
+def load_space(
+    name_or_path: str, overrides: list[str] = (), *, datasets: bool = True
+) -> SweepSpace:
     """A shipped space by name, or a YAML file, with `--set` overrides; validated whole
     (every parameter's range ends resolve to a valid purification config)."""
     path = config.named_or_file(name_or_path, spaces(), "space")
     space = config.load(SweepSpace, path, overrides)
-    check(space, source=str(path))
+    check(space, source=str(path), datasets=datasets)
     return space
 
 
-def check(space: SweepSpace, source: str = "space") -> None:
-    """Every name resolves and every range end gives a valid config, before Ray starts."""
+def check(space: SweepSpace, source: str = "space", datasets: bool = True) -> None:
+    """Every name resolves, every range end gives a valid config and (with `datasets`) the
+    data is there, before Ray starts."""
     from raypurify import defenses
     from raypurify.attacks import ATTACKS
     from raypurify.data import registry
     from raypurify.defenses.dvae.config import preset
     from raypurify.models import ARCHS
     from raypurify.training.config import recipe
+    from raypurify.training.run import check_attack_options, check_options
 
-    registry.source(space.dataset)
-    registry.source(space.test)
+    for spec in (space.dataset, space.test):
+        registry.check(spec) if datasets else registry.source(spec)
     attack = ATTACKS.get(space.attack.name, key=f"{source}: attack.name")
-    config.validate(attack.config, space.attack.options, source=f"{source}: attack.options")
+    options = config.validate(
+        attack.config, space.attack.options, source=f"{source}: attack.options"
+    )
+    check_attack_options(options, f"{source}: attack.options")
     defenses.options("dvae", {"preset": space.purifier.preset})
     try:
         base = preset(space.purifier.preset, space.purifier.overrides + overrides_for(space.fixed))
@@ -220,6 +227,7 @@ def check(space: SweepSpace, source: str = "space") -> None:
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
     ARCHS.get(cfg.arch, key=f"{source}: classifier arch")
+    check_options(cfg, f"{source}: classifier.overrides arch_options")
     if base.method != "dvae":
         raise ConfigError(f"{source}: purifier.preset: '{space.purifier.preset}' is not D-VAE")
     for i, point in enumerate(space.budget.points):
