@@ -1,0 +1,274 @@
+"""The cluster path for real: a two-node Ray cluster on this machine, jobs through `ray job
+submit`, runs logged over http to an `mlflow server`, and a node killed mid-training.
+
+The cluster: a head with 1 CPU and a second node with 2 CPUs and a custom resource, each
+with its own ports, sharing a temp folder as "shared storage" (every node is on this
+machine). The second node runs in its own mount namespace (when this user may create one)
+with a private tmpfs over one folder: a directory the driver sees and that node does not,
+which is what a driver-local path on a real cluster is. The head's single CPU means a
+two-worker Train job must put a worker on the second node, so that node's death hits the
+training. Everything started here is stopped in a finally by pid, and the test checks that
+no process of this cluster is left.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from test_cluster_harness import Cluster
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+JOB_TIMEOUT = 1800  # s; a 2-core CI box shared with other jobs is slow, never a failure
+
+# A whole table (poison, D-VAE, classifier) small enough for 2 shared cores; the classifier
+# trains with 2 workers, so at least one lands on the second node.
+TINY_TABLE = {
+    "name": "tiny-cluster",
+    "dataset": {"name": "synthetic", "rows": 400, "classes": 4},
+    "test": {"name": "synthetic", "split": "test", "rows": 200, "classes": 4},
+    "attacks": [{"name": "random-noise"}],
+    "defenses": [
+        {
+            "name": "dvae",
+            "options": {
+                "preset": "cpu",
+                "overrides": [
+                    "model.width=8",
+                    "model.latent=16",
+                    "stage1.epochs=2",
+                    "stage2.epochs=2",
+                    "stage1.batch_size=32",
+                    "stage2.batch_size=32",
+                    "stage1.phat_start_epoch=0",
+                    "stage2.phat_start_epoch=0",
+                ],
+            },
+        }
+    ],
+    "classifiers": [
+        {
+            "recipe": "cpu",
+            "overrides": [
+                "epochs=4",
+                "arch_options.width=8",
+                "batch_size=32",
+                "optim.warmup_epochs=0",
+                "workers=2",
+            ],
+        }
+    ],
+    "clean_row": False,
+    "max_parallel": 1,
+}
+
+
+# tests/test_sweep.py's TINY space, cut to 2 trials of 2+2 D-VAE and 3 classifier epochs:
+# enough for ASHA to have a rung and for every trial to reach the tracking server.
+TINY_SPACE = {
+    "name": "tiny-cluster",
+    "dataset": {"name": "synthetic", "rows": 500, "classes": 4, "subset": 400},
+    "validation": {"rows": 100, "seed": 1},
+    "test": {"name": "synthetic", "split": "test", "rows": 200, "classes": 4},
+    "attack": {"name": "random-noise"},
+    "purifier": {"preset": "cpu", "overrides": TINY_TABLE["defenses"][0]["options"]["overrides"]},
+    "classifier": {
+        "recipe": "cpu",
+        "overrides": ["epochs=3", "arch_options.width=8", "batch_size=32", "optim.warmup_epochs=0"],
+    },
+    "parameters": {
+        "kld1": {"low": 0.5, "high": 2.0, "log": True},
+        "kld2": {"low": 0.001, "high": 20.0, "log": True},
+        "lambda": {"low": 0.001, "high": 1000.0, "log": True},
+    },
+    "probe_rows": 50,
+    "budget": {"samples": 2, "concurrency": 1, "seed": 0},
+    "asha": {"grace_period": 2, "reduction_factor": 2},
+}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    base = Path(tempfile.mkdtemp(prefix="rpc", dir="/tmp"))  # short: Ray's socket paths
+    c = Cluster(base, repo=ROOT)
+    try:
+        c.start()
+        yield c
+    finally:
+        c.stop()
+        left = c.leftovers()
+        shutil.rmtree(base, ignore_errors=True)
+        assert not left, f"processes left behind: {left}"
+
+
+def train_runs(client, experiment_ids):
+    """The classifier runs (the ones whose epochs Ray Train workers log)."""
+    runs = client.search_runs(experiment_ids, max_results=500)
+    return [r for r in runs if "train_loss" in r.data.metrics]
+
+
+def test_submit_table_and_sweep_on_two_nodes(cluster):
+    from mlflow.tracking import MlflowClient
+
+    spec = cluster.shared / "tiny.yaml"
+    spec.write_text(yaml.safe_dump(TINY_TABLE))
+    space = cluster.shared / "space.yaml"
+    space.write_text(yaml.safe_dump(TINY_SPACE))
+    out = cluster.shared / "table"
+
+    # The storage check, from a driver of this cluster: a shared absolute path passes, a
+    # relative one, the second node's private folder and a SQLite tracking store do not.
+    checks = cluster.driver_script(
+        "import json; from raypurify.runtime import init_ray; init_ray()\n"
+        "from raypurify import storage\n"
+        "from raypurify.errors import ConfigError\n"
+        "res = {}\n"
+        f"for key, call in [('shared', lambda: storage.check_shared({str(out)!r}, '--out')),\n"
+        "                  ('relative', lambda: storage.check_shared('rel/out', '--out')),\n"
+        f"                  ('private', lambda: storage.check_shared({str(cluster.private)!r},"
+        " '--out')),\n"
+        "                  ('sqlite', lambda: storage.check_tracking('sqlite:///m.db'))]:\n"
+        "    try:\n"
+        "        call(); res[key] = 'ok'\n"
+        "    except ConfigError as e:\n"
+        "        res[key] = str(e)\n"
+        "print('RESULT ' + json.dumps(res))\n"
+    )
+    assert checks["shared"] == "ok"
+    assert "relative" in checks["relative"] and "\n" not in checks["relative"]
+    assert "tracking server" in checks["sqlite"]
+    if cluster.isolated:
+        assert "not visible on node(s)" in checks["private"], checks
+    assert not list(out.glob(".raypurify-shared-check-*")), "marker left behind"
+
+    # One job after the other: two jobs' Ray Data executions on this 3-CPU cluster share
+    # Ray Data's internal actors, and one job's ending could fail the other's passes.
+    table = cluster.submit(
+        "table", ["python", "-m", "raypurify", "run", str(spec), "--out", str(out)]
+    )
+    assert cluster.wait(table, JOB_TIMEOUT) == "SUCCEEDED", cluster.logs(table)[-4000:]
+    cluster.record_wall("table", table)
+    sweep_out = cluster.shared / "sweep"
+    sweep = cluster.submit(
+        "sweep", ["python", "-m", "raypurify", "sweep", str(space), "--out", str(sweep_out)]
+    )
+    assert cluster.wait(sweep, JOB_TIMEOUT) == "SUCCEEDED", cluster.logs(sweep)[-4000:]
+    cluster.record_wall("sweep", sweep)
+
+    # Outputs on the shared path.
+    for name in ("results.json", "results.md", "results.csv"):
+        assert (out / name).is_file(), name
+    results = json.loads((out / "results.json").read_text())
+    assert results, "empty results"
+    metrics = sorted(out.glob("store/**/metrics.json"))
+    assert metrics, "no classifier metrics in the store"
+    trained = json.loads(metrics[0].read_text())
+    assert trained["epochs"] == 4 and trained["workers"] == 2
+    for name in ("trials.csv", "best.json", "results.md"):
+        assert (sweep_out / name).is_file(), name
+    assert json.loads((sweep_out / "best.json").read_text())["purify_key"]
+
+    # Every run reached the tracking server over http; nothing fell back to a local store.
+    client = MlflowClient(cluster.mlflow_uri)
+    experiments = {e.name: e.experiment_id for e in client.search_experiments()}
+    runs = client.search_runs(list(experiments.values()), max_results=1000)
+    assert len(runs) >= 4, [r.info.run_name for r in runs]
+    unfinished = [(r.info.run_name, r.info.status) for r in runs if r.info.status == "RUNNING"]
+    assert not unfinished, unfinished
+    trainings = train_runs(client, list(experiments.values()))
+    # The table's classifier: its epochs are logged by Ray Train's rank-0 worker (a trial's
+    # epochs reach its child run below as val_accuracy, from Tune's report callback).
+    assert trainings
+    for r in trainings:
+        steps = [m.step for m in client.get_metric_history(r.info.run_id, "train_loss")]
+        assert steps and steps == sorted(set(steps)), (r.info.run_name, steps)
+    sweep_state = json.loads((sweep_out / "sweep.json").read_text())
+    kids = client.search_runs(
+        list(experiments.values()),
+        filter_string=f"tags.`mlflow.parentRunId` = '{sweep_state['parent_run_id']}'",
+    )
+    trials = [k for k in kids if "trial_id" in k.data.tags]  # (the poison step hangs there too)
+    assert len(trials) == 2, [k.info.run_name for k in kids]
+    for kid in trials:
+        assert client.get_metric_history(kid.info.run_id, "val_accuracy"), kid.info.run_name
+    stray = [p for p in cluster.base.rglob("mlflow.db") if p != cluster.mlflow_db]
+    assert not stray, f"a job fell back to a local SQLite store: {stray}"
+
+    # Work spread: Train workers ran on the second node (Ray's state API).
+    placed = cluster.train_worker_nodes()
+    assert cluster.second_node_id in placed.values(), placed
+    assert set(placed.values()) <= {cluster.head_node_id, cluster.second_node_id}
+
+
+def test_second_node_killed_during_training_resumes(cluster):
+    """Kill the second node (every process of it) once the classifier has a checkpoint;
+    a replacement node joins, as an autoscaler or KubeRay would bring one. The job finishes
+    on its own with the same outputs, the classifier resuming from its checkpoint."""
+    from mlflow.tracking import MlflowClient
+
+    spec = cluster.shared / "tiny.yaml"
+    if not spec.exists():
+        spec.write_text(yaml.safe_dump(TINY_TABLE))
+    out = cluster.shared / "table-killed"
+    submitted = time.time()
+    job = cluster.submit(
+        "killed", ["python", "-m", "raypurify", "run", str(spec), "--out", str(out)]
+    )
+
+    ckpt = None
+    deadline = time.monotonic() + JOB_TIMEOUT
+    while ckpt is None and time.monotonic() < deadline:
+        status = cluster.status(job)
+        assert status not in ("SUCCEEDED", "FAILED", "STOPPED"), (
+            f"job ended ({status}) before the classifier's first checkpoint\n"
+            + cluster.logs(job)[-3000:]
+        )
+        found = [p for p in out.glob("store/**/checkpoints/train/checkpoint_*/state.pt")]
+        ckpt = found[0] if found else None
+        time.sleep(0.2)
+    assert ckpt is not None, "no classifier checkpoint appeared"
+    killed_at = time.time()
+    cluster.kill_second_node()
+    cluster.wait_node_dead()
+    cluster.start_second_node()
+    status = cluster.wait(job, JOB_TIMEOUT)
+    assert status == "SUCCEEDED", cluster.logs(job)[-4000:]
+    cluster.record_wall("killed", job)
+
+    # The same outputs as the undisturbed table (when it ran in this session).
+    trained = json.loads(next(out.glob("store/**/metrics.json")).read_text())
+    assert trained["epochs"] == 4 and len(trained["history"]) == 4
+    assert (out / "results.json").is_file()
+    reference = cluster.shared / "table"
+    if (reference / "results.json").exists():
+
+        def files(d):
+            return sorted(
+                str(p.relative_to(d))
+                for p in d.rglob("*")
+                if p.is_file() and "checkpoint" not in str(p) and not p.name.endswith(".log")
+            )
+
+        assert {Path(f).name for f in files(out)} >= {Path(f).name for f in files(reference)}
+
+    # Resumed, not restarted: epoch 1, logged (and checkpointed) before the kill, was never
+    # trained again after it; every epoch was logged once. This job's classifier run is the
+    # one training run that started after it was submitted.
+    client = MlflowClient(cluster.mlflow_uri)
+    runs = train_runs(client, [e.experiment_id for e in client.search_experiments()])
+    mine = [r for r in runs if r.info.start_time >= submitted * 1000]
+    assert len(mine) == 1, [(r.info.run_name, r.info.start_time) for r in runs]
+    history = client.get_metric_history(mine[0].info.run_id, "train_loss")
+    steps = sorted(m.step for m in history)
+    assert steps == [1, 2, 3, 4], steps
+    first = [m for m in history if m.step == 1]
+    assert first[0].timestamp < killed_at * 1000, "epoch 1 was trained again after the kill"
+    assert any(m.timestamp > killed_at * 1000 for m in history), "nothing trained after the kill"
+    print(f"\nkilled at epoch {max(m.step for m in history if m.timestamp < killed_at * 1000)}")
