@@ -2,10 +2,11 @@
 Python, torch and project versions as pyproject.toml (a drifted pin is a cluster whose
 nodes disagree, or an image without the code the job runs).
 
-No Kubernetes schema validator is used: the PyPI ones (e.g. kubernetes-validate) carry
-the core Kubernetes schemas only, not KubeRay's CRDs, and validating against KubeRay's
-CRD schema would need it fetched at test time; the required KubeRay fields are checked
-here by hand, from the CRD's `required` lists.
+Schemas: kubernetes-validate (PyPI) validates the core objects and the pod templates
+inside the KubeRay objects offline when it is installed (it is not a project dependency:
+the test skips without it). It carries no KubeRay CRD, and validating against KubeRay's
+CRD schema would need it fetched at test time, so KubeRay's own fields are checked here
+by hand.
 """
 
 from __future__ import annotations
