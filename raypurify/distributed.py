@@ -151,6 +151,14 @@ def saved_state(storage: Path, name: str) -> dict[str, Any] | None:
     return None
 
 
+def max_failures() -> int:
+    """Restarts of a Ray Train job after a worker or node failure (RAYPURIFY_MAX_FAILURES,
+    default 1): each resumes from the last checkpoint. An error in our own code fails the
+    same way again, so more retries only delay its message."""
+    value = os.environ.get("RAYPURIFY_MAX_FAILURES", "1")
+    return int(value) if value.isdigit() else 1
+
+
 def fit(
     worker: Callable[[dict], None],
     loop: dict[str, Any],
@@ -192,6 +200,8 @@ def fit(
                     name=name,
                     storage_path=str(storage),
                     checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep),
+                    # A worker or node that dies restarts the group from the last checkpoint.
+                    failure_config=ray.train.FailureConfig(max_failures=max_failures()),
                     logging_config=LoggingConfig(log_level="WARNING"),
                     callbacks=callbacks,
                 ),

@@ -35,9 +35,13 @@ class Progress:
         self.queue = None
 
     def __enter__(self) -> Progress:
+        import ray
         from ray.util.queue import Queue
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        self.queue = Queue(actor_options={"num_cpus": 0})
+        # On the driver's node: the queue must outlive a worker node that dies mid-job.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self.queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
         slot = _SLOT.get()
         self._bar = tqdm(
             total=self.total,
