@@ -206,7 +206,8 @@ def test_mlflow_has_one_child_per_trial_with_its_params(sweep):
         row = rows[run.data.tags["trial_id"]]
         for name in ("kld1", "kld2", "lambda"):
             assert float(run.data.params[name]) == pytest.approx(float(row[name]))
-        assert "val_accuracy" in run.data.metrics
+        if row["status"] in ("DONE", "STOPPED"):  # an ERROR trial may fail before any epoch
+            assert "val_accuracy" in run.data.metrics
         if row["status"] == "DONE":
             assert run.data.metrics["objective"] == pytest.approx(float(row["objective"]))
             assert run.info.status == "FINISHED"
