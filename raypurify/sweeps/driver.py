@@ -114,7 +114,7 @@ def prepare(space: SweepSpace, store: Store, parent) -> dict[str, Prepared]:
     from raypurify.experiments.runner import execute, resolve
     from raypurify.sweeps.trial import TrialContext
 
-    ctx = TrialContext(parent=parent, space=space)
+    ctx = TrialContext(parent=parent)
     out = {}
     for step in prepare_steps(space):
         if not resolve(step, store):

@@ -214,7 +214,10 @@ def check(space: SweepSpace, source: str = "space", datasets: bool = True) -> No
     from raypurify.training.run import check_attack_options, check_options
 
     for spec in (space.dataset, space.test):
-        registry.check(spec) if datasets else registry.source(spec)
+        if datasets:
+            registry.check(spec)
+        else:
+            registry.source(spec)
     attack = ATTACKS.get(space.attack.name, key=f"{source}: attack.name")
     options = config.validate(
         attack.config, space.attack.options, source=f"{source}: attack.options"

@@ -67,7 +67,6 @@ class TrialContext:
     """What the steps' actions read: the MLflow run their child runs hang from."""
 
     parent: Run
-    space: SweepSpace
 
 
 def purify_step(space: SweepSpace, params: dict[str, float], poison: Step) -> Step:
@@ -220,7 +219,7 @@ def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
     params = {name: config[name] for name in space.parameters}
     trial_id = tune.get_context().get_trial_id()
     run = trial_run(spec.parent, trial_id, params, space)
-    ctx = TrialContext(parent=run, space=space)
+    ctx = TrialContext(parent=run)
     store = Store(spec.store)
     t0 = time.perf_counter()
     purified = purify_step(space, params, spec.poison.as_input())
