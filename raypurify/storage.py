@@ -7,7 +7,8 @@ each writes its part (a worker its checkpoint, the driver the step record that n
 straight into that root, so it must be the same directory on every node: NFS, a shared
 PVC, a bucket mounted with gcsfuse or s3fs. A path on the driver's own disk "works" until
 a worker on another node writes its checkpoint to *its* disk and the driver finds nothing,
-an hour into a run. So an entry point calls `check_shared(out, "--out")` after joining Ray:
+an hour into a run. So every entry point that writes joins Ray through `join_cluster(out)`,
+which calls `check_shared(out, "--out")` and `check_tracking` right after joining:
 with more than one alive node it refuses, in one line, a relative path (it resolves against
 each process's working directory, which under `ray job submit` is a per-job copy on the
 head) and a path that some node cannot see. Visibility is tested, not guessed from the
@@ -160,3 +161,18 @@ def check_tracking(uri: str) -> str:
             "it to a tracking server (http://HOST:5000, see cluster/README.md)"
         )
     return uri
+
+
+def join_cluster(
+    out: str | Path, num_cpus: int | None = None, *, tracking: str | None = None
+) -> Path:
+    """Join Ray (a local one unless RAY_ADDRESS names a cluster), then check that `out`
+    and the MLflow store (`tracking`, by default the configured one) suit every node;
+    returns `out` made absolute. Entry points call it before writing anything."""
+    from raypurify.runtime import init_ray
+    from raypurify.tracking import tracking_uri
+
+    init_ray(num_cpus)
+    path = check_shared(out, "--out")
+    check_tracking(tracking or tracking_uri())
+    return path

@@ -77,7 +77,7 @@ def run_disentangle(args) -> int:
     from raypurify.data.interchange import read_images
     from raypurify.data.manifest import file_sha256
     from raypurify.experiments.analyses import write_clean_plus_phat
-    from raypurify.runtime import init_ray
+    from raypurify.storage import join_cluster
     from raypurify.training.config import recipe
     from raypurify.training.run import EXECUTION_KEYS, check_options, identity
     from raypurify.training.trainer import train_classifier
@@ -98,7 +98,7 @@ def run_disentangle(args) -> int:
     }
     test = registry.load(test_spec)
     claim_dir(out, what, inputs=[args.data, args.purified, args.clean, args.test])
-    init_ray(args.num_cpus)
+    join_cluster(out, args.num_cpus)  # on a cluster: shared storage, a tracking server
     info = write_clean_plus_phat(args.clean, args.data, args.purified, out / "clean_plus_phat")
     metrics = train_classifier(read_images(info.path), test, cfg, out / "train")
     print(f"trained on clean + p_hat: accuracy {metrics['accuracy']:.2%} -> {out}/train")

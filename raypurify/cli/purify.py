@@ -33,19 +33,15 @@ def run(args) -> int:
     from raypurify.data.interchange import open_dataset
     from raypurify.defenses.dvae.config import preset
     from raypurify.defenses.dvae.pipeline import check_output, purify
-    from raypurify.runtime import init_ray
-    from raypurify.storage import check_shared, check_tracking
-    from raypurify.tracking import tracking_uri
+    from raypurify.storage import join_cluster
 
     cfg = preset(args.preset, args.overrides)
     info = open_dataset(args.data)  # a missing or malformed input fails before Ray starts
     check_not_input(args.out, [args.data])
     check_output(Path(args.out).resolve(), cfg, info, args.overwrite)  # another run there
-    init_ray(args.num_cpus)
     # On a multi-node cluster, OUT must be a folder every node sees (workers write the
     # stages' checkpoints there) and the runs must go to a tracking server.
-    check_shared(args.out, "--out")
-    check_tracking(tracking_uri())
+    join_cluster(args.out, args.num_cpus)
     summary = purify(args.data, args.out, cfg, overwrite=args.overwrite)
     for name, stage in summary["stages"].items():
         final = stage["final"]

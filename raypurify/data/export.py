@@ -8,7 +8,7 @@ from raypurify.atomic import check_new
 from raypurify.data import registry
 from raypurify.data.interchange import DatasetInfo, write_ray
 from raypurify.data.spec import DatasetSpec
-from raypurify.runtime import init_ray
+from raypurify.storage import join_cluster
 
 
 def export(
@@ -16,7 +16,7 @@ def export(
 ) -> DatasetInfo:
     """Decode `spec`'s split, PNG-encode it in Ray Data and write it atomically to `out`."""
     check_new(out, overwrite)
-    init_ray(num_cpus)
+    out = join_cluster(out, num_cpus)  # Ray Data writes the parts from every node
     stream = registry.stream(spec)
     source = {"source": spec.name, "split": spec.split}
     return write_ray(

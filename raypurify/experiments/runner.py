@@ -28,7 +28,7 @@ from raypurify.experiments.steps import Context, Step, plan
 from raypurify.experiments.store import ERROR_LOG, Store, step_key
 from raypurify.models import ARCHS
 from raypurify.progress import bar_slot
-from raypurify.runtime import init_ray
+from raypurify.storage import join_cluster
 from raypurify.tracking import active_run, start_run
 from raypurify.training.config import recipe
 
@@ -96,10 +96,9 @@ def run_experiment(
 ) -> dict[str, Any]:
     """Run (or resume) `spec` into `out`; returns the results (also written to `out`)."""
     validate(spec)
-    out = Path(out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
     test = registry.load(spec.test)  # also catches a missing dataset before any work
-    init_ray(num_cpus)
+    out = join_cluster(out, num_cpus)  # on a cluster: shared storage, a tracking server
+    out.mkdir(parents=True, exist_ok=True)
     store = Store(out / "store")
     steps = plan(spec)
     parent = start_run(

@@ -149,20 +149,19 @@ def run_sweep(space: SweepSpace, out: str | Path, *, num_cpus: int | None = None
     """Run (or resume) the sweep of `space` into `out`; returns the summary."""
     from ray import tune
 
-    from raypurify.runtime import init_ray
+    from raypurify.storage import join_cluster
     from raypurify.sweeps import results
     from raypurify.sweeps.live import LiveTable
     from raypurify.sweeps.tracking import parent_run, reconcile
     from raypurify.tracking import tracking_uri
 
-    out = Path(out).resolve()
-    state = load_state(out, space)
+    state = load_state(Path(out).resolve(), space)
     registry.load(space.test)  # a missing test set fails here, not in every trial
-    init_ray(num_cpus)
+    uri = state.get("tracking_uri") or tracking_uri()
+    out = join_cluster(out, num_cpus, tracking=uri)  # on a cluster: shared storage, a server
     concurrency = concurrency_bound(space, space.budget.concurrency)
     out.mkdir(parents=True, exist_ok=True)
     store = Store(out / "store")
-    uri = state.get("tracking_uri") or tracking_uri()
     parent = parent_run(space, out.name, state.get("parent_run_id"), uri)
     client = parent.client
     exp = client.get_run(parent.run_id).info.experiment_id

@@ -22,7 +22,7 @@ from raypurify.data.sources.parquet import locate
 from raypurify.defenses.apply import reuse, transform_dataset
 from raypurify.errors import ConfigError, DatasetError
 from raypurify.models import ARCHS, build_model
-from raypurify.runtime import init_ray
+from raypurify.storage import join_cluster
 from raypurify.tracking import active_run, start_run
 from raypurify.training.config import TrainConfig, recipe
 from raypurify.training.trainer import check_compatible, train_classifier
@@ -103,11 +103,11 @@ def run_training(
         check_compatible(train_set, test_set)  # the trainer checks again; before Ray here
         if len(np.unique(train_set.labels)) < 2:
             raise DatasetError(f"{train_set.name}: training needs at least 2 classes with images")
+        join_cluster(out, num_cpus)  # on a cluster: shared storage, a tracking server
     except BaseException:
         if not resumed:  # a bad input found while reading leaves nothing behind
             release(out, existed)
         raise
-    init_ray(num_cpus)
     run = start_run(
         "train",
         f"{cfg.arch}-{chosen.name}-{out.name}",
@@ -125,7 +125,7 @@ def training_set(chosen, options, train_spec, data: str, out: Path, num_cpus):
     source = {"source": data}
     if chosen.kind != "transform":
         return registry.load(train_spec)
-    init_ray(num_cpus)
+    join_cluster(out, num_cpus)  # Ray Data writes the defended set from every node
     defended = out / "defended"
     made = {"defense": chosen.name, "options": options.to_dict()}
     info = reuse(defended)
