@@ -123,30 +123,46 @@ def test_submit_table_and_sweep_on_two_nodes(cluster):
     space.write_text(yaml.safe_dump(TINY_SPACE))
     out = cluster.shared / "table"
 
-    # The storage check, from a driver of this cluster: a shared absolute path passes, a
-    # relative one, the second node's private folder and a SQLite tracking store do not.
+    # The storage checks, from a driver of this cluster: a shared absolute path passes; the
+    # entry points (a table, a sweep, a dataset export) refuse a relative --out, the second
+    # node's private folder and a SQLite tracking store in one line, before any work.
+    private = str(cluster.private / "sweep") if cluster.isolated else "rel/sweep"
     checks = cluster.driver_script(
-        "import json; from raypurify.runtime import init_ray; init_ray()\n"
+        "import json, os\n"
         "from raypurify import storage\n"
+        "from raypurify.data.export import export\n"
+        "from raypurify.data.registry import spec_for\n"
         "from raypurify.errors import ConfigError\n"
+        "from raypurify.experiments import load_spec\n"
+        "from raypurify.experiments.runner import run_experiment\n"
+        "from raypurify.sweeps.driver import run_sweep\n"
+        "from raypurify.sweeps.space import load_space\n"
+        f"os.environ['MLFLOW_TRACKING_URI'] = {cluster.mlflow_uri!r}\n"
+        f"table, space = load_spec({str(spec)!r}), load_space({str(space)!r})\n"
+        "def sqlite():\n"
+        "    os.environ['MLFLOW_TRACKING_URI'] = 'sqlite:///m.db'\n"
+        f"    run_experiment(table, {str(out)!r})\n"
         "res = {}\n"
-        f"for key, call in [('shared', lambda: storage.check_shared({str(out)!r}, '--out')),\n"
-        "                  ('relative', lambda: storage.check_shared('rel/out', '--out')),\n"
-        f"                  ('private', lambda: storage.check_shared({str(cluster.private)!r},"
-        " '--out')),\n"
-        "                  ('sqlite', lambda: storage.check_tracking('sqlite:///m.db'))]:\n"
+        f"for key, call in [('shared', lambda: storage.join_cluster({str(out)!r})),\n"
+        "                  ('relative', lambda: run_experiment(table, 'rel/out')),\n"
+        f"                  ('private', lambda: run_sweep(space, {private!r})),\n"
+        "                  ('export', lambda: export(spec_for('synthetic'), 'rel/data')),\n"
+        "                  ('sqlite', sqlite)]:\n"
         "    try:\n"
         "        call(); res[key] = 'ok'\n"
         "    except ConfigError as e:\n"
         "        res[key] = str(e)\n"
         "print('RESULT ' + json.dumps(res))\n"
     )
-    assert checks["shared"] == "ok"
-    assert "relative" in checks["relative"] and "\n" not in checks["relative"]
-    assert "tracking server" in checks["sqlite"]
-    if cluster.isolated:
-        assert "not visible on node(s)" in checks["private"], checks
+    assert checks["shared"] == "ok", checks
+    for key in ("relative", "export"):
+        assert checks[key].startswith("--out: rel/") and "relative" in checks[key], checks
+    assert "tracking server" in checks["sqlite"], checks
+    assert all("\n" not in v for v in checks.values()), checks
+    refusal = "not visible on node(s)" if cluster.isolated else "relative"
+    assert refusal in checks["private"], checks
     assert not list(out.glob(".raypurify-shared-check-*")), "marker left behind"
+    assert not (cluster.base / "rel").exists() and not list(out.glob("store")), "wrote"
 
     # One job after the other: two jobs' Ray Data executions on this 3-CPU cluster share
     # Ray Data's internal actors, and one job's ending could fail the other's passes.
@@ -250,13 +266,14 @@ def test_second_node_killed_during_training_resumes(cluster):
     if (reference / "results.json").exists():
 
         def files(d):
-            return sorted(
-                str(p.relative_to(d))
+            """File names, a dataset's parquet parts (named at random by Ray Data) as one."""
+            return {
+                f"{p.parent.name}/*.parquet" if p.suffix == ".parquet" else p.name
                 for p in d.rglob("*")
                 if p.is_file() and "checkpoint" not in str(p) and not p.name.endswith(".log")
-            )
+            }
 
-        assert {Path(f).name for f in files(out)} >= {Path(f).name for f in files(reference)}
+        assert files(out) >= files(reference), sorted(files(reference) - files(out))
 
     # Resumed, not restarted: epoch 1, logged (and checkpointed) before the kill, was never
     # trained again after it; every epoch was logged once. This job's classifier run is the
