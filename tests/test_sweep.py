@@ -6,7 +6,10 @@ from __future__ import annotations
 import csv
 import json
 import os
+import signal
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -104,10 +107,48 @@ def finished_children(uri: str, out: Path) -> int:
         return 0
 
 
+def trial_processes() -> list[int]:
+    """Pids of this machine's Tune trial processes (Ray titles them `ray::ImplicitFunc`)."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and (d / "cmdline").read_bytes().startswith(b"ray::ImplicitFunc"):
+                pids.append(int(d.name))
+        except OSError:  # ended meanwhile
+            pass
+    return pids
+
+
+class TrialKiller(threading.Thread):
+    """SIGKILLs the running trial's process once, as soon as a classifier has written a
+    Ray Train checkpoint into `store` after this started: a lost process mid-trial."""
+
+    def __init__(self, store: Path):
+        super().__init__(daemon=True)
+        self.store, self.since = store, time.time()
+        self.killed: list[int] = []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.wait(0.2):
+            fresh = [
+                p
+                for p in self.store.glob("**/checkpoints/train/checkpoint_*/state.pt")
+                if p.stat().st_mtime > self.since
+            ]
+            pids = trial_processes()
+            if fresh and pids:
+                for pid in pids:
+                    os.kill(pid, signal.SIGKILL)
+                self.killed = pids
+                return
+
+
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory, ray_session):
     """A 3-trial sweep, killed (with its own Ray) once its first trial finished, then
-    resumed in this process to the full count."""
+    resumed in this process to the full count, its running trial's process killed once on
+    the way (Tune restarts it)."""
     root = tmp_path_factory.mktemp("sweep")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     old = os.environ.get("MLFLOW_TRACKING_URI")
@@ -119,8 +160,19 @@ def sweep(tmp_path_factory, ray_session):
         run_and_kill(args, lambda: finished_children(uri, out) >= 1, timeout=900)
         killed_with = finished_children(uri, out)
         assert (out / "sweep.json").exists()
-        assert main(["sweep", str(space_file), "--out", str(out), "--resume"]) == 0
-        yield {"out": out, "uri": uri, "space": load_space(str(space_file)), "killed": killed_with}
+        killer = TrialKiller(out / "store")
+        killer.start()
+        try:
+            assert main(["sweep", str(space_file), "--out", str(out), "--resume"]) == 0
+        finally:
+            killer.stop.set()
+        yield {
+            "out": out,
+            "uri": uri,
+            "space": load_space(str(space_file)),
+            "killed": killed_with,
+            "trial_killed": killer.killed,
+        }
     finally:
         if old is None:
             os.environ.pop("MLFLOW_TRACKING_URI", None)
@@ -166,6 +218,17 @@ def test_a_killed_sweep_resumes_to_every_output(sweep):
     assert best["objective"] == pytest.approx(max(float(r["objective"]) for r in done))
     assert set(best["config"]) == {"kld1", "kld2", "lambda"}
     assert "| best |" in (out / "results.md").read_text()
+
+
+@pytest.mark.slow
+def test_a_trial_whose_process_died_is_restarted_and_finishes(sweep):
+    assert sweep["trial_killed"], "no trial was running a classifier after the resume"
+    rows = trials(sweep["out"])
+    restarted = [r for r in rows if int(r["restarts"]) >= 1]
+    assert len(restarted) == 1, rows
+    assert restarted[0]["status"] in ("DONE", "STOPPED"), restarted[0]
+    summary = json.loads((sweep["out"] / "summary.json").read_text())
+    assert summary["restarts"] == 1 and summary["errors"] == 0
 
 
 @pytest.mark.slow

@@ -23,7 +23,7 @@ PLOTS = ("parallel_coordinates.png", "param_importance.png", "objective_by_trial
 
 def collect(space: SweepSpace, grid) -> list[dict[str, Any]]:
     """One row per trial from Tune's results, in the order the trials started."""
-    statuses = tune_statuses(grid)
+    tune_trials = trials_of(grid)
     trials = []
     for result in grid:
         m = result.metrics or {}
@@ -32,7 +32,7 @@ def collect(space: SweepSpace, grid) -> list[dict[str, Any]]:
             status = "DONE"
         elif result.error:
             status = "ERROR"
-        elif statuses.get(trial_id) == "TERMINATED":  # ended without its scores: ASHA
+        elif getattr(tune_trials.get(trial_id), "status", "") == "TERMINATED":  # by ASHA
             status = "STOPPED"
         else:  # the sweep was interrupted while this trial ran or waited
             status = "INTERRUPTED"
@@ -45,6 +45,8 @@ def collect(space: SweepSpace, grid) -> list[dict[str, Any]]:
             "epoch": m.get("epoch", 0),
             "stopped_by_asha": status == "STOPPED",
             "wall_s": m.get("time_total_s"),
+            # times Tune restarted it after its process died (FailureConfig)
+            "restarts": getattr(tune_trials.get(trial_id), "num_failures", 0),
             "purify_key": m.get("purify_key"),
             "error": str(result.error).splitlines()[0] if result.error else "",
         }
@@ -52,10 +54,11 @@ def collect(space: SweepSpace, grid) -> list[dict[str, Any]]:
     return sorted(trials, key=lambda t: t["trial_id"])
 
 
-def tune_statuses(grid) -> dict[str, str]:
-    """Tune's status of each trial (TERMINATED, ERROR, RUNNING, ...). ResultGrid has no
-    public per-trial status; this is the one place that reads its analysis for it."""
-    return {t.trial_id: t.status for t in grid._experiment_analysis.trials}
+def trials_of(grid) -> dict:
+    """Tune's own Trial of each trial id, for its status (TERMINATED, ERROR, ...) and its
+    failure count. ResultGrid has no public per-trial status; this is the one place that
+    reads its analysis for them."""
+    return {t.trial_id: t for t in grid._experiment_analysis.trials}
 
 
 def _trial_id(path) -> str:
@@ -101,6 +104,7 @@ def summarize(space: SweepSpace, trials: list[dict], state: dict, wall_s: float)
         "done": len(done),
         "stopped_by_asha": sum(t["stopped_by_asha"] for t in trials),
         "errors": sum(t["status"] == "ERROR" for t in trials),
+        "restarts": sum(t["restarts"] for t in trials),
         "interrupted": sum(t["status"] == "INTERRUPTED" for t in trials)
         + max(0, space.budget.samples - len(trials)),
         "classifier_epochs_saved": saved,
@@ -161,6 +165,7 @@ def write_csv(space: SweepSpace, trials: list[dict], path: Path) -> None:
         "epoch",
         "stopped_by_asha",
         "wall_s",
+        "restarts",
         "purify_key",
         "error",
     ]
@@ -197,7 +202,8 @@ def markdown(space: SweepSpace, trials: list[dict], s: dict) -> str:
         f"# Sweep `{space.name}`: {space.attack.name}, objective `{space.objective}`",
         "",
         f"{s['trials']} trials ({s['done']} finished, {s['stopped_by_asha']} stopped by ASHA, "
-        f"{s['errors']} failed, {s['interrupted']} still to run) in "
+        f"{s['errors']} failed, {s['interrupted']} still to run; {s['restarts']} restarts "
+        "after a lost process) in "
         f"{s['wall_s'] / 60:.1f} min; ASHA saved "
         f"{s['classifier_epochs_saved']} classifier epochs of "
         f"{s['trials'] * s['classifier_epochs']}. Optuna study `{s['study_name']}` in "

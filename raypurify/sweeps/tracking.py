@@ -71,7 +71,8 @@ def reconcile(parent: Run, trials: list[dict]) -> None:
     """Bring the child runs in line with the trials Tune finished with.
 
     A trial ASHA stopped had its process ended before it could close its run: it is marked
-    KILLED with the epoch it reached; so is a trial the user interrupted (until resumed).
+    KILLED with the epoch it reached and its val accuracy there (the UI compares it too);
+    a trial the user interrupted is marked KILLED until the sweep resumes.
     A sweep killed just after starting a trial, before Tune saved that trial in its state,
     resumes without it (the searcher suggests afresh): the run that trial opened belongs
     to no trial of the sweep, so it is deleted (MLflow keeps it in its trash) and every
@@ -85,6 +86,8 @@ def reconcile(parent: Run, trials: list[dict]) -> None:
         elif trial["stopped_by_asha"]:
             run = Run(parent.uri, r.info.run_id)
             run.set_tags({"asha_stopped_at_epoch": trial["epoch"]})
+            if trial["val_accuracy"] is not None:  # the UI compares stopped trials too
+                run.log_metrics({"val_accuracy": trial["val_accuracy"]}, step=trial["epoch"])
             run.finish("KILLED")
         elif trial["status"] == "INTERRUPTED":  # reopened when the sweep resumes
             Run(parent.uri, r.info.run_id).finish("KILLED")
