@@ -29,12 +29,16 @@ from __future__ import annotations
 
 import os
 import secrets
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from raypurify.errors import ConfigError
 
 MARKER_PREFIX = ".raypurify-shared-check-"
+SCRATCH = ".scratch"  # under the storage root: temporary work Ray workers write on a cluster
 # A marker written on one NFS client can take a moment to appear on another (attribute
 # caches); a node is declared blind only after this many seconds of looking.
 LOOK_SECONDS = 3.0
@@ -172,7 +176,30 @@ def join_cluster(
     from raypurify.runtime import init_ray
     from raypurify.tracking import tracking_uri
 
+    global _root
     init_ray(num_cpus)
     path = check_shared(out, "--out")
     check_tracking(tracking or tracking_uri())
+    _root = path
     return path
+
+
+_root: Path | None = None  # the storage root join_cluster last checked in this process
+
+
+@contextmanager
+def scratch() -> Iterator[Path]:
+    """A temporary directory for what Ray workers write and the driver reads back (a
+    surrogate's checkpoints), removed afterwards: the system's temp dir on one node; on a
+    cluster of several nodes a folder under the storage root join_cluster checked, since
+    a worker's /tmp is not the driver's."""
+    base = None
+    if multi_node():
+        if _root is None:
+            raise ConfigError(
+                "on a cluster of several nodes this command needs --out on shared storage"
+            )
+        base = _root / SCRATCH
+        base.mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="raypurify-", dir=base) as tmp:
+        yield Path(tmp)

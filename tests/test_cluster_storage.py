@@ -6,6 +6,7 @@ real two-node cluster in test_cluster_multinode.py."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -95,3 +96,14 @@ def test_visible_everywhere_creates_the_root(local_ray, tmp_path):
     root = tmp_path / "a" / "b"
     assert storage.visible_everywhere(root, "--out") == root
     assert root.is_dir() and not list(root.iterdir())
+
+
+def test_scratch_on_one_node_is_a_system_temp_dir_removed_after(local_ray, tmp_path):
+    import tempfile
+
+    storage.join_cluster(tmp_path / "out")
+    with storage.scratch() as work:
+        (work / "state.pt").write_bytes(b"x")
+        assert work.parent == Path(tempfile.gettempdir())
+    assert not work.exists()
+    assert not (tmp_path / "out" / storage.SCRATCH).exists()  # nothing left in --out

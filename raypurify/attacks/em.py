@@ -17,7 +17,6 @@ SGD 0.1); the CPU protocol passes a smaller surrogate.
 
 from __future__ import annotations
 
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -35,6 +34,7 @@ from raypurify.distributed import fit, report, setup_worker, unwrap, use_gpu
 from raypurify.models import ARCHS, build_model
 from raypurify.progress import advance
 from raypurify.runtime import Precision, autocast, use_bf16
+from raypurify.storage import scratch
 from raypurify.tracking import Run
 
 
@@ -220,7 +220,7 @@ def run_minmin(job: AttackJob, cfg: EMConfig, engine: type[MinMin], desc: str) -
         "num_classes": job.clean.num_classes,
         "mlflow": None if job.run is None else {"uri": job.run.uri, "run_id": job.run.run_id},
     }
-    with tempfile.TemporaryDirectory() as tmp:
+    with scratch() as tmp:
         _, state = fit(
             minmin_worker,
             loop,

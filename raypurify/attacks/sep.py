@@ -11,7 +11,6 @@ recipe scale the cost down.
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +22,7 @@ from raypurify.attacks.tap import train_surrogate
 from raypurify.attacks.targeted import craft
 from raypurify.distributed import STATE_FILE, checkpoint_dirs
 from raypurify.runtime import Precision
+from raypurify.storage import scratch
 
 
 class SEPConfig(EpsConfig):
@@ -49,7 +49,7 @@ def generate(job: AttackJob, cfg: SEPConfig) -> np.ndarray:
 
     init_ray()
     overrides = [*cfg.surrogate_overrides, "keep_checkpoints=null"]
-    with tempfile.TemporaryDirectory() as tmp:
+    with scratch() as tmp:
         train_cfg, _ = train_surrogate(job, cfg.surrogate_recipe, overrides, cfg.seed, Path(tmp))
         dirs = spaced(checkpoint_dirs(Path(tmp) / "checkpoints", "train"), cfg.checkpoints)
         states = [

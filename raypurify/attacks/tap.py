@@ -10,7 +10,6 @@ defaults); the CPU protocol passes fewer.
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ from pydantic import Field, PositiveInt
 from raypurify.attacks.base import Attack, AttackJob, EpsConfig, perturb
 from raypurify.attacks.targeted import craft
 from raypurify.runtime import Precision
+from raypurify.storage import scratch
 
 
 class TAPConfig(EpsConfig):
@@ -54,7 +54,7 @@ def generate(job: AttackJob, cfg: TAPConfig) -> np.ndarray:
     from raypurify.training.trainer import MODEL_FILE
 
     init_ray()
-    with tempfile.TemporaryDirectory() as tmp:
+    with scratch() as tmp:
         train_cfg, _ = train_surrogate(
             job, cfg.surrogate_recipe, cfg.surrogate_overrides, cfg.seed, Path(tmp)
         )

@@ -10,6 +10,7 @@ run in the experiment "poison" with the config, the budget and an image grid.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from raypurify.cli.common import common_options
@@ -67,6 +68,7 @@ def dataset_options(p) -> None:
 def run_attack(args) -> int:
     from raypurify.atomic import check_new
     from raypurify.attacks.base import configure, poison
+    from raypurify.storage import join_cluster
     from raypurify.training.run import check_attack_options
 
     missing = [f"--{name}" for name in ("attack", "data", "out") if not getattr(args, name)]
@@ -77,6 +79,9 @@ def run_attack(args) -> int:
     attack, cfg = configure(args.attack, settings, args.overrides)
     check_attack_options(cfg, "options")
     spec, data = load_base(args.data, args)
+    # Surrogate attacks train on Ray Train; on a cluster their checkpoints go under the
+    # folder of --out, which every node must see.
+    join_cluster(Path(args.out).parent, args.num_cpus)
     config = {"attack": attack.name, "attack_config": cfg.to_dict()}
 
     def make(run):
