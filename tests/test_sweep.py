@@ -381,3 +381,42 @@ def test_the_linear_probe_finds_a_shortcut_and_not_noise():
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__]))
+
+
+@pytest.mark.slow
+def test_ctrl_c_interrupts_the_sweep_and_names_no_trial_stopped_by_asha(tmp_path):
+    """Ctrl-C while a trial runs: exit 130 with the resume command, and the running trial
+    is INTERRUPTED (Tune ends it as TERMINATED in memory, which must not read as ASHA)."""
+    import subprocess
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = tmp_path / "out"
+    env = dict(os.environ, RAY_ADDRESS="", MLFLOW_TRACKING_URI=uri)
+    args = ["-m", "raypurify", "sweep", str(write_space(tmp_path / "tiny.yaml")), "--out", str(out)]
+    proc = subprocess.Popen(
+        [sys.executable, *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 600
+        while not list(out.glob("store/**/checkpoints")) and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C sends
+        output, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130, output[-3000:]
+    assert "--resume" in output
+    rows = trials(out)
+    assert rows and not [r for r in rows if r["status"] == "STOPPED"], rows
+    assert "INTERRUPTED" in {r["status"] for r in rows}, rows
+    state = json.loads((out / "sweep.json").read_text())
+    for run in children(uri, state["parent_run_id"]):
+        assert "asha_stopped_at_epoch" not in run.data.tags, run.data.tags

@@ -56,9 +56,12 @@ def collect(space: SweepSpace, grid) -> list[dict[str, Any]]:
 
 def trials_of(grid) -> dict:
     """Tune's own Trial of each trial id, for its status (TERMINATED, ERROR, ...) and its
-    failure count. ResultGrid has no public per-trial status; this is the one place that
-    reads its analysis for them."""
-    return {t.trial_id: t for t in grid._experiment_analysis.trials}
+    failure count, as Tune saved them in the experiment's state. Not the in-memory ones:
+    an interrupted Tune saves its state and then ends every running trial as TERMINATED,
+    which would read as stopped by ASHA (and the saved state is what a resume runs)."""
+    from ray.tune import ExperimentAnalysis
+
+    return {t.trial_id: t for t in ExperimentAnalysis(grid.experiment_path).trials}
 
 
 def _trial_id(path) -> str:
