@@ -8,6 +8,7 @@ caller, so a rerun resumes, and shows an epoch progress bar.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import tempfile
@@ -34,13 +35,23 @@ RESUME_KEY = "resume_from"  # loop-config key: the newest readable checkpoint's 
 # In the workers
 
 
+# Ray Train logs every report, metrics included, at INFO under a logger named by the file
+# path of this private module, which RunConfig's log level does not reach. The one place
+# that names a private Ray module: tests/test_distributed.py fails if Ray moves it.
+REPORT_LOGGER_MODULE = "ray.train.v2._internal.execution.context"
+
+
+def report_logger() -> logging.Logger:
+    """The logger Ray Train writes each report to (found without importing private code)."""
+    spec = importlib.util.find_spec(REPORT_LOGGER_MODULE)
+    if spec is None or spec.origin is None:
+        raise RuntimeError(f"Ray Train moved {REPORT_LOGGER_MODULE}: update REPORT_LOGGER_MODULE")
+    return logging.getLogger(spec.origin)
+
+
 def setup_worker(threads: int | None) -> tuple[int, int, torch.device]:
     """(rank, world size, device); on CPU, `threads` torch threads (default: cores/world)."""
-    # Ray Train logs each report (metrics included) at INFO under a logger named by file
-    # path, which RunConfig's log level does not reach.
-    from ray.train.v2._internal.execution import context
-
-    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+    report_logger().setLevel(logging.WARNING)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     dev = ray.train.torch.get_device()

@@ -1,0 +1,13 @@
+"""The one private Ray name raypurify relies on: Ray Train's report logger. If a Ray upgrade
+moves or renames it, this fails here instead of every worker logging each report."""
+
+from __future__ import annotations
+
+import importlib
+
+from raypurify.distributed import REPORT_LOGGER_MODULE, report_logger
+
+
+def test_ray_train_logs_its_reports_to_the_logger_the_workers_quiet():
+    module = importlib.import_module(REPORT_LOGGER_MODULE)
+    assert module.logger is report_logger()
