@@ -23,6 +23,17 @@ if "RAYPURIFY_DATA_DIR" not in os.environ and SHARED_DATA.is_dir():
     os.environ["RAYPURIFY_DATA_DIR"] = str(SHARED_DATA)
 
 
+def pytest_collection_modifyitems(items) -> None:
+    """Mark by fixture: `ray` for tests on the session's Ray, `cifar` for real CIFAR-10.
+    `pytest -m "not ray and not cifar and not slow"` is the inner loop's fast subset."""
+    for item in items:
+        used = set(getattr(item, "fixturenames", ()))
+        if used & {"ray_session", "local_ray"}:
+            item.add_marker(pytest.mark.ray)
+        if "cifar10_dir" in used:
+            item.add_marker(pytest.mark.cifar)
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """A real local Ray, started once for the whole test session."""

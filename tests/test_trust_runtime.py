@@ -114,6 +114,7 @@ LISTENERS = textwrap.dedent(
 LOOPBACK = {"0100007F", "0000000000000000FFFF00000100007F", "00000000000000000000000001000000"}
 
 
+@pytest.mark.ray  # starts its own local Ray
 def test_local_ray_listens_on_loopback_only():
     env = {k: v for k, v in __import__("os").environ.items() if k != "RAY_ADDRESS"}
     for _ in range(3):  # Ray gives its raylet 30 s to register: a loaded machine may miss it

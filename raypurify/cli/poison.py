@@ -10,6 +10,7 @@ run in the experiment "poison" with the config, the budget and an image grid.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -79,9 +80,8 @@ def run_attack(args) -> int:
     attack, cfg = configure(args.attack, settings, args.overrides)
     check_attack_options(cfg, "options")
     spec, data = load_base(args.data, args)
-    # Surrogate attacks train on Ray Train; on a cluster their checkpoints go under the
-    # folder of --out, which every node must see.
-    join_cluster(Path(args.out).parent, args.num_cpus)
+    if os.environ.get("RAY_ADDRESS"):  # a cluster job: surrogate attacks' checkpoints go
+        join_cluster(Path(args.out).parent, args.num_cpus)  # under --out's folder
     config = {"attack": attack.name, "attack_config": cfg.to_dict()}
 
     def make(run):
