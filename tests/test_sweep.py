@@ -392,7 +392,8 @@ def test_ctrl_c_interrupts_the_sweep_and_names_no_trial_stopped_by_asha(tmp_path
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     out = tmp_path / "out"
     env = dict(os.environ, RAY_ADDRESS="", MLFLOW_TRACKING_URI=uri)
-    args = ["-m", "raypurify", "sweep", str(write_space(tmp_path / "tiny.yaml")), "--out", str(out)]
+    space = write_space(tmp_path / "tiny.yaml")
+    args = ["-m", "raypurify", "sweep", str(space), "--out", str(out), "--set", "probe_rows=50"]
     proc = subprocess.Popen(
         [sys.executable, *args],
         env=env,
@@ -413,7 +414,8 @@ def test_ctrl_c_interrupts_the_sweep_and_names_no_trial_stopped_by_asha(tmp_path
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     assert proc.returncode == 130, output[-3000:]
-    assert "--resume" in output
+    resume = f"raypurify sweep {space} --out {out} --set probe_rows=50 --resume"
+    assert resume in output  # the settings too: a sweep resumed with others is refused
     rows = trials(out)
     assert rows and not [r for r in rows if r["status"] == "STOPPED"], rows
     assert "INTERRUPTED" in {r["status"] for r in rows}, rows

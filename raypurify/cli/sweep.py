@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import sys
 from pathlib import Path
 
@@ -54,11 +55,27 @@ def run(args) -> int:
     if summary["interrupted"]:
         print(
             f"interrupted with {summary['interrupted']} trial(s) to run; resume with: "
-            f"raypurify sweep {args.space} --out {args.out} --resume",
+            f"{resume_command(args)}",
             file=sys.stderr,
         )
         return 130
     return 0 if summary["done"] else 1
+
+
+def resume_command(args) -> str:
+    """The command that resumes this sweep: the same space and settings, with --resume (a
+    sweep resumed with other settings is refused)."""
+    words = ["raypurify", "sweep", args.space, "--out", args.out]
+    for override in args.overrides:
+        words += ["--set", override]
+    for flag, value in (
+        ("--samples", args.samples),
+        ("--concurrency", args.concurrency),
+        ("--num-cpus", args.num_cpus),
+    ):
+        if value is not None:
+            words += [flag, str(value)]
+    return shlex.join([*words, "--resume"])
 
 
 def run_spaces(args) -> int:
