@@ -137,11 +137,15 @@ def test_storage_checks_and_a_sweep_submitted_to_two_nodes(cluster):
         "from raypurify.experiments.runner import run_experiment\n"
         "from raypurify.sweeps.driver import run_sweep\n"
         "from raypurify.sweeps.space import load_space\n"
-        f"os.environ['MLFLOW_TRACKING_URI'] = {cluster.mlflow_uri!r}\n"
+        "KEY = 'MLFLOW_TRACKING_URI'\n"
+        f"os.environ[KEY] = {cluster.mlflow_uri!r}\n"
         f"table, space = load_spec({str(spec)!r}), load_space({str(space)!r})\n"
         "def sqlite():\n"
-        "    os.environ['MLFLOW_TRACKING_URI'] = 'sqlite:///m.db'\n"
-        f"    run_experiment(table, {str(out)!r})\n"
+        "    server, os.environ[KEY] = os.environ[KEY], 'sqlite:///m.db'\n"
+        "    try:\n"
+        f"        run_experiment(table, {str(out)!r})\n"
+        "    finally:\n"
+        "        os.environ[KEY] = server\n"
         "res = {}\n"
         f"for key, call in [('shared', lambda: storage.join_cluster({str(out)!r})),\n"
         "                  ('relative', lambda: run_experiment(table, 'rel/out')),\n"
@@ -261,17 +265,31 @@ def test_a_table_submitted_to_two_nodes_survives_losing_one(cluster):
     placed = cluster.train_worker_nodes()
     assert lost in placed.values(), placed
 
-    # Resumed, not restarted: epoch 1, logged (and checkpointed) before the kill, was never
-    # trained again after it; every epoch was logged once. This job's classifier run is the
-    # one training run that started after it was submitted.
+    # Resumed, not restarted: epoch 1, checkpointed before the kill, was never trained
+    # again; every epoch was logged. An epoch rank 0 (on the head) logged while the group
+    # was failing, before its checkpoint was registered, is trained and logged again: at
+    # most that one. This job's classifier run is the one training run that started after
+    # it was submitted.
     client = MlflowClient(cluster.mlflow_uri)
     runs = train_runs(client, [e.experiment_id for e in client.search_experiments()])
     mine = [r for r in runs if r.info.start_time >= submitted * 1000]
     assert len(mine) == 1, [(r.info.run_name, r.info.start_time) for r in runs]
     history = client.get_metric_history(mine[0].info.run_id, "train_loss")
     steps = sorted(m.step for m in history)
-    assert steps == [1, 2, 3, 4], steps
+    assert sorted(set(steps)) == [1, 2, 3, 4], steps
     first = [m for m in history if m.step == 1]
-    assert first[0].timestamp < killed_at * 1000, "epoch 1 was trained again after the kill"
+    assert len(first) == 1 and first[0].timestamp < killed_at * 1000, "epoch 1 trained again"
+    again = [k for k in set(steps) if steps.count(k) > 1]
+    assert len(again) <= 1 and all(steps.count(k) == 2 for k in again), steps
+    assert all(
+        min(m.timestamp for m in history if m.step == k) < killed_at * 1000 for k in again
+    ), "an epoch logged twice after the kill"
     assert any(m.timestamp > killed_at * 1000 for m in history), "nothing trained after the kill"
-    print(f"\nkilled at epoch {max(m.step for m in history if m.timestamp < killed_at * 1000)}")
+    # What the failure cost (for the note, not asserted): the epoch in flight at the kill
+    # against the median of the others, from the epochs' log times.
+    times = {m.step: m.timestamp / 1000 for m in history}  # (an epoch logged twice: its last)
+    gaps = {k: times[k] - times[k - 1] for k in range(2, 5)}
+    done = max(k for k, t in times.items() if t < killed_at)
+    hit = gaps.pop(done + 1, None)
+    normal = sorted(gaps.values())[len(gaps) // 2] if gaps else None
+    print(f"\nkilled after epoch {done}; the epoch in flight took {hit} s, the others {normal} s")

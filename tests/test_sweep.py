@@ -262,9 +262,12 @@ def test_asha_stops_a_trial_and_the_sweep_still_finishes(sweep):
 @pytest.mark.slow
 def test_mlflow_has_one_child_per_trial_with_its_params(sweep):
     state = json.loads((sweep["out"] / "sweep.json").read_text())
-    runs = children(sweep["uri"], state["parent_run_id"])
+    kids = children(sweep["uri"], state["parent_run_id"])
+    runs = [r for r in kids if "trial_id" in r.data.tags]
     rows = {r["trial_id"]: r for r in trials(sweep["out"])}
     assert len(runs) == len(rows) == 3  # no duplicate after the resume
+    shared = {r.info.run_name for r in kids if "trial_id" not in r.data.tags}
+    assert "poison/random-noise" in shared  # the shared steps' runs are kept
     for run in runs:
         row = rows[run.data.tags["trial_id"]]
         for name in ("kld1", "kld2", "lambda"):
@@ -274,6 +277,12 @@ def test_mlflow_has_one_child_per_trial_with_its_params(sweep):
         if row["status"] == "DONE":
             assert run.data.metrics["objective"] == pytest.approx(float(row["objective"]))
             assert run.info.status == "FINISHED"
+            # its classifier's own run, with the per-epoch curves, as a table cell has
+            steps = {s.info.run_name: s for s in children(sweep["uri"], run.info.run_id)}
+            train = next(s for name, s in steps.items() if name.startswith("train/"))
+            assert "train_loss" in train.data.metrics and train.info.status == "FINISHED"
+        # nothing under a trial is left RUNNING (ASHA, the kills, the restart)
+        assert all(s.info.status != "RUNNING" for s in children(sweep["uri"], run.info.run_id))
 
 
 @pytest.mark.slow

@@ -18,16 +18,15 @@ from raypurify.tracking import PARENT_TAG, Run, _retry, start_run
 TRIAL_TAG = "trial_id"
 
 
-def children(parent: Run) -> list:
-    """The parent's child runs (MLflow Run entities), oldest first."""
+def children(parent: Run, status: str | None = None) -> list:
+    """The parent's child runs (MLflow Run entities), oldest first; only those in
+    `status` (e.g. RUNNING) if given."""
     client = parent.client
     exp = client.get_run(parent.run_id).info.experiment_id
-    runs = _retry(
-        client.search_runs,
-        [exp],
-        filter_string=f"tags.`{PARENT_TAG}` = '{parent.run_id}'",
-        max_results=10000,
-    )
+    where = f"tags.`{PARENT_TAG}` = '{parent.run_id}'"
+    if status:
+        where += f" and attributes.status = '{status}'"
+    runs = _retry(client.search_runs, [exp], filter_string=where, max_results=10000)
     return sorted(runs, key=lambda r: r.info.start_time)
 
 
@@ -72,7 +71,8 @@ def reconcile(parent: Run, trials: list[dict]) -> None:
 
     A trial ASHA stopped had its process ended before it could close its run: it is marked
     KILLED with the epoch it reached and its val accuracy there (the UI compares it too);
-    a trial the user interrupted is marked KILLED until the sweep resumes.
+    a trial the user interrupted is marked KILLED until the sweep resumes. Step runs left
+    RUNNING under a trial are marked KILLED.
     A sweep killed just after starting a trial, before Tune saved that trial in its state,
     resumes without it (the searcher suggests afresh): the run that trial opened belongs
     to no trial of the sweep, so it is deleted (MLflow keeps it in its trash) and every
@@ -80,10 +80,17 @@ def reconcile(parent: Run, trials: list[dict]) -> None:
     """
     by_id = {t["trial_id"]: t for t in trials}
     for r in children(parent):
-        trial = by_id.get(r.data.tags.get(TRIAL_TAG, ""))
+        if TRIAL_TAG not in r.data.tags:  # the shared steps' runs (clean data, poison)
+            continue
+        trial = by_id.get(r.data.tags[TRIAL_TAG])
         if trial is None:
             _retry(parent.client.delete_run, r.info.run_id)
-        elif trial["stopped_by_asha"]:
+            continue
+        # A step run whose process was stopped (by ASHA, Ctrl-C, a lost node) cannot close
+        # itself; a restarted step opened a new one.
+        for step in children(Run(parent.uri, r.info.run_id), status="RUNNING"):
+            Run(parent.uri, step.info.run_id).finish("KILLED")
+        if trial["stopped_by_asha"]:
             run = Run(parent.uri, r.info.run_id)
             run.set_tags({"asha_stopped_at_epoch": trial["epoch"]})
             if trial["val_accuracy"] is not None:  # the UI compares stopped trials too

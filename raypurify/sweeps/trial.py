@@ -137,11 +137,13 @@ def train_on_purified(step: Step, directory: Path, ctx: TrialContext) -> dict[st
     purified = read_images(step.input_path(0))
     validation = read_images(step.input_path(1))
     keep, probe = probe_split(purified, **step.config["probe"])
+    run = step.child_run(ctx)  # the classifier's curves, as a table cell's
     metrics = train_classifier(
         purified.take(keep),
         validation,
         cfg,
         directory / "train",
+        run=run,
         eval_key="val_accuracy",
         callbacks=[TuneReportCallback()],
     )
@@ -149,6 +151,7 @@ def train_on_purified(step: Step, directory: Path, ctx: TrialContext) -> dict[st
     test = registry.load(DatasetSpec.model_validate(step.config["test"]))
     probe_deep = accuracy(model, purified.take(probe))
     probe_linear = linear_probe_accuracy(purified.take(keep), purified.take(probe), cfg.seed)
+    run.finish()
     return {
         "val_accuracy": metrics["accuracy"],
         "test_accuracy": accuracy(model, test),
