@@ -42,6 +42,7 @@ SCRATCH = ".scratch"  # under the storage root: temporary work Ray workers write
 # A marker written on one NFS client can take a moment to appear on another (attribute
 # caches); a node is declared blind only after this many seconds of looking.
 LOOK_SECONDS = 3.0
+_root: Path | None = None  # the storage root join_cluster last checked in this process
 
 
 def is_uri(path: str | Path) -> bool:
@@ -182,9 +183,6 @@ def join_cluster(
     check_tracking(tracking or tracking_uri())
     _root = path
     return path
-
-
-_root: Path | None = None  # the storage root join_cluster last checked in this process
 
 
 @contextmanager
