@@ -167,7 +167,9 @@ def max_failures() -> int:
     default 1): each resumes from the last checkpoint. An error in our own code fails the
     same way again, so more retries only delay its message."""
     value = os.environ.get("RAYPURIFY_MAX_FAILURES", "1")
-    return int(value) if value.isdigit() else 1
+    if not value.isdigit():
+        raise ConfigError(f"RAYPURIFY_MAX_FAILURES: {value!r} is not a whole number >= 0")
+    return int(value)
 
 
 def fit(

@@ -179,7 +179,8 @@ def join_cluster(
 
     global _root
     init_ray(num_cpus)
-    path = check_shared(out, "--out")
+    checked = _root is not None and _root == Path(out).resolve()  # no second node probe
+    path = _root if checked else check_shared(out, "--out")
     check_tracking(tracking or tracking_uri())
     _root = path
     return path
