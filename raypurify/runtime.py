@@ -97,8 +97,15 @@ def use_bf16(precision: str, dev: torch.device) -> bool:
 
     Measured on the 2-core AVX-512-BF16 CPU without AMX this project runs on, oneDNN's bf16
     convolutions are 30-40 % slower than fp32 ones with channels_last (bench/results), so
-    there "auto" keeps fp32; `precision: bf16` forces autocast anywhere.
+    there "auto" keeps fp32; `precision: bf16` forces autocast anywhere. RAYPURIFY_PRECISION
+    (fp32 or bf16) decides "auto" instead, so a test suite computes the same on every CPU kind.
     """
+    if precision == "auto":
+        precision = os.environ.get("RAYPURIFY_PRECISION", "auto")
+        if precision not in ("auto", "fp32", "bf16"):
+            from raypurify.errors import ConfigError
+
+            raise ConfigError(f"RAYPURIFY_PRECISION: {precision!r} is not fp32 or bf16")
     if precision != "auto":
         return precision == "bf16"
     if dev.type == "cuda":

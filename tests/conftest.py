@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("RAYPURIFY_OFFLINE", "1")  # tests never download
+os.environ.setdefault("RAYPURIFY_PRECISION", "fp32")  # the same numbers on every CPU kind
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
 
@@ -32,6 +33,13 @@ def pytest_collection_modifyitems(items) -> None:
             item.add_marker(pytest.mark.ray)
         if "cifar10_dir" in used:
             item.add_marker(pytest.mark.cifar)
+
+
+def pytest_runtest_logreport(report) -> None:
+    """Print a failure's traceback as it happens, not at the end: a CI run cut short by its
+    time limit still shows why a test failed."""
+    if report.failed:
+        sys.stderr.write(f"\n{report.nodeid} {report.when} FAILED:\n{report.longreprtext}\n")
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from pydantic import Field
-from torchvision.transforms import v2
 
 from raypurify.config import Config
 from raypurify.defenses.base import Defense
@@ -60,6 +59,10 @@ def augment(x: torch.Tensor, options: UEraserOptions, gen: torch.Generator) -> t
         shuffle = torch.rand(n, generator=gen) < 0.5
         perms[~shuffle] = torch.arange(c)
         x = torch.gather(x, 1, perms.view(n, c, 1, 1).expand(n, c, h, w))
+    # Imported here: torchvision pulls in torch._dynamo (seconds), which every Ray worker
+    # that imports the defence registry would otherwise pay.
+    from torchvision.transforms import v2
+
     trivial = v2.TrivialAugmentWide()
     x8 = (x * 255).round().to(torch.uint8)
     seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
