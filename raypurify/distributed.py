@@ -8,11 +8,13 @@ caller, so a rerun resumes, and shows an epoch progress bar.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import logging
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,9 @@ from raypurify.runtime import torch_threads
 
 STATE_FILE = "state.pt"
 RESUME_KEY = "resume_from"  # loop-config key: the newest readable checkpoint's state
+
+# Where the runs started in this process log their placement groups (see `placement_groups`).
+_placement_group_log: Path | None = None
 
 
 # ---------------------------------------------------------------------------------------
@@ -118,8 +123,53 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
+def _logging_placement_group(worker: Callable[[dict], None], log: str, config: dict) -> None:
+    """Run `worker` after rank 0 appended its run's placement group id to `log`."""
+    group = ray.util.get_current_placement_group()
+    if ray.train.get_context().get_world_rank() == 0 and group is not None:
+        with open(log, "a") as f:
+            f.write(group.id.hex() + "\n")
+    worker(config)
+
+
 # ---------------------------------------------------------------------------------------
 # In the driver
+
+
+@contextlib.contextmanager
+def placement_groups(log: Path) -> Iterator[None]:
+    """Log to `log` the placement group of every Ray Train run started meanwhile.
+
+    A run's group belongs to the Ray job, not to the run's controller: when a sweep trial
+    is stopped by ASHA or its process dies, the controller dies with it, and Ray Train's
+    own cleaner, which asks the dashboard's State API whether the controller lives, cannot
+    tell on a Ray without a dashboard. The group then keeps its CPUs until the job ends,
+    and later trials wait for them forever. `release_placement_groups(log)` frees them.
+    """
+    global _placement_group_log
+    log.parent.mkdir(parents=True, exist_ok=True)
+    previous, _placement_group_log = _placement_group_log, log
+    try:
+        yield
+    finally:
+        _placement_group_log = previous
+
+
+def release_placement_groups(log: Path) -> int:
+    """Remove the placement groups listed in `log` that still hold resources (the runs that
+    made them are over), delete the log, and return how many were removed."""
+    from ray.util.placement_group import PlacementGroup
+
+    if not log.exists():
+        return 0
+    removed = 0
+    for line in set(log.read_text().split()):
+        group = PlacementGroup(ray.PlacementGroupID.from_hex(line))
+        if ray.util.placement_group_table(group).get("state", "REMOVED") != "REMOVED":
+            ray.util.remove_placement_group(group)
+            removed += 1
+    log.unlink()
+    return removed
 
 
 def use_gpu(device: str) -> bool:
@@ -201,8 +251,11 @@ def fit(
     resources = {"CPU": cpus, "GPU": 1} if gpu else {"CPU": cpus}
     try:
         with Progress(epochs, desc, initial=previous["epoch"] if previous else 0) as progress:
+            log = _placement_group_log
             trainer = TorchTrainer(
-                worker,
+                worker
+                if log is None
+                else functools.partial(_logging_placement_group, worker, str(log)),
                 train_loop_config=loop
                 | {"progress": progress.queue, RESUME_KEY: previous and ray.put(previous)},
                 datasets=datasets,

@@ -7,7 +7,16 @@ import importlib
 import subprocess
 import sys
 
-from raypurify.distributed import REPORT_LOGGER_MODULE, report_logger
+import ray
+import ray.train
+
+from raypurify.distributed import (
+    REPORT_LOGGER_MODULE,
+    fit,
+    placement_groups,
+    release_placement_groups,
+    report_logger,
+)
 
 
 def test_ray_train_logs_its_reports_to_the_logger_the_workers_quiet():
@@ -35,3 +44,28 @@ def test_the_loops_ray_workers_import_do_not_pull_in_torchvision():
     code = f"import sys; [__import__(m) for m in {loops}]; print('torchvision' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_a_runs_placement_group_is_logged_and_a_leftover_one_released(ray_session, tmp_path):
+    """A sweep trial stopped mid-run leaves its Ray Train placement group reserved (Ray's
+    own cleaner needs the dashboard); the trial logs it and the driver releases it."""
+    from ray.util import placement_group, placement_group_table
+
+    def one_epoch(config: dict) -> None:  # nested: pickled by value for the workers
+        from raypurify.distributed import report
+
+        report({"epoch": 1}, {"epoch": 1}, ray.train.get_context().get_world_rank())
+
+    log = tmp_path / "groups" / "trial.txt"
+    with placement_groups(log):
+        fit(one_epoch, {}, workers=1, gpu=False, storage=tmp_path, name="run", epochs=1, desc="t")
+    (finished,) = log.read_text().split()
+    assert placement_group_table()[finished]["state"] == "REMOVED"  # Ray Train removed it
+
+    left = placement_group([{"CPU": 1}])  # what a killed run's controller leaves behind
+    ray.get(left.ready())
+    with log.open("a") as f:
+        f.write(left.id.hex() + "\n")
+    assert release_placement_groups(log) == 1
+    assert placement_group_table(left)["state"] == "REMOVED" and not log.exists()
+    assert release_placement_groups(log) == 0  # nothing logged: nothing to do

@@ -151,6 +151,7 @@ def run_sweep(space: SweepSpace, out: str | Path, *, num_cpus: int | None = None
 
     from raypurify.storage import join_cluster
     from raypurify.sweeps import results
+    from raypurify.sweeps.cleanup import ReleasePlacementGroups, release_all
     from raypurify.sweeps.live import LiveTable
     from raypurify.sweeps.tracking import parent_run, reconcile
     from raypurify.tracking import tracking_uri
@@ -184,6 +185,7 @@ def run_sweep(space: SweepSpace, out: str | Path, *, num_cpus: int | None = None
             tune.with_parameters(run_trial, spec=spec), {"cpu": 0, "memory": 2**20}
         )
         live = LiveTable(space, concurrency)
+        release = ReleasePlacementGroups(out)
         tune_path = out / TUNE_DIR
         if tune.Tuner.can_restore(str(tune_path)):
             print(f"resuming the sweep in {out}", flush=True)
@@ -191,8 +193,11 @@ def run_sweep(space: SweepSpace, out: str | Path, *, num_cpus: int | None = None
                 str(tune_path), trainable, resume_errored=True, resume_unfinished=True
             )
         else:
-            tuner = new_tuner(space, out, state, trainable, concurrency, live)
-        grid = tuner.fit()
+            tuner = new_tuner(space, out, state, trainable, concurrency, [live, release])
+        try:
+            grid = tuner.fit()
+        finally:
+            release_all(out)
         live.close()
     except BaseException:
         parent.finish("FAILED")
@@ -205,7 +210,7 @@ def run_sweep(space: SweepSpace, out: str | Path, *, num_cpus: int | None = None
     return summary
 
 
-def new_tuner(space, out: Path, state: dict, trainable, concurrency: int, live):
+def new_tuner(space, out: Path, state: dict, trainable, concurrency: int, callbacks: list):
     """A fresh Tuner: TPE seeded, the preset's values first, ASHA on validation epochs."""
     import optuna
     from optuna.storages import JournalStorage
@@ -258,7 +263,7 @@ def new_tuner(space, out: Path, state: dict, trainable, concurrency: int, live):
             name=TUNE_DIR,
             storage_path=str(out),
             failure_config=tune.FailureConfig(max_failures=2),
-            callbacks=[live],
+            callbacks=callbacks,
             verbose=0,
         ),
     )
