@@ -70,8 +70,9 @@ TINY_TABLE = {
 }
 
 
-# tests/test_sweep.py's TINY space, cut to 2 trials of 2+2 D-VAE and 3 classifier epochs:
-# enough for ASHA to have a rung and for every trial to reach the tracking server.
+# tests/test_sweep.py's TINY space, cut to one trial of 2+2 D-VAE and 3 classifier epochs:
+# on a cluster what is tested is that a trial runs across the nodes and reaches the tracking
+# server (Optuna's and ASHA's choices are tests/test_sweep.py's).
 TINY_SPACE = {
     "name": "tiny-cluster",
     "dataset": {"name": "synthetic", "rows": 500, "classes": 4, "subset": 400},
@@ -89,7 +90,7 @@ TINY_SPACE = {
         "lambda": {"low": 0.001, "high": 1000.0, "log": True},
     },
     "probe_rows": 50,
-    "budget": {"samples": 2, "concurrency": 1, "seed": 0},
+    "budget": {"samples": 1, "concurrency": 1, "seed": 0},
     "asha": {"grace_period": 2, "reduction_factor": 2},
 }
 
@@ -204,7 +205,7 @@ def test_storage_checks_and_a_sweep_submitted_to_two_nodes(cluster):
         filter_string=f"tags.`mlflow.parentRunId` = '{sweep_state['parent_run_id']}'",
     )
     trials = [k for k in kids if "trial_id" in k.data.tags]  # (the poison step hangs there too)
-    assert len(trials) == 2, [k.info.run_name for k in kids]
+    assert len(trials) == 1, [k.info.run_name for k in kids]
     for kid in trials:
         assert client.get_metric_history(kid.info.run_id, "val_accuracy"), kid.info.run_name
     stray = [p for p in cluster.base.rglob("mlflow.db") if p != cluster.mlflow_db]

@@ -1,5 +1,6 @@
 """Sweeps, for real: Ray Tune + Optuna + ASHA over a tiny space, tracked in a real MLflow
-store, killed after its first trial and resumed; and bad space files refused before work."""
+store, interrupted by Ctrl-C in its first trial and resumed; and bad space files refused
+before work."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import run_and_kill
+from ray.util import placement_group_table
 
 from raypurify.cli import main
 from raypurify.sweeps.results import spearman
@@ -62,7 +63,7 @@ TINY = {
     # The second point caps stage 2 at a rate of ~0 nats and weighs it heavily: P3 is close
     # to one flat image, its classifier near chance, and ASHA stops it after the preset's.
     "budget": {
-        "samples": 3,
+        "samples": 2,
         "concurrency": 1,
         "seed": 0,
         "points": [{"kld1": 1.0, "kld2": 0.001, "lambda": 1000.0}],
@@ -94,17 +95,6 @@ def children(uri: str, parent_id: str) -> list:
     client = MlflowClient(uri)
     exps = [e.experiment_id for e in client.search_experiments()]
     return client.search_runs(exps, filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
-
-
-def finished_children(uri: str, out: Path) -> int:
-    state = out / "sweep.json"
-    if not state.exists():
-        return 0
-    try:
-        parent = json.loads(state.read_text())["parent_run_id"]
-        return sum(r.info.status == "FINISHED" for r in children(uri, parent))
-    except Exception:  # the store is being written by the sweep
-        return 0
 
 
 def trial_processes() -> list[int]:
@@ -144,11 +134,39 @@ class TrialKiller(threading.Thread):
                 return
 
 
+def interrupt(args: list[str], ready, env: dict) -> tuple[int, str]:
+    """Run the sweep command `args` in a process group of its own (with its own Ray), press
+    Ctrl-C (SIGINT to the group) once `ready()` holds; return its exit code and output."""
+    import subprocess
+
+    proc = subprocess.Popen(
+        [sys.executable, *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 900
+        while not ready() and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C sends
+        output, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return proc.returncode, output
+
+
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory, ray_session):
-    """A 3-trial sweep, killed (with its own Ray) once its first trial finished, then
-    resumed in this process to the full count, its running trial's process killed once on
-    the way (Tune restarts it)."""
+    """A 2-trial sweep interrupted by Ctrl-C (with its own Ray) while its first trial
+    purifies, then resumed in this process to the full count, the running trial's process
+    killed once on the way (Tune restarts it). ASHA's rungs are not restored with a sweep,
+    so both trials run after the resume, where the second can be stopped against the first."""
     root = tmp_path_factory.mktemp("sweep")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     old = os.environ.get("MLFLOW_TRACKING_URI")
@@ -156,22 +174,40 @@ def sweep(tmp_path_factory, ray_session):
     try:
         space_file = write_space(root / "tiny.yaml")
         out = root / "out"
-        args = ["-m", "raypurify", "sweep", str(space_file), "--out", str(out)]
-        run_and_kill(args, lambda: finished_children(uri, out) >= 1, timeout=900)
-        killed_with = finished_children(uri, out)
-        assert (out / "sweep.json").exists()
+        settings = ["--set", "probe_rows=50"]  # the resume command must carry them
+
+        def first_trial_purifying() -> bool:  # a D-VAE stage checkpointed, its step unfinished
+            return any(
+                not (p.parents[3] / "step.json").exists()
+                for p in out.glob("store/purify/*/purify/checkpoints/*/checkpoint_*")
+            )
+
+        args = ["-m", "raypurify", "sweep", str(space_file), "--out", str(out), *settings]
+        env = dict(os.environ, RAY_ADDRESS="")
+        code, output = interrupt(args, first_trial_purifying, env)
+        interrupted = {"code": code, "output": output, "rows": trials(out)}
+        parent = json.loads((out / "sweep.json").read_text())["parent_run_id"]
+        interrupted["tags"] = [r.data.tags for r in children(uri, parent)]
         killer = TrialKiller(out / "store")
         killer.start()
+        before = set(placement_group_table())
         try:
-            assert main(["sweep", str(space_file), "--out", str(out), "--resume"]) == 0
+            assert main(["sweep", str(space_file), "--out", str(out), *settings, "--resume"]) == 0
         finally:
             killer.stop.set()
+        reserved = [
+            group
+            for group, info in placement_group_table().items()
+            if group not in before and info["state"] != "REMOVED"
+        ]
         yield {
             "out": out,
             "uri": uri,
+            "space_file": space_file,
             "space": load_space(str(space_file)),
-            "killed": killed_with,
+            "interrupted": interrupted,
             "trial_killed": killer.killed,
+            "reserved": reserved,
         }
     finally:
         if old is None:
@@ -186,11 +222,25 @@ def trials(out: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_a_killed_sweep_resumes_to_every_output(sweep):
+def test_ctrl_c_names_the_resume_command_and_no_trial_stopped_by_asha(sweep):
+    """Ctrl-C while a trial runs: exit 130 with the resume command (settings included: a
+    sweep resumed with others is refused), and the running trial INTERRUPTED (Tune ends it
+    as TERMINATED in memory, which must not read as ASHA)."""
+    interrupted = sweep["interrupted"]
+    assert interrupted["code"] == 130, interrupted["output"][-3000:]
+    resume = f"raypurify sweep {sweep['space_file']} --out {sweep['out']} --set probe_rows=50"
+    assert f"{resume} --resume" in interrupted["output"]
+    statuses = [r["status"] for r in interrupted["rows"]]
+    assert "INTERRUPTED" in statuses, interrupted["rows"]
+    assert "STOPPED" not in statuses, interrupted["rows"]
+    assert all("asha_stopped_at_epoch" not in tags for tags in interrupted["tags"])
+
+
+@pytest.mark.slow
+def test_an_interrupted_sweep_resumes_to_every_output(sweep):
     out = sweep["out"]
-    assert sweep["killed"] >= 1  # it was killed after its first trial, not before
     rows = trials(out)
-    assert len(rows) == 3
+    assert len(rows) == 2
     assert {
         "trial_id",
         "status",
@@ -232,6 +282,15 @@ def test_a_trial_whose_process_died_is_restarted_and_finishes(sweep):
 
 
 @pytest.mark.slow
+def test_no_cpu_stays_reserved_by_a_stopped_or_killed_trial(sweep):
+    """ASHA's stop and the killed trial process end their Ray Train runs' controllers; the
+    runs' placement groups must not keep their CPUs (later trials would wait forever)."""
+    assert sweep["trial_killed"] and trials(sweep["out"])
+    assert sweep["reserved"] == []
+    assert not (sweep["out"] / ".placement_groups").exists()
+
+
+@pytest.mark.slow
 def test_every_suggestion_lies_inside_the_space(sweep):
     import optuna
     from optuna.storages import JournalStorage
@@ -244,9 +303,25 @@ def test_every_suggestion_lies_inside_the_space(sweep):
     state = json.loads((sweep["out"] / "sweep.json").read_text())
     storage = JournalStorage(JournalFileBackend(str(sweep["out"] / "optuna.journal")))
     study = optuna.load_study(study_name=state["study_name"], storage=storage)
-    assert len(study.trials) >= 3
+    assert len(study.trials) >= 2
     first = study.trials[0].params  # the preset's values come first
     assert first == pytest.approx({"kld1": 1.0, "kld2": 50.0, "lambda": 0.01})
+
+
+def test_optunas_suggestions_after_the_points_lie_inside_the_space():
+    """The sweep above runs its two given points only; what TPE suggests after them is
+    checked here, on the same searcher the sweep builds, without running trials."""
+    from ray.tune.search.optuna import OptunaSearch
+
+    from raypurify.sweeps.search import distributions
+
+    space = load_space("cpu")
+    searcher = OptunaSearch(space=distributions(space), metric="objective", mode="max")
+    for i in range(8):
+        suggested = searcher.suggest(f"t{i}")
+        searcher.on_trial_complete(f"t{i}", {"objective": float(i % 3)})
+        for name, rng in space.parameters.items():
+            assert rng.low <= suggested[name] <= rng.high, (name, suggested)
 
 
 @pytest.mark.slow
@@ -265,7 +340,7 @@ def test_mlflow_has_one_child_per_trial_with_its_params(sweep):
     kids = children(sweep["uri"], state["parent_run_id"])
     runs = [r for r in kids if "trial_id" in r.data.tags]
     rows = {r["trial_id"]: r for r in trials(sweep["out"])}
-    assert len(runs) == len(rows) == 3  # no duplicate after the resume
+    assert len(runs) == len(rows) == 2  # no duplicate after the resume
     shared = {r.info.run_name for r in kids if "trial_id" not in r.data.tags}
     assert "poison/random-noise" in shared  # the shared steps' runs are kept
     for run in runs:
@@ -392,44 +467,3 @@ def test_the_linear_probe_finds_a_shortcut_and_not_noise():
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__]))
-
-
-@pytest.mark.slow
-def test_ctrl_c_interrupts_the_sweep_and_names_no_trial_stopped_by_asha(tmp_path):
-    """Ctrl-C while a trial runs: exit 130 with the resume command, and the running trial
-    is INTERRUPTED (Tune ends it as TERMINATED in memory, which must not read as ASHA)."""
-    import subprocess
-
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    out = tmp_path / "out"
-    env = dict(os.environ, RAY_ADDRESS="", MLFLOW_TRACKING_URI=uri)
-    space = write_space(tmp_path / "tiny.yaml")
-    args = ["-m", "raypurify", "sweep", str(space), "--out", str(out), "--set", "probe_rows=50"]
-    proc = subprocess.Popen(
-        [sys.executable, *args],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + 600
-        while not list(out.glob("store/**/checkpoints")) and time.monotonic() < deadline:
-            assert proc.poll() is None, proc.stdout.read()[-3000:]
-            time.sleep(0.2)
-        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C sends
-        output, _ = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert proc.returncode == 130, output[-3000:]
-    resume = f"raypurify sweep {space} --out {out} --set probe_rows=50 --resume"
-    assert resume in output  # the settings too: a sweep resumed with others is refused
-    rows = trials(out)
-    assert rows and not [r for r in rows if r["status"] == "STOPPED"], rows
-    assert "INTERRUPTED" in {r["status"] for r in rows}, rows
-    state = json.loads((out / "sweep.json").read_text())
-    for run in children(uri, state["parent_run_id"]):
-        assert "asha_stopped_at_epoch" not in run.data.tags, run.data.tags
