@@ -70,9 +70,9 @@ TINY_TABLE = {
 }
 
 
-# tests/test_sweep.py's TINY space, cut to one trial of 2+2 D-VAE and 3 classifier epochs:
-# on a cluster what is tested is that a trial runs across the nodes and reaches the tracking
-# server (Optuna's and ASHA's choices are tests/test_sweep.py's).
+# tests/test_sweep.py's TINY space, for the storage checks (a sweep must refuse a path the
+# second node cannot see). The sweep itself runs in tests/test_sweep.py: a sweep job on this
+# two-node cluster (3 more minutes of CI on 2 cores) is left to a real cluster.
 TINY_SPACE = {
     "name": "tiny-cluster",
     "dataset": {"name": "synthetic", "rows": 500, "classes": 4, "subset": 400},
@@ -115,9 +115,7 @@ def train_runs(client, experiment_ids):
     return [r for r in runs if "train_loss" in r.data.metrics]
 
 
-def test_storage_checks_and_a_sweep_submitted_to_two_nodes(cluster):
-    from mlflow.tracking import MlflowClient
-
+def test_storage_checks_from_a_driver_of_the_two_nodes(cluster):
     spec = cluster.shared / "tiny.yaml"
     spec.write_text(yaml.safe_dump(TINY_TABLE))
     space = cluster.shared / "space.yaml"
@@ -174,42 +172,6 @@ def test_storage_checks_and_a_sweep_submitted_to_two_nodes(cluster):
     assert refusal in checks["private"], checks
     assert not list(out.glob(".raypurify-shared-check-*")), "marker left behind"
     assert not (cluster.base / "rel").exists() and not list(out.glob("store")), "wrote"
-
-    sweep_out = cluster.shared / "sweep"
-    sweep = cluster.submit(
-        "sweep", ["python", "-m", "raypurify", "sweep", str(space), "--out", str(sweep_out)]
-    )
-    assert cluster.wait(sweep, JOB_TIMEOUT) == "SUCCEEDED", cluster.logs(sweep)[-4000:]
-    cluster.record_wall("sweep", sweep)
-    for name in ("trials.csv", "best.json", "results.md"):
-        assert (sweep_out / name).is_file(), name
-    assert json.loads((sweep_out / "best.json").read_text())["purify_key"]
-
-    # Every run reached the tracking server over http; nothing fell back to a local store.
-    client = MlflowClient(cluster.mlflow_uri)
-    experiments = {e.name: e.experiment_id for e in client.search_experiments()}
-    runs = client.search_runs(list(experiments.values()), max_results=1000)
-    assert len(runs) >= 4, [r.info.run_name for r in runs]
-    unfinished = [(r.info.run_name, r.info.status) for r in runs if r.info.status == "RUNNING"]
-    assert not unfinished, unfinished
-    trainings = train_runs(client, list(experiments.values()))
-    # The trials' classifiers: their epochs are logged by Ray Train's rank-0 worker, and
-    # reach each trial's own run below as val_accuracy (Tune's report callback).
-    assert trainings
-    for r in trainings:
-        steps = [m.step for m in client.get_metric_history(r.info.run_id, "train_loss")]
-        assert steps and steps == sorted(set(steps)), (r.info.run_name, steps)
-    sweep_state = json.loads((sweep_out / "sweep.json").read_text())
-    kids = client.search_runs(
-        list(experiments.values()),
-        filter_string=f"tags.`mlflow.parentRunId` = '{sweep_state['parent_run_id']}'",
-    )
-    trials = [k for k in kids if "trial_id" in k.data.tags]  # (the poison step hangs there too)
-    assert len(trials) == 1, [k.info.run_name for k in kids]
-    for kid in trials:
-        assert client.get_metric_history(kid.info.run_id, "val_accuracy"), kid.info.run_name
-    stray = [p for p in cluster.base.rglob("mlflow.db") if p != cluster.mlflow_db]
-    assert not stray, f"a job fell back to a local SQLite store: {stray}"
 
 
 def test_a_table_submitted_to_two_nodes_survives_losing_one(cluster):
@@ -286,6 +248,8 @@ def test_a_table_submitted_to_two_nodes_survives_losing_one(cluster):
         min(m.timestamp for m in history if m.step == k) < killed_at * 1000 for k in again
     ), "an epoch logged twice after the kill"
     assert any(m.timestamp > killed_at * 1000 for m in history), "nothing trained after the kill"
+    stray = [p for p in cluster.base.rglob("mlflow.db") if p != cluster.mlflow_db]
+    assert not stray, f"a job fell back to a local SQLite store: {stray}"
     # What the failure cost (for the note, not asserted): the epoch in flight at the kill
     # against the median of the others, from the epochs' log times.
     times = {m.step: m.timestamp / 1000 for m in history}  # (an epoch logged twice: its last)
