@@ -192,6 +192,20 @@ def check_gpus(workers: int, gpu: bool) -> None:
         )
 
 
+def check_cpus(workers: int, cpus: float) -> None:
+    """On a local Ray, refuse more CPU than it has: Ray Train would retry starting the
+    workers forever, silently. (A cluster from RAY_ADDRESS may autoscale, so it waits.)"""
+    if os.environ.get("RAY_ADDRESS"):
+        return
+    have = ray.cluster_resources().get("CPU", 0)
+    if workers * cpus > have:
+        raise ConfigError(
+            f"workers: {workers} worker(s) of {cpus:g} CPU need {workers * cpus:g} CPUs, "
+            f"this Ray has {have:g}; set workers={max(int(have // cpus), 1)} or start Ray "
+            "with more (--num-cpus)"
+        )
+
+
 def checkpoint_dirs(storage: Path, name: str) -> list[Path]:
     """The checkpoints of run `name` under `storage`, oldest first."""
     run_dir = Path(storage) / name
@@ -248,6 +262,7 @@ def fit(
     cpus = 1.0
     if datasets:  # leave Ray Data a CPU to feed the workers (or it waits forever)
         cpus = min(1.0, max(0.25, (ray.cluster_resources().get("CPU", 1) - 1) / workers))
+    check_cpus(workers, cpus)
     resources = {"CPU": cpus, "GPU": 1} if gpu else {"CPU": cpus}
     try:
         with Progress(epochs, desc, initial=previous["epoch"] if previous else 0) as progress:

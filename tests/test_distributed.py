@@ -7,11 +7,13 @@ import importlib
 import subprocess
 import sys
 
+import pytest
 import ray
 import ray.train
 
 from raypurify.distributed import (
     REPORT_LOGGER_MODULE,
+    check_cpus,
     fit,
     placement_groups,
     release_placement_groups,
@@ -69,3 +71,13 @@ def test_a_runs_placement_group_is_logged_and_a_leftover_one_released(ray_sessio
     assert release_placement_groups(log) == 1
     assert placement_group_table(left)["state"] == "REMOVED" and not log.exists()
     assert release_placement_groups(log) == 0  # nothing logged: nothing to do
+
+
+def test_more_workers_than_the_local_ray_has_cpus_are_refused(ray_session):
+    """Ray Train would wait for the missing CPUs forever without a word."""
+    from raypurify.errors import ConfigError
+
+    have = int(ray.cluster_resources()["CPU"])
+    check_cpus(have, 1.0)  # fits
+    with pytest.raises(ConfigError, match=f"workers: {have + 1} worker"):
+        check_cpus(have + 1, 1.0)
