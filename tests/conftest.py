@@ -81,10 +81,14 @@ def cifar10_dir() -> Path:
     return root
 
 
-def run_and_kill(args: list[str], ready, *, timeout: float = 300.0) -> None:
+def run_and_kill(
+    args: list[str], ready, *, timeout: float = 300.0, sig: int = signal.SIGKILL
+) -> tuple[int, str]:
     """Run `args` (a Python command line) in a process group of its own with its own local
-    Ray, wait until `ready()` is true, then SIGKILL the whole group: a real crash, Ray
-    included. Fails if the command ends first or `ready()` never holds."""
+    Ray, wait until `ready()` is true, then send `sig` to the whole group: by default SIGKILL,
+    a real crash, Ray included; SIGINT is Ctrl-C, after which the command may finish its
+    exit. Fails if the command ends first or `ready()` never holds. Returns the command's
+    exit code and output."""
     env = dict(os.environ, RAY_ADDRESS="")
     with tempfile.NamedTemporaryFile("w+", suffix=".log", prefix="run_and_kill-") as log:
         proc = subprocess.Popen(
@@ -107,5 +111,11 @@ def run_and_kill(args: list[str], ready, *, timeout: float = 300.0) -> None:
                     pytest.fail(f"not ready within {timeout:.0f} s")
                 time.sleep(0.1)
         finally:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            os.killpg(proc.pid, sig)
+            try:
+                proc.wait(timeout=300)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        log.seek(0)
+        return proc.returncode, log.read()

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import run_and_kill
 from ray.util import placement_group_table
 
 from raypurify.cli import main
@@ -134,33 +135,6 @@ class TrialKiller(threading.Thread):
                 return
 
 
-def interrupt(args: list[str], ready, env: dict) -> tuple[int, str]:
-    """Run the sweep command `args` in a process group of its own (with its own Ray), press
-    Ctrl-C (SIGINT to the group) once `ready()` holds; return its exit code and output."""
-    import subprocess
-
-    proc = subprocess.Popen(
-        [sys.executable, *args],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + 900
-        while not ready() and time.monotonic() < deadline:
-            assert proc.poll() is None, proc.stdout.read()[-3000:]
-            time.sleep(0.2)
-        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C sends
-        output, _ = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    return proc.returncode, output
-
-
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory, ray_session):
     """A 2-trial sweep interrupted by Ctrl-C (with its own Ray) while its first trial
@@ -183,8 +157,7 @@ def sweep(tmp_path_factory, ray_session):
             )
 
         args = ["-m", "raypurify", "sweep", str(space_file), "--out", str(out), *settings]
-        env = dict(os.environ, RAY_ADDRESS="")
-        code, output = interrupt(args, first_trial_purifying, env)
+        code, output = run_and_kill(args, first_trial_purifying, timeout=900, sig=signal.SIGINT)
         interrupted = {"code": code, "output": output, "rows": trials(out)}
         parent = json.loads((out / "sweep.json").read_text())["parent_run_id"]
         interrupted["tags"] = [r.data.tags for r in children(uri, parent)]
