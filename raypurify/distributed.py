@@ -28,9 +28,11 @@ from ray.train.v2.api.config import LoggingConfig
 from raypurify.errors import ConfigError, TrainingError, user_error
 from raypurify.progress import Progress
 from raypurify.runtime import torch_threads
+from raypurify.tracking import Run
 
 STATE_FILE = "state.pt"
 RESUME_KEY = "resume_from"  # loop-config key: the newest readable checkpoint's state
+NODE_TAG = "raypurify.node.rank"  # + rank: the Ray node id a worker of the run ran on
 
 # Where the runs started in this process log their placement groups (see `placement_groups`).
 _placement_group_log: Path | None = None
@@ -123,12 +125,19 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
-def _logging_placement_group(worker: Callable[[dict], None], log: str, config: dict) -> None:
-    """Run `worker` after rank 0 appended its run's placement group id to `log`."""
+def _entry(worker: Callable[[dict], None], group_log: str | None, config: dict) -> None:
+    """Run `worker` after two records of where it runs: rank 0 appends its run's placement
+    group id to `group_log` (see `placement_groups`), and every rank tags the step's MLflow
+    run with its Ray node (`raypurify.node.rank<r>`), which shows on a cluster which nodes
+    did the work and that each reached the tracking server."""
+    rank = ray.train.get_context().get_world_rank()
     group = ray.util.get_current_placement_group()
-    if ray.train.get_context().get_world_rank() == 0 and group is not None:
-        with open(log, "a") as f:
+    if group_log is not None and rank == 0 and group is not None:
+        with open(group_log, "a") as f:
             f.write(group.id.hex() + "\n")
+    if config.get("mlflow"):
+        node = ray.get_runtime_context().get_node_id()
+        Run(**config["mlflow"]).set_tags({f"{NODE_TAG}{rank}": node})
     worker(config)
 
 
@@ -266,11 +275,9 @@ def fit(
     resources = {"CPU": cpus, "GPU": 1} if gpu else {"CPU": cpus}
     try:
         with Progress(epochs, desc, initial=previous["epoch"] if previous else 0) as progress:
-            log = _placement_group_log
+            log = _placement_group_log and str(_placement_group_log)
             trainer = TorchTrainer(
-                worker
-                if log is None
-                else functools.partial(_logging_placement_group, worker, str(log)),
+                functools.partial(_entry, worker, log),
                 train_loop_config=loop
                 | {"progress": progress.queue, RESUME_KEY: previous and ray.put(previous)},
                 datasets=datasets,

@@ -70,9 +70,9 @@ TINY_TABLE = {
 }
 
 
-# tests/test_sweep.py's TINY space, for the storage checks (a sweep must refuse a path the
-# second node cannot see). The sweep itself runs in tests/test_sweep.py: a sweep job on this
-# two-node cluster (3 more minutes of CI on 2 cores) is left to a real cluster.
+# tests/test_sweep.py's TINY space cut to two trials of 2+2 D-VAE and 3 classifier epochs,
+# run side by side: on a cluster what is tested is that trials run across the nodes and
+# reach the tracking server (Optuna's and ASHA's choices are tests/test_sweep.py's).
 TINY_SPACE = {
     "name": "tiny-cluster",
     "dataset": {"name": "synthetic", "rows": 500, "classes": 4, "subset": 400},
@@ -90,7 +90,7 @@ TINY_SPACE = {
         "lambda": {"low": 0.001, "high": 1000.0, "log": True},
     },
     "probe_rows": 50,
-    "budget": {"samples": 1, "concurrency": 1, "seed": 0},
+    "budget": {"samples": 2, "concurrency": 2, "seed": 0},
     "asha": {"grace_period": 2, "reduction_factor": 2},
 }
 
@@ -115,7 +115,26 @@ def train_runs(client, experiment_ids):
     return [r for r in runs if "train_loss" in r.data.metrics]
 
 
-def test_storage_checks_from_a_driver_of_the_two_nodes(cluster):
+def all_runs(client):
+    """Every run on the tracking server, with none left RUNNING (a run a job opened and
+    never closed would say its job died or lost its connection to the server)."""
+    ids = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(ids, max_results=1000)
+    unfinished = [(r.info.run_name, r.info.status) for r in runs if r.info.status == "RUNNING"]
+    assert not unfinished, unfinished
+    return runs
+
+
+def worker_nodes(run) -> set[str]:
+    """The Ray nodes whose Train workers tagged `run` (each one reached the server)."""
+    from raypurify.distributed import NODE_TAG
+
+    return {v for k, v in run.data.tags.items() if k.startswith(NODE_TAG)}
+
+
+def test_storage_checks_and_a_sweep_submitted_to_two_nodes(cluster):
+    from mlflow.tracking import MlflowClient
+
     spec = cluster.shared / "tiny.yaml"
     spec.write_text(yaml.safe_dump(TINY_TABLE))
     space = cluster.shared / "space.yaml"
@@ -172,6 +191,33 @@ def test_storage_checks_from_a_driver_of_the_two_nodes(cluster):
     assert refusal in checks["private"], checks
     assert not list(out.glob(".raypurify-shared-check-*")), "marker left behind"
     assert not (cluster.base / "rel").exists() and not list(out.glob("store")), "wrote"
+
+    # A sweep of two trials side by side through `ray job submit`; its outputs on the shared
+    # path, each trial a child run on the server with its params and objective curve.
+    sweep_out = cluster.shared / "sweep"
+    sweep = cluster.submit(
+        "sweep", ["python", "-m", "raypurify", "sweep", str(space), "--out", str(sweep_out)]
+    )
+    assert cluster.wait(sweep, JOB_TIMEOUT) == "SUCCEEDED", cluster.logs(sweep)[-4000:]
+    cluster.record_wall("sweep", sweep)
+    for name in ("trials.csv", "best.json", "results.md"):
+        assert (sweep_out / name).is_file(), name
+    assert json.loads((sweep_out / "best.json").read_text())["purify_key"]
+    client = MlflowClient(cluster.mlflow_uri)
+    runs = all_runs(client)
+    parent = json.loads((sweep_out / "sweep.json").read_text())["parent_run_id"]
+    kids = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent]
+    trials = [r for r in kids if "trial_id" in r.data.tags]  # (the poison's run is a kid too)
+    assert len(trials) == 2, [r.info.run_name for r in runs]
+    for trial in trials:
+        assert {"kld1", "kld2", "lambda"} <= set(trial.data.params), trial.data.params
+        assert client.get_metric_history(trial.info.run_id, "val_accuracy"), trial.info.run_name
+    # Every Ray Train run of the sweep (two D-VAE stages and a classifier per trial) was
+    # tagged from its workers' nodes over http.
+    trained = [r for r in runs if worker_nodes(r)]
+    assert len(trained) >= 6, [(r.info.run_name, r.data.tags) for r in runs]
+    stray = [p for p in cluster.base.rglob("mlflow.db") if p != cluster.mlflow_db]
+    assert not stray, f"a job fell back to a local SQLite store: {stray}"
 
 
 def test_a_table_submitted_to_two_nodes_survives_losing_one(cluster):
@@ -237,6 +283,12 @@ def test_a_table_submitted_to_two_nodes_survives_losing_one(cluster):
     runs = train_runs(client, [e.experiment_id for e in client.search_experiments()])
     mine = [r for r in runs if r.info.start_time >= submitted * 1000]
     assert len(mine) == 1, [(r.info.run_name, r.info.start_time) for r in runs]
+    # The job's every run (poison, D-VAE stages, classifier) is closed on the server, and
+    # the restarted classifier's workers tagged it from the replacement node too.
+    all_runs(client)
+    assert worker_nodes(client.get_run(mine[0].info.run_id)) - {cluster.head_node_id}, mine[
+        0
+    ].data.tags
     history = client.get_metric_history(mine[0].info.run_id, "train_loss")
     steps = sorted(m.step for m in history)
     assert sorted(set(steps)) == [1, 2, 3, 4], steps

@@ -48,10 +48,16 @@ def test_the_loops_ray_workers_import_do_not_pull_in_torchvision():
     assert out.stdout.strip() == "False"
 
 
-def test_a_runs_placement_group_is_logged_and_a_leftover_one_released(ray_session, tmp_path):
+def test_a_run_logs_its_placement_group_and_node_and_a_leftover_group_is_released(
+    ray_session, tmp_path, mlflow_uri
+):
     """A sweep trial stopped mid-run leaves its Ray Train placement group reserved (Ray's
-    own cleaner needs the dashboard); the trial logs it and the driver releases it."""
+    own cleaner needs the dashboard); the trial logs it and the driver releases it. Each
+    worker tags the run's MLflow run with its node (on a cluster: who did the work)."""
     from ray.util import placement_group, placement_group_table
+
+    from raypurify.distributed import NODE_TAG
+    from raypurify.tracking import start_run
 
     def one_epoch(config: dict) -> None:  # nested: pickled by value for the workers
         from raypurify.distributed import report
@@ -59,10 +65,14 @@ def test_a_runs_placement_group_is_logged_and_a_leftover_one_released(ray_sessio
         report({"epoch": 1}, {"epoch": 1}, ray.train.get_context().get_world_rank())
 
     log = tmp_path / "groups" / "trial.txt"
+    run = start_run("nodes", "run")
+    loop = {"mlflow": {"uri": run.uri, "run_id": run.run_id}}
     with placement_groups(log):
-        fit(one_epoch, {}, workers=1, gpu=False, storage=tmp_path, name="run", epochs=1, desc="t")
+        fit(one_epoch, loop, workers=1, gpu=False, storage=tmp_path, name="run", epochs=1, desc="t")
     (finished,) = log.read_text().split()
     assert placement_group_table()[finished]["state"] == "REMOVED"  # Ray Train removed it
+    tags = run.client.get_run(run.run_id).data.tags
+    assert tags[f"{NODE_TAG}0"] == ray.get_runtime_context().get_node_id()
 
     left = placement_group([{"CPU": 1}])  # what a killed run's controller leaves behind
     ray.get(left.ready())
