@@ -158,9 +158,12 @@ def load(
     model: type[C],
     base: Mapping[str, Any] | str | Path | None = None,
     overrides: Iterable[str] = (),
+    *,
+    source: str | None = None,
 ) -> C:
-    """Build a config from a YAML file or dict, apply `--set` overrides, then validate."""
-    source = str(base) if isinstance(base, (str, Path)) else "config"
+    """Build a config from a YAML file or dict, apply `--set` overrides, then validate
+    (errors name `source`: the file, else the key the dict came from)."""
+    source = source or (str(base) if isinstance(base, (str, Path)) else "config")
     data = read_yaml(base) if isinstance(base, (str, Path)) else dict(base or {})
     return validate(model, apply_overrides(data, overrides), source=source)
 

@@ -305,6 +305,12 @@ CASES = [
         "shape",
     ),
     Case(
+        "import sparse .pt",
+        poison_import("perturbation", "sparse.pt"),
+        lambda r: pt(r, "sparse.pt", torch.zeros(30, 3, 8, 8).to_sparse()),
+        "sparse",
+    ),
+    Case(
         "import garbage .pt",
         poison_import("perturbation", "junk.pt"),
         lambda r: (r / "junk.pt").write_bytes(b"\x00garbage" * 10),
@@ -530,6 +536,16 @@ CASES = [
         "classifiers.0.arch_options",
     ),
     Case(
+        "run with a defence option out of range",
+        lambda r: ["run", str(r / "s.yaml"), "--out", str(r / "o")],
+        lambda r: write_yaml(
+            r / "s.yaml",
+            "name: t\ndataset: {name: synthetic}\ntest: {name: synthetic, split: test}\n"
+            "attacks: [{name: lsp}]\ndefenses: [{name: jpeg, options: {quality: 500}}]\n",
+        ),
+        "defenses.0.options: quality",
+    ),
+    Case(
         "run with a binary YAML file",
         lambda r: ["run", str(r / "s.yaml"), "--out", str(r / "o")],
         lambda r: (r / "s.yaml").write_bytes(b"\xff\xfe\x00garbage"),
@@ -539,6 +555,11 @@ CASES = [
         "train with a negative width",
         train("--set", "arch_options.width=-1"),
         expect="arch_options",
+    ),
+    Case(
+        "train with a width that is no number",
+        train("--set", "arch_options.width=abc"),
+        expect="arch_options.width: 'abc' must be a whole number",
     ),
     Case(
         "run with malformed YAML",
@@ -575,7 +596,34 @@ CASES = [
         lambda r: ["analyze", "detect", "--data", str(r / "good"), "--purified", str(r / "good")],
         expect="purify",
     ),
+    *[
+        Case(
+            f"detect with {what} stage1.pt",
+            lambda r: ["analyze", "detect", "--data", str(r / "good"), "--purified", str(r / "p")],
+            lambda r, weights=weights: purification_dir(r, weights),
+            expect=expect,
+        )
+        for what, weights, expect in [
+            ("garbage", b"x\n", "stage1.pt: not weights"),
+            ("a pickled", pickle.dumps(Evil()), "never loaded"),
+            ("a tensor as", torch.zeros(3), "not a state dict"),
+            ("another network's", {"encoder.weight": torch.zeros(3)}, "stage1.pt: not weights"),
+        ]
+    ],
 ]
+
+
+def purification_dir(root: Path, weights) -> None:
+    """A `raypurify purify` output whose stage-1 weights are `weights` (bytes or a value)."""
+    from raypurify.defenses.dvae.config import preset
+
+    p = root / "p"
+    p.mkdir()
+    (p / "config.json").write_text(json.dumps(preset("cpu").to_dict()))
+    if isinstance(weights, bytes):
+        (p / "stage1.pt").write_bytes(weights)
+    else:
+        torch.save(weights, p / "stage1.pt")
 
 
 def ray_starts(monkeypatch) -> list[str]:
@@ -658,6 +706,19 @@ def test_bad_input_on_the_real_terminal(tmp_path):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "not a plain name" in lines[0], proc.stderr
+
+
+def test_a_sparse_tensor_import_is_one_line_on_the_terminal(tmp_path):
+    """torch warns on stderr as it checks a sparse tensor it loads; the user sees one line."""
+    write_images(small_set(), tmp_path / "good")
+    torch.save(torch.zeros(30, 3, 8, 8).to_sparse(), tmp_path / "sparse.pt")
+    argv = poison_import("perturbation", "sparse.pt")(tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "raypurify", *argv], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "sparse" in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr
 
 

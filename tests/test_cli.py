@@ -107,12 +107,16 @@ def test_user_errors_are_one_line(tmp_path, capsys):
     assert capsys.readouterr().err.startswith("error: unknown dataset 'mnist'")
 
 
-def test_bad_arguments_exit_with_usage(capsys):
-    with pytest.raises(SystemExit) as e:
-        main([])
-    assert e.value.code == 2
-    assert "required: COMMAND" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as e:
-        main(["datasets", "export", "synthetic"])
-    assert e.value.code == 2
-    assert "--out" in capsys.readouterr().err
+def test_bad_arguments_exit_with_one_line(capsys):
+    for argv, says in [
+        ([], "required: COMMAND"),
+        (["datasets", "export", "synthetic"], "--out"),
+        (["train"], "required: --data, --test, --out"),
+        (["purify", "--data", "d", "--out", "o", "--bogus"], "unrecognized arguments: --bogus"),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: raypurify") and says in err, err
+        assert err.count("\n") == 1 and "--help" in err, err

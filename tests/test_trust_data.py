@@ -84,6 +84,18 @@ def test_a_file_listed_twice_is_refused(tmp_path):
         open_dataset(d)
 
 
+def test_a_file_copied_under_a_second_name_is_refused_without_file_records(tmp_path):
+    """A manifest from before per-file records cannot tell a copy by its bytes; the rows'
+    indices can: the same row twice is refused on open."""
+    import shutil
+
+    d = write_images(small_set(), tmp_path / "d").path
+    shutil.copy(d / "part-00000.parquet", d / "part-00001.parquet")
+    edit(d, files=["part-00000.parquet", "part-00001.parquet"], rows=60, file_info={})
+    with pytest.raises(DatasetError, match="index 0 appears more than once"):
+        open_dataset(d)
+
+
 def test_row_counts_are_checked_on_open(tmp_path):
     d = write_images(small_set(), tmp_path / "d").path
     edit(d, rows=29, file_info={})

@@ -112,6 +112,14 @@ def test_purify_reuses_only_the_same_input_and_config(ray_session, mlflow_uri, s
     assert not (out / MARKER).exists()
     assert purify(sets["a"], out, cfg) == summary
     assert (out / MARKER).exists()
+    # One that never finished records no input (no summary.json): it is never adopted, not
+    # even for the input it may have come from, and its passes are not reused.
+    (out / MARKER).unlink()
+    (out / "summary.json").unlink()
+    for data in ("b", "a"):
+        with pytest.raises(RaypurifyError, match="not written by"):
+            purify(sets[data], out, cfg)
+    assert not (out / MARKER).exists()
 
 
 def test_disentangle_refuses_an_out_made_from_other_inputs(sets, tmp_path, capsys):

@@ -21,6 +21,7 @@ Every error is one line naming the file. The poisoned column marks the rows that
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,7 +120,9 @@ def numeric(value: np.ndarray, where: Path) -> np.ndarray:
 
 
 def _load_tensor(path: Path) -> np.ndarray:
-    value = torch.load(path, weights_only=True, map_location="cpu")
+    with warnings.catch_warnings():  # torch warns as it checks a sparse tensor: one line only
+        warnings.simplefilter("ignore")
+        value = torch.load(path, weights_only=True, map_location="cpu")
     if not isinstance(value, torch.Tensor):
         raise DatasetError(f"{path}: expected one tensor, found {type(value).__name__}")
     if value.is_floating_point() and value.dtype not in (torch.float32, torch.float64):

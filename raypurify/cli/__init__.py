@@ -12,8 +12,16 @@ from raypurify.errors import user_error
 COMMANDS = [datasets, poison, train, purify, experiments, sweep, analyze, ui]
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line, like every other error (the sub-command
+    parsers are of this class too); `--help` still prints the usage."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="raypurify",
         description="Purify unlearnable examples (D-VAE) and evaluate defences, on Ray.",
     )

@@ -37,26 +37,29 @@ def register(sub) -> None:
 
 def check_inputs(data: str, purified: str, *others: str) -> None:
     """Every input is there and readable before Ray starts: the datasets open, and the
-    purification directory holds its config and stage-1 weights."""
+    purification directory holds its config and stage-1 weights that fit it and the data."""
     import json
     from pathlib import Path
 
     from raypurify.data.interchange import open_dataset
     from raypurify.defenses.dvae.config import PurifyConfig
+    from raypurify.defenses.dvae.stage import check_weights
     from raypurify.errors import RaypurifyError
 
-    for d in (data, *others):
+    info = open_dataset(data)
+    for d in others:
         open_dataset(d)
     pdir = Path(purified)
     for name in ("config.json", "stage1.pt"):
         if not (pdir / name).is_file():
             raise RaypurifyError(f"{pdir}: no {name}; is this a `raypurify purify` output?")
     try:
-        PurifyConfig.model_validate(json.loads((pdir / "config.json").read_text()))
+        cfg = PurifyConfig.model_validate(json.loads((pdir / "config.json").read_text()))
     except ValueError as e:
         first = (str(e).splitlines() or ["invalid"])[0]
         where = pdir / "config.json"
         raise RaypurifyError(f"{where}: not a purification config ({first})") from None
+    check_weights(pdir / "stage1.pt", cfg, len(info.classes), info.shape[-1])
 
 
 def run_detect(args) -> int:

@@ -134,6 +134,9 @@ def check_files(directory: Path, manifest: dict[str, Any], where: Path) -> tuple
         total += rows
     if records and set(records) != seen:
         raise DatasetError(f"{where}: file_info does not name the same files as 'files'")
+    if not records:  # written before per-file records: at least no row may appear twice
+        index = [read_columns(p, ["index"])["index"].to_numpy() for p in files]
+        check_unique(files[0] if len(files) == 1 else directory, np.concatenate(index))
     if total == 0:
         raise DatasetError(f"{directory}: dataset is empty (0 rows)")
     if total != manifest["rows"]:
@@ -172,13 +175,17 @@ def rows_and_sha256(files: Sequence[Path], directory: Path) -> tuple[int, str]:
     index = np.concatenate(ids)
     if len(index) == 0:
         raise DatasetError(f"{directory}: dataset is empty (0 rows)")
-    uniq, counts = np.unique(index, return_counts=True)
-    if len(uniq) != len(index):
-        raise DatasetError(f"{directory}: index {int(uniq[counts > 1][0])} appears more than once")
+    check_unique(directory, index)
     content = hashlib.sha256()
     for row in np.argsort(index, kind="stable"):
         content.update(digests[row])
     return int(len(index)), content.hexdigest()
+
+
+def check_unique(directory: Path, index: np.ndarray) -> None:
+    uniq, counts = np.unique(index, return_counts=True)
+    if len(uniq) != len(index):
+        raise DatasetError(f"{directory}: index {int(uniq[counts > 1][0])} appears more than once")
 
 
 def _row_digests(path: Path) -> tuple[np.ndarray, list[bytes]]:

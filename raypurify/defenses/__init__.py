@@ -31,7 +31,7 @@ DEFENSES = Registry(
 def options(name: str, raw: dict | None = None, overrides=(), *, key: str = "defense"):
     """The defence `name` and its validated options (errors quote `key`)."""
     defense = DEFENSES.get(name, key=f"{key}.name")
-    return defense, config.load(defense.options, raw or {}, overrides)
+    return defense, config.load(defense.options, raw or {}, overrides, source=f"{key}.options")
 
 
 def training_loss(train_cfg):

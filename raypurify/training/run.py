@@ -9,6 +9,7 @@ differs, so a changed `--data`, learning rate or epoch count never returns an ol
 
 from __future__ import annotations
 
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -43,11 +44,23 @@ def check_model(arch: str, options: dict[str, Any], key: str) -> None:
     """Build the model once on the CPU so an unknown or bad option is a one-line config
     error naming `key` now, not a failure inside a Ray worker minutes later."""
     entry = ARCHS.get(arch, key="arch")
+    hints = typing.get_type_hints(entry.build)
+    for name, value in options.items():
+        want = hints.get(name)
+        if want in (int, float, bool) and not _is_a(value, want):
+            kind = {int: "a whole number", float: "a number", bool: "true or false"}[want]
+            raise ConfigError(f"{key}.{name}: {value!r} must be {kind}")
     try:
         build_model(entry.name, 10, 32, **options)
     except (TypeError, ValueError, RuntimeError) as e:
         detail = (str(e).splitlines() or [type(e).__name__])[0]
         raise ConfigError(f"{key}: {detail} (architecture '{entry.name}')") from None
+
+
+def _is_a(value: Any, want: type) -> bool:
+    if isinstance(value, bool) and want is not bool:
+        return False
+    return isinstance(value, (int, float) if want is float else want)
 
 
 def check_options(cfg: TrainConfig, key: str = "arch_options") -> None:

@@ -63,7 +63,8 @@ def prepare_output(
     `out` is reused or resumed only when it was made from the same input content and the
     same config (its marker records both); another run there is refused with what differs.
     An output from before the marker (config.json, and summary.json when finished) is
-    adopted when its config and, where recorded, its input match.
+    adopted when it finished and its recorded config and input match; an unfinished one
+    records no input, so it is refused rather than resumed on a guess.
     """
     what = {"input": info.sha256, "config": cfg.to_dict()}
     if not overwrite and read_marker(out) is None and (out / CONFIG).is_file():
@@ -82,7 +83,7 @@ def _legacy_matches(out: Path, cfg: PurifyConfig, info: DatasetInfo) -> bool:
     try:
         stamp = json.loads((out / CONFIG).read_text())
         summary = json.loads((out / SUMMARY).read_text()) if (out / SUMMARY).exists() else {}
-        recorded = summary.get("input", {}).get("sha256", info.sha256)
+        recorded = summary.get("input", {}).get("sha256")
     except (ValueError, AttributeError):
         return False  # not ours to judge: claim_dir refuses it
     return stamp == cfg.to_dict() and recorded == info.sha256
