@@ -95,6 +95,10 @@ def test_purify_reuses_only_the_same_input_and_config(ray_session, mlflow_uri, s
     cfg = preset("cpu", TINY)
     summary = purify(sets["a"], out, cfg)
     stamp = (out / "p3" / "manifest.json").stat().st_mtime_ns
+    # `analyze`'s check before Ray accepts the weights a purification wrote
+    from raypurify.defenses.dvae.stage import check_weights
+
+    check_weights(out / "stage1.pt", cfg, 4, 16)
 
     # Another input: the old summary is not returned.
     with pytest.raises(RaypurifyError) as e:
@@ -130,8 +134,13 @@ def test_disentangle_refuses_an_out_made_from_other_inputs(sets, tmp_path, capsy
 
     purified = tmp_path / "purified"
     purified.mkdir()
-    (purified / "config.json").write_text(json.dumps(preset("cpu", TINY).to_dict()))
-    (purified / "stage1.pt").write_bytes(b"weights")
+    import torch
+
+    from raypurify.defenses.dvae.stage import build
+
+    cfg = preset("cpu", TINY)
+    (purified / "config.json").write_text(json.dumps(cfg.to_dict()))
+    torch.save(build(cfg, 4, 16).state_dict(), purified / "stage1.pt")  # the sets' classes, px
     out = tmp_path / "dis"
     out.mkdir()
     mark(out, what={"clean": {"id": "another clean set"}})

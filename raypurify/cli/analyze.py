@@ -59,7 +59,7 @@ def check_inputs(data: str, purified: str, *others: str) -> None:
         first = (str(e).splitlines() or ["invalid"])[0]
         where = pdir / "config.json"
         raise RaypurifyError(f"{where}: not a purification config ({first})") from None
-    check_weights(pdir / "stage1.pt", cfg, len(info.classes), info.shape[-1])
+    check_weights(pdir / "stage1.pt", cfg, len(info.classes), info.shape[0])
 
 
 def run_detect(args) -> int:
