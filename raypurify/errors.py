@@ -27,6 +27,16 @@ class TrainingError(RaypurifyError):
     """Training cannot go on (e.g. NaN loss); the message names the stage and epoch."""
 
 
+def unreadable_file(path, error: BaseException, what: str) -> DatasetError:
+    """The one line for a user's file that numpy or torch could not load safely: a pickle
+    is named as such (never with advice to load it with weights_only=False or
+    allow_pickle, which would run its code), anything else by the loader's error type."""
+    text = str(error).lower()
+    pickled = any(w in text for w in ("weights_only", "global", "allow_pickle", "object arr"))
+    detail = "pickled objects are never loaded" if pickled else type(error).__name__
+    return DatasetError(f"{path}: {what} ({detail})")
+
+
 # How a traceback names one of our errors: ``raypurify.errors.DatasetError: <message>``.
 _RAISED = re.compile(r"^raypurify\.errors\.(\w+): (.+)$", re.MULTILINE)
 

@@ -36,7 +36,7 @@ from raypurify import config
 from raypurify.attacks.base import chunks, log_poisoning, measure_budget
 from raypurify.config import Config
 from raypurify.data.imageset import ImageSet
-from raypurify.errors import DatasetError
+from raypurify.errors import DatasetError, unreadable_file
 from raypurify.registry import Registry
 from raypurify.tracking import Run
 
@@ -103,10 +103,7 @@ def load_array(path: Path) -> np.ndarray:
     except DatasetError:
         raise
     except Exception as e:  # numpy and torch raise many types for a bad file
-        text = str(e).lower()
-        pickled = any(w in text for w in ("weights_only", "global", "allow_pickle", "object arr"))
-        detail = "pickled objects are never loaded" if pickled else type(e).__name__
-        raise DatasetError(f"{path}: not a plain tensor or array file ({detail})") from None
+        raise unreadable_file(path, e, "not a plain tensor or array file") from None
     return numeric(value, path)
 
 

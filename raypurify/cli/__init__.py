@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import NoReturn
 
 from raypurify import __version__
 from raypurify.cli import analyze, datasets, experiments, poison, purify, sweep, train, ui
@@ -16,7 +17,7 @@ class Parser(argparse.ArgumentParser):
     """argparse whose usage errors are one line, like every other error (the sub-command
     parsers are of this class too); `--help` still prints the usage."""
 
-    def error(self, message: str):  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
 
 

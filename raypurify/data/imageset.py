@@ -96,9 +96,14 @@ def check_arrays(images, labels, index, num_classes: int, name: str) -> None:
             f"{name}: row {r} (index {int(index[r])}): label {int(labels[r])} "
             f"outside [0, {num_classes})"
         )
+    check_unique(name, index)
+
+
+def check_unique(where, index: np.ndarray) -> None:
+    """Refuse a row index that appears more than once (naming `where`: a file or dataset)."""
     uniq, counts = np.unique(index, return_counts=True)
-    if len(uniq) != n:
-        raise DatasetError(f"{name}: index {int(uniq[counts > 1][0])} appears more than once")
+    if len(uniq) != len(index):
+        raise DatasetError(f"{where}: index {int(uniq[counts > 1][0])} appears more than once")
 
 
 def balanced_rows(labels: np.ndarray, n: int, num_classes: int, seed: int, name: str) -> np.ndarray:

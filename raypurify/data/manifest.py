@@ -24,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from raypurify.data.imageset import check_unique
 from raypurify.errors import DatasetError
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -180,12 +181,6 @@ def rows_and_sha256(files: Sequence[Path], directory: Path) -> tuple[int, str]:
     for row in np.argsort(index, kind="stable"):
         content.update(digests[row])
     return int(len(index)), content.hexdigest()
-
-
-def check_unique(directory: Path, index: np.ndarray) -> None:
-    uniq, counts = np.unique(index, return_counts=True)
-    if len(uniq) != len(index):
-        raise DatasetError(f"{directory}: index {int(uniq[counts > 1][0])} appears more than once")
 
 
 def _row_digests(path: Path) -> tuple[np.ndarray, list[bytes]]:

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from raypurify.data.imageset import ImageSet
 from raypurify.data.spec import Stream
 from raypurify.distributed import fit, report, resume, setup_worker, snapshot, unwrap, use_gpu
-from raypurify.errors import DatasetError, TrainingError
+from raypurify.errors import DatasetError, TrainingError, unreadable_file
 from raypurify.progress import advance
 from raypurify.reports.images import amplify, class_rows, grid, to_uint8
 from raypurify.runtime import autocast, use_bf16
@@ -51,19 +51,17 @@ def build(cfg: PurifyConfig, num_classes: int, image_size: int) -> DVAE:
 def check_weights(path: Path, cfg: PurifyConfig, num_classes: int, image_size: int) -> None:
     """Refuse, in one line naming `path`, stage weights that are not a state dict of the
     network `cfg` builds for this data (read with weights_only: nothing is unpickled)."""
+    what = "not weights of this purification's network"
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(state, dict):
-            raise TypeError(f"holds a {type(state).__name__}, not a state dict")
+    except Exception as e:  # torch raises many types for a bad file
+        raise unreadable_file(path, e, what) from None
+    if not isinstance(state, dict):
+        raise DatasetError(f"{path}: {what} (holds a {type(state).__name__}, not a state dict)")
+    try:
         build(cfg, num_classes, image_size).load_state_dict(state)
-    except Exception as e:  # torch raises many types for a bad or mismatched file
-        text = str(e).lower()
-        if any(w in text for w in ("weights_only", "global", "unpickl")):
-            detail = "not plain weights; pickled objects are never loaded"
-        else:
-            detail = (str(e).splitlines() or [type(e).__name__])[0][:200]
-        what = "not weights of this purification's network"
-        raise DatasetError(f"{path}: {what} ({detail})") from None
+    except RuntimeError as e:  # missing, unexpected or mis-shaped tensors
+        raise DatasetError(f"{path}: {what} ({str(e).splitlines()[0][:200]})") from None
 
 
 def stage_worker(loop: dict[str, Any]) -> None:
