@@ -96,7 +96,7 @@ def main() -> None:
         for workers in worker_counts():
             cfg = preset("cpu", [f"workers={workers}", "stage1.epochs=1"])
             t0 = time.perf_counter()
-            state = train_stage("stage1", train, cfg, cfg.stage1, tmp / f"ckpt{workers}")
+            state, _ = train_stage("stage1", train, cfg, cfg.stage1, tmp / f"ckpt{workers}")
             rows.append(
                 {
                     "what": "Ray Train stage epoch, cpu net",

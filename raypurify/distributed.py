@@ -9,11 +9,15 @@ caller, so a rerun resumes, and shows an epoch progress bar.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import datetime
 import functools
 import importlib.util
 import logging
 import os
+import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +29,7 @@ import torch
 from ray.train.torch import TorchTrainer
 from ray.train.v2.api.config import LoggingConfig
 
+from raypurify.atomic import save_torch
 from raypurify.errors import ConfigError, TrainingError, user_error
 from raypurify.progress import Progress
 from raypurify.runtime import torch_threads
@@ -36,6 +41,32 @@ NODE_TAG = "raypurify.node.rank"  # + rank: the Ray node id a worker of the run 
 
 # Where the runs started in this process log their placement groups (see `placement_groups`).
 _placement_group_log: Path | None = None
+# The warm worker group that hosts this driver's fits, if one is open (worker_group.py).
+_warm_group = None
+
+
+@dataclasses.dataclass
+class HostedJob:
+    """In a worker of a warm group (worker_group.py): the fit it is running, whose
+    checkpoints `report` writes to storage/name as the fit's own Ray Train run would."""
+
+    storage: Path
+    name: str
+    keep: int | None
+    last_metrics: dict[str, Any] | None = None
+
+
+_hosted: HostedJob | None = None
+
+
+@contextlib.contextmanager
+def hosting(job: HostedJob) -> Iterator[None]:
+    global _hosted
+    _hosted = job
+    try:
+        yield
+    finally:
+        _hosted = None
 
 
 # ---------------------------------------------------------------------------------------
@@ -76,6 +107,9 @@ def restore(device: torch.device, on_disk) -> dict[str, Any] | None:
     directory as it starts), so no finished epoch is trained twice.
     """
     states = [] if on_disk is None else [ray.get(on_disk)]
+    if _hosted is not None:  # a restarted warm group finds the job's newest checkpoint
+        found = saved_state(_hosted.storage, _hosted.name)
+        states += [] if found is None else [found]
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
@@ -112,12 +146,31 @@ def snapshot(model, optimizer, scheduler, epoch: int, history: list[dict]) -> di
 
 def report(metrics: dict[str, Any], state: dict[str, Any] | None, rank: int) -> None:
     """Report `metrics` from every rank; rank 0 also checkpoints `state` (if given)."""
+    if _hosted is not None:
+        _report_hosted(_hosted, metrics, state, rank)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if rank == 0 and state is not None:
             torch.save(state, Path(tmp) / STATE_FILE)
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def _report_hosted(job: HostedJob, metrics: dict, state: dict | None, rank: int) -> None:
+    """`report` for a hosted job: rank 0 writes the checkpoint under the job's run (named
+    and kept as Ray Train would), then every rank waits for it (report is a barrier)."""
+    import torch.distributed as dist
+
+    job.last_metrics = metrics
+    if rank == 0 and state is not None:
+        run_dir = job.storage / job.name
+        stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S.%f")
+        save_torch(run_dir / f"checkpoint_{stamp}" / STATE_FILE, state)
+        for old in checkpoint_dirs(job.storage, job.name)[: -job.keep if job.keep else 0]:
+            shutil.rmtree(old, ignore_errors=True)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -162,6 +215,17 @@ def placement_groups(log: Path) -> Iterator[None]:
         yield
     finally:
         _placement_group_log = previous
+
+
+@contextlib.contextmanager
+def serving(group) -> Iterator[None]:
+    """Within this block `fit` hands the fits `group` can host to it (worker_group.py)."""
+    global _warm_group
+    previous, _warm_group = _warm_group, group
+    try:
+        yield
+    finally:
+        _warm_group = previous
 
 
 def release_placement_groups(log: Path) -> int:
@@ -245,6 +309,29 @@ def max_failures() -> int:
     return int(value)
 
 
+@dataclasses.dataclass(frozen=True)
+class Fitted:
+    """What a Ray Train run left: its last report, its last checkpoint's state, and where
+    its wall time went (`split`)."""
+
+    metrics: dict[str, Any]
+    state: dict[str, Any]
+    wall_s: float  # fit() call to return
+    work_s: float  # the epochs this run trained (their `epoch_s`), evaluation included
+    started_at: float  # perf_counter() when its first epoch began (its return if none ran)
+
+    def split(self, since: float) -> dict[str, float]:
+        """Seconds of a step that began at perf_counter() `since` (its data hand-off
+        included): `startup_s` before the first epoch, `work_s` in epochs, `overhead_s`
+        everything but the epochs (start-up, checkpoints, teardown)."""
+        wall = time.perf_counter() - since
+        return {
+            "startup_s": self.started_at - since,
+            "work_s": self.work_s,
+            "overhead_s": wall - self.work_s,
+        }
+
+
 def fit(
     worker: Callable[[dict], None],
     loop: dict[str, Any],
@@ -258,14 +345,15 @@ def fit(
     datasets: dict[str, Any] | None = None,
     keep: int | None = 2,
     callbacks: list | None = None,
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Run `worker` on `workers` Ray Train workers; return (last metrics, last state).
+) -> Fitted:
+    """Run `worker` on `workers` Ray Train workers; return its last metrics and state.
 
     The run lives at storage/name: rerunning with the same pair resumes from its last
     checkpoint; `keep` checkpoints are kept (None: all of them). `callbacks` are Ray Train
     callbacks (a sweep trial passes Tune's report callback, so each epoch reaches Tune).
     Errors the user can act on come back as themselves, not as Ray wrappers.
     """
+    start = time.perf_counter()
     check_gpus(workers, gpu)
     previous = saved_state(storage, name)
     cpus = 1.0
@@ -273,28 +361,36 @@ def fit(
         cpus = min(1.0, max(0.25, (ray.cluster_resources().get("CPU", 1) - 1) / workers))
     check_cpus(workers, cpus)
     resources = {"CPU": cpus, "GPU": 1} if gpu else {"CPU": cpus}
+    group = _warm_group
+    hosted = not datasets and not callbacks and group is not None and group.hosts(workers, gpu)
     try:
         with Progress(epochs, desc, initial=previous["epoch"] if previous else 0) as progress:
-            log = _placement_group_log and str(_placement_group_log)
-            trainer = TorchTrainer(
-                functools.partial(_entry, worker, log),
-                train_loop_config=loop
-                | {"progress": progress.queue, RESUME_KEY: previous and ray.put(previous)},
-                datasets=datasets,
-                scaling_config=ray.train.ScalingConfig(
-                    num_workers=workers, use_gpu=gpu, resources_per_worker=resources
-                ),
-                run_config=ray.train.RunConfig(
-                    name=name,
-                    storage_path=str(storage),
-                    checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep),
-                    # A worker or node that dies restarts the group from the last checkpoint.
-                    failure_config=ray.train.FailureConfig(max_failures=max_failures()),
-                    logging_config=LoggingConfig(log_level="WARNING"),
-                    callbacks=callbacks,
-                ),
-            )
-            result = trainer.fit()
+            config = loop | {"progress": progress.queue, RESUME_KEY: previous and ray.put(previous)}
+            if hosted:
+                from raypurify.worker_group import Job
+
+                metrics = group.run(Job(worker, config, str(storage), name, keep))
+            else:
+                log = _placement_group_log and str(_placement_group_log)
+                trainer = TorchTrainer(
+                    functools.partial(_entry, worker, log),
+                    train_loop_config=config,
+                    datasets=datasets,
+                    scaling_config=ray.train.ScalingConfig(
+                        num_workers=workers, use_gpu=gpu, resources_per_worker=resources
+                    ),
+                    run_config=ray.train.RunConfig(
+                        name=name,
+                        storage_path=str(storage),
+                        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep),
+                        # A worker or node that dies restarts the group from the last
+                        # checkpoint.
+                        failure_config=ray.train.FailureConfig(max_failures=max_failures()),
+                        logging_config=LoggingConfig(log_level="WARNING"),
+                        callbacks=callbacks,
+                    ),
+                )
+                metrics = trainer.fit().metrics
     except Exception as e:
         err = user_error(e)
         if err is not None:
@@ -303,4 +399,10 @@ def fit(
     state = saved_state(storage, name)
     if state is None:
         raise TrainingError(f"{desc}: finished without a checkpoint in {storage / name}")
-    return result.metrics, state
+    # Loops that keep a per-epoch history (classifiers, D-VAE stages) say where time went.
+    ran = state.get("history", [])[previous["epoch"] if previous else 0 :]
+    end = time.perf_counter()
+    first = progress.first_update_at
+    started = end if not ran or first is None else first - ran[0]["epoch_s"]
+    work = float(sum(h["epoch_s"] for h in ran))
+    return Fitted(metrics, state, end - start, work, started)

@@ -73,6 +73,16 @@ def test_the_trace_covers_every_defence_output_of_every_row(demo):
     assert "Purification trace" in (out / "results.md").read_text()
 
 
+def test_the_report_says_how_much_of_each_kind_of_step_was_work(demo):
+    out, results = demo
+    split = results["time_split"]
+    assert split["train"]["steps"] == len(ROWS) * len(COLUMNS)
+    assert split["purify"]["steps"] == len(ROWS)  # D-VAE on each row
+    for kind in ("train", "purify"):
+        assert 0 < split[kind]["work_s"] < split[kind]["wall_s"]
+    assert "Where the steps' time went" in (out / "results.md").read_text()
+
+
 def test_each_cell_is_an_mlflow_child_run_of_the_experiment(demo):
     client = MlflowClient()
     exp = client.get_experiment_by_name("demo")
@@ -228,3 +238,16 @@ def test_the_plan_counts_the_cpus_each_step_holds():
     assert steps["poison/tap"].cpus >= 1 and steps["poison/em-class"].cpus >= 1
     assert steps["purify/ops/d-vae"].cpus >= 1
     assert steps["train/ops/d-vae/fast-resnet"].cpus == 1
+
+
+def test_the_table_seed_seeds_its_purifiers_and_seed_0_keeps_stored_keys():
+    from raypurify.experiments.steps import plan
+
+    def purify(overrides):
+        return {s.name: s for s in plan(load_spec("cifar10-mini", overrides))}["purify/ops/d-vae"]
+
+    default, seeded = purify([]), purify(["seed=3"])
+    assert default.config["resolved"]["seed"] == 0
+    assert not any(o.startswith("seed=") for o in default.config["options"]["overrides"])
+    assert seeded.config["resolved"]["seed"] == 3
+    assert seeded.config != default.config  # so its key differs: no reuse across seeds

@@ -79,6 +79,21 @@ def test_two_stages_write_p1_p2_p3_with_lineage(purified, tiny_set):
     assert (out / "stage1.pt").exists() and (out / "stage2.pt").exists()
 
 
+def test_summary_splits_wall_time_into_start_up_and_work(purified):
+    _, _, summary = purified
+    for stage in summary["stages"].values():
+        epochs = sum(h["epoch_s"] for h in stage["history"])
+        assert stage["work_s"] == pytest.approx(epochs)
+        assert 0 < stage["startup_s"] <= stage["overhead_s"] + 1e-3
+        assert stage["startup_s"] + stage["work_s"] <= stage["train_s"] + 1e-3
+    for timing in summary["passes"].values():
+        assert timing["startup_s"] > 0 and timing["work_s"] >= 0
+        assert timing["startup_s"] + timing["work_s"] == pytest.approx(timing["seconds"])
+    parts = [*summary["stages"].values(), *summary["passes"].values()]
+    assert summary["work_s"] == pytest.approx(sum(p["work_s"] for p in parts))
+    assert summary["overhead_s"] == pytest.approx(summary["wall_s"] - summary["work_s"])
+
+
 def test_each_stage_is_an_mlflow_child_run_with_grids(purified):
     from mlflow.tracking import MlflowClient
 
@@ -107,7 +122,7 @@ def test_rerun_of_a_finished_purification_does_no_work(purified, tiny_set):
 
 def test_same_config_and_seed_train_the_same_stage(purified, tiny_set, tmp_path):
     out, cfg, _ = purified
-    again = train_stage("stage1", read_images(tiny_set), cfg, cfg.stage1, tmp_path / "again")
+    again, _ = train_stage("stage1", read_images(tiny_set), cfg, cfg.stage1, tmp_path / "again")
     first = torch.load(out / "stage1.pt", weights_only=True)
     assert all(torch.equal(again["model"][k], first[k]) for k in first)
 
@@ -139,9 +154,11 @@ def test_stage_killed_after_a_checkpoint_resumes_to_the_full_epoch_count(
     killed_at = saved_state(storage, "stage1")["epoch"]
     assert 1 <= killed_at < 4
     cfg = preset("cpu", overrides)
-    state = train_stage("stage1", read_images(tiny_set), cfg, cfg.stage1, storage)
+    state, split = train_stage("stage1", read_images(tiny_set), cfg, cfg.stage1, storage)
     assert state["epoch"] == 4
     assert [h["epoch"] for h in state["history"]] == [1, 2, 3, 4]
+    # Only the epochs trained after the restart count as this run's work.
+    assert split["work_s"] == pytest.approx(sum(h["epoch_s"] for h in state["history"][killed_at:]))
 
 
 def test_one_class_dataset_is_refused_before_training(ray_session, tmp_path):

@@ -66,6 +66,9 @@ def test_a_few_epochs_reach_high_accuracy_and_write_metrics_and_model(baseline, 
     assert saved["config"] == recipe("cpu", TINY).to_dict()
     assert saved["wall_s"] > 0 and saved["workers"] == 1 and saved["train_rows"] == 600
     assert [h["epoch"] for h in saved["history"]] == [1, 2, 3, 4]
+    # The wall time splits into the epochs (work) and start-up before the first of them.
+    assert saved["work_s"] == pytest.approx(sum(h["epoch_s"] for h in saved["history"]))
+    assert 0 < saved["startup_s"] <= saved["wall_s"] - saved["work_s"] + 1e-3
     # Per-class accuracy and the confusion matrix agree with the accuracy.
     confusion = np.array(saved["confusion"])
     assert confusion.shape == (4, 4) and confusion.sum() == len(test_set)

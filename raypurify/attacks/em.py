@@ -17,6 +17,7 @@ SGD 0.1); the CPU protocol passes a smaller surrogate.
 
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -31,11 +32,19 @@ from pydantic import Field, PositiveInt
 
 from raypurify.attacks.base import Attack, AttackJob, EpsConfig, perturb
 from raypurify.distributed import fit, report, setup_worker, unwrap, use_gpu
+from raypurify.estimate import warn_if_long
 from raypurify.models import ARCHS, build_model
 from raypurify.progress import advance
 from raypurify.runtime import Precision, autocast, use_bf16
 from raypurify.storage import scratch
 from raypurify.tracking import Run
+
+# What to use instead of the authors' GPU settings on a CPU (the CPU protocol's EM rows).
+CPU_HINT = (
+    "on a CPU use the CPU protocol's settings (preset cifar10-mini, `raypurify presets`): "
+    "--set surrogate=fast-resnet --set surrogate_options.width=16 --set batch_size=256 "
+    "--set max_rounds=15"
+)
 
 
 class EMConfig(EpsConfig):
@@ -70,6 +79,12 @@ class MinMin:
     """One worker's state: the data, its share of rows, the surrogate and the noise."""
 
     config_type = EMConfig
+
+    @staticmethod
+    def worst_case_passes(cfg: EMConfig, rows: int) -> float:
+        """Surrogate forward-backward image passes if no round stops early."""
+        noise = cfg.pgd_steps * rows if cfg.granularity == "sample" else cfg.portion * rows
+        return cfg.max_rounds * (cfg.train_steps * cfg.batch_size + noise)
 
     def __init__(self, cfg: EMConfig, loop: dict[str, Any], rank: int, world: int, dev):
         self.cfg, self.rank, self.world, self.dev = cfg, rank, world, dev
@@ -213,6 +228,14 @@ def run_minmin(job: AttackJob, cfg: EMConfig, engine: type[MinMin], desc: str) -
     from raypurify.training.data import pack
 
     init_ray()
+    gpu = use_gpu(cfg.device)
+    if not gpu:
+        (h, w, c), classes = job.rows.shape, job.clean.num_classes
+        passes = engine.worst_case_passes(cfg, len(job.rows))
+        surrogate = functools.partial(
+            build_model, cfg.surrogate, classes, h, **cfg.surrogate_options
+        )
+        warn_if_long(desc, passes, surrogate, classes, (c, h, w), hint=CPU_HINT)
     loop = {
         "engine": engine,
         "config": cfg.to_dict(),
@@ -221,16 +244,16 @@ def run_minmin(job: AttackJob, cfg: EMConfig, engine: type[MinMin], desc: str) -
         "mlflow": None if job.run is None else {"uri": job.run.uri, "run_id": job.run.run_id},
     }
     with scratch() as tmp:
-        _, state = fit(
+        state = fit(
             minmin_worker,
             loop,
             workers=cfg.workers,
-            gpu=use_gpu(cfg.device),
+            gpu=gpu,
             storage=Path(tmp),
             name="minmin",
             epochs=cfg.max_rounds,
             desc=desc,
-        )
+        ).state
     delta = state["delta"].permute(0, 2, 3, 1)  # N/K H W C
     labels = torch.from_numpy(job.rows.labels)
 

@@ -67,7 +67,24 @@ def collect(spec: ExperimentSpec, records: list[dict[str, Any]]) -> dict[str, An
         "budgets": budgets,
         "purify_wall_s": purifications,
         "trace": trace.trace(records),
+        "time_split": time_split(records),
     }
+
+
+def time_split(records: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per kind of Ray step (train, purify), the steps' wall seconds and how much of it
+    was work (training epochs, inference batches); the rest is start-up, data hand-off,
+    checkpoints and teardown. Steps reused from the store count as when they ran."""
+    split: dict[str, dict[str, float]] = {}
+    for r in records:
+        work = (r.get("result") or {}).get("work_s")
+        if work is None or "seconds" not in r:
+            continue
+        kind = split.setdefault(r["kind"], {"steps": 0, "wall_s": 0.0, "work_s": 0.0})
+        kind["steps"] += 1
+        kind["wall_s"] += r["seconds"]
+        kind["work_s"] += work
+    return split
 
 
 def rows(spec: ExperimentSpec) -> list[str]:
@@ -114,9 +131,30 @@ def markdown(spec: ExperimentSpec, results: dict[str, Any]) -> str:
     if chosen:
         picks = ", ".join(f"{x['row']}: {x['chosen']}" for x in chosen)
         out += [f"Derived columns pick the better input column per row ({picks}).", ""]
+    out += time_markdown(results.get("time_split", {}))
     if results.get("wall_s"):
         out.append(f"Wall time of this run: {results['wall_s'] / 60:.1f} min.")
     return "\n".join(out) + "\n"
+
+
+def time_markdown(split: dict[str, dict[str, float]]) -> list[str]:
+    if not split:
+        return []
+    out = [
+        "Where the steps' time went (work: training epochs and inference batches; the rest:",
+        "worker start-up, data hand-off, checkpoints, teardown):",
+        "",
+        "| step | steps | wall (s) | work (s) | the rest (s) | the rest (%) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for kind, t in sorted(split.items()):
+        rest = t["wall_s"] - t["work_s"]
+        share = 100 * rest / t["wall_s"] if t["wall_s"] else 0.0
+        out.append(
+            f"| {kind} | {t['steps']} | {t['wall_s']:.1f} | {t['work_s']:.1f} | {rest:.1f} "
+            f"| {share:.0f} |"
+        )
+    return [*out, ""]
 
 
 def detection_markdown(detection: list[dict[str, Any]]) -> list[str]:

@@ -9,6 +9,7 @@ stopped and rerunning a finished one only rebuilds the report.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -21,6 +22,7 @@ from tqdm import tqdm
 from raypurify import config, defenses
 from raypurify.attacks import ATTACKS
 from raypurify.data import registry
+from raypurify.distributed import use_gpu
 from raypurify.errors import ConfigError, RaypurifyError
 from raypurify.experiments import report
 from raypurify.experiments.spec import ExperimentSpec
@@ -87,6 +89,16 @@ def cpu_budget() -> float:
     return max(1.0, res.get("CPU", 1) - 1)
 
 
+def warm_workers(parallel: int, out: Path):
+    """When steps run one at a time (a 2-core machine, one GPU), one warm Ray Train worker
+    group trains them all, so each does not start its own (worker_group.py)."""
+    if parallel > 1:
+        return contextlib.nullcontext()
+    from raypurify.worker_group import warm_group
+
+    return warm_group(1, use_gpu("auto"), out / ".warm-group")
+
+
 def run_experiment(
     spec: ExperimentSpec,
     out: str | Path,
@@ -108,7 +120,8 @@ def run_experiment(
     start = time.perf_counter()
     with active_run(parent):
         parallel = spec.max_parallel or default_parallel()
-        Scheduler(steps, store, ctx, force, parallel, out, cpu_budget()).run()
+        with warm_workers(parallel, out):
+            Scheduler(steps, store, ctx, force, parallel, out, cpu_budget()).run()
         records = [r for s in steps if s.dir and (r := store.record(s.dir))]
         results = report.collect(spec, records)
         results["wall_s"] = time.perf_counter() - start

@@ -129,6 +129,7 @@ def make_purified(step: Step, directory: Path, ctx: Context) -> dict[str, Any]:
     return dataset_result(info) | {
         "purify_dir": str(directory / "purify"),
         "wall_s": summary["wall_s"],
+        "work_s": summary.get("work_s"),
         "outputs": summary["outputs"],
     }
 
@@ -142,7 +143,16 @@ def train_cell(step: Step, directory: Path, ctx: Context) -> dict[str, Any]:
         read_images(step.input_path()), ctx.test, cfg, directory / "train", run=run
     )
     run.finish()
-    keep = ("accuracy", "per_class", "epochs", "wall_s", "train_s", "images_per_s")
+    keep = (
+        "accuracy",
+        "per_class",
+        "epochs",
+        "wall_s",
+        "work_s",
+        "startup_s",
+        "train_s",
+        "images_per_s",
+    )
     return {k: metrics[k] for k in keep} | dict(step.meta)
 
 
@@ -190,6 +200,13 @@ def attack_cpus(entry) -> int:
     return max(getattr(cfg, "workers", 0), getattr(cfg, "actors", 0))
 
 
+def seeded(overrides: list[str], seed: int) -> list[str]:
+    """A purifier's overrides under a table's (or sweep's) seed: the seed seeds the
+    purifier too. Seed 0, the purifiers' default, adds nothing, so steps stored before
+    keep their keys; an explicit `seed=` in the overrides comes later and wins."""
+    return [f"seed={seed}", *overrides] if seed else list(overrides)
+
+
 def row_steps(spec: ExperimentSpec, row: str, source: Step) -> list[Step]:
     """One row of the table: each defence applied to `source`, and a classifier on it."""
     from raypurify.defenses.dvae.config import preset
@@ -213,6 +230,8 @@ def row_steps(spec: ExperimentSpec, row: str, source: Step) -> list[Step]:
             )
             steps.append(data)
         elif defense.kind == "purify":
+            overrides = seeded(options.overrides, spec.seed)
+            options = options.model_copy(update={"overrides": overrides})
             resolved = preset(options.preset, options.overrides).to_dict()
             data = Step(
                 "purify",

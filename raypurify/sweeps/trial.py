@@ -23,7 +23,7 @@ import torch
 
 from raypurify.data.imageset import ImageSet, balanced_rows
 from raypurify.data.interchange import read_images
-from raypurify.experiments.steps import Step, make_purified
+from raypurify.experiments.steps import Step, make_purified, seeded
 from raypurify.experiments.store import Store
 from raypurify.sweeps.space import SweepSpace, overrides_for
 from raypurify.tracking import Run, active_run
@@ -74,7 +74,7 @@ def purify_step(space: SweepSpace, params: dict[str, float], poison: Step) -> St
     and key) as a table's D-VAE column with these overrides."""
     from raypurify.defenses.dvae.config import preset
 
-    overrides = space.purifier.overrides + overrides_for(space.fixed | params)
+    overrides = seeded(space.purifier.overrides + overrides_for(space.fixed | params), space.seed)
     options = {"preset": space.purifier.preset, "overrides": overrides}
     resolved = preset(options["preset"], overrides).to_dict()
     row = poison.name.split("/", 1)[-1]

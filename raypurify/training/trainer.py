@@ -90,7 +90,7 @@ def train_classifier(
         "mlflow": None if run is None else {"uri": run.uri, "run_id": run.run_id},
         "eval_key": eval_key,
     }
-    final, state = fit(
+    fitted = fit(
         train_worker,
         loop,
         workers=cfg.workers,
@@ -103,6 +103,7 @@ def train_classifier(
         keep=cfg.keep_checkpoints,
         callbacks=callbacks,
     )
+    final, state = fitted.metrics, fitted.state
     history = state["history"]
     metrics = {
         "accuracy": final[eval_key],
@@ -110,6 +111,7 @@ def train_classifier(
         "confusion": final["confusion"],
         "epochs": final["epoch"],
         "wall_s": time.perf_counter() - start,
+        **fitted.split(start),
         "train_s": float(sum(h["epoch_s"] for h in history)),
         "images_per_s": float(np.mean([h["train_images_per_s"] for h in history])),
         "device": "cuda" if gpu else "cpu",

@@ -160,7 +160,9 @@ def run_pass(
     """Purify `source` with one stage model and write each output dataset.
 
     `outputs` maps "image" (and, for "subtract_reconstruct", "p2") to output directories.
-    Returns timing: seconds, rows and images/s for this pass.
+    Returns timing: seconds, rows and images/s for this pass; `startup_s` until its first
+    batch was done (actor start, model load, first read), `work_s` after it, and the
+    steady-state rate over the rows after the first batch.
     """
     start = time.perf_counter()
     names = " + ".join(Path(p).name for p in outputs.values())
@@ -174,5 +176,15 @@ def run_pass(
             write_ray(p2, outputs["p2"], config=config | {"output": "p2"}, **common)
             ds = ds.drop_columns(["p2"])
         write_ray(ds, outputs["image"], config=config, **common)
-    seconds = time.perf_counter() - start
-    return {"seconds": seconds, "rows": source.rows, "images_per_s": source.rows / seconds}
+    end = time.perf_counter()
+    seconds = end - start
+    first = progress.first_update_at or end
+    steady_rows = source.rows - progress.first_count
+    return {
+        "seconds": seconds,
+        "rows": source.rows,
+        "images_per_s": source.rows / seconds,
+        "startup_s": first - start,
+        "work_s": end - first,
+        "steady_images_per_s": steady_rows / (end - first) if steady_rows > 0 else None,
+    }

@@ -141,7 +141,7 @@ def purify(
             t0 = time.perf_counter()
             child = parent.child(name, params={"stage": name, **stage.to_dict()})
             with active_run(child):
-                state = train_stage(name, data, cfg, stage, out / "checkpoints", run=child)
+                state, split = train_stage(name, data, cfg, stage, out / "checkpoints", run=child)
                 weights = out / f"{name}.pt"
                 save_torch(weights, state["model"])
                 child.log_artifact(weights, "checkpoint")
@@ -150,10 +150,12 @@ def purify(
                 "final": state["history"][-1],
                 "history": state["history"],
                 "train_s": time.perf_counter() - t0,
+                **split,
                 "images_per_s": images_per_s(state["history"]),
             }
             source, data = _run_passes(name, source, out, weights, cfg, gpu, summary, parent)
         summary["wall_s"] = time.perf_counter() - start
+        summary |= work_split(summary)
         summary["output"] = str(source.path)
         summary["outputs"] = {
             p: open_dataset(out / p).lineage() for p in ("p1", "p2", "p3") if (out / p).exists()
@@ -162,6 +164,14 @@ def purify(
         write_json(out / SUMMARY, summary)
         parent.log_artifact(out / SUMMARY)
     return summary
+
+
+def work_split(summary: dict[str, Any]) -> dict[str, float]:
+    """The purification's seconds in training epochs and inference batches (`work_s`) and
+    in everything else (`overhead_s`: worker start-up, data hand-off, writes, teardown)."""
+    parts = [*summary["stages"].values(), *summary["passes"].values()]
+    work = float(sum(p.get("work_s", 0.0) for p in parts))
+    return {"work_s": work, "overhead_s": summary["wall_s"] - work}
 
 
 def _run_passes(name, source, out, weights, cfg, gpu, summary, run):

@@ -197,11 +197,13 @@ def train_stage(
     stage: StageConfig,
     storage: Path,
     run: Run | None = None,
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], dict[str, float]]:
     """Train a fresh D-VAE on `data` for `stage` (resuming from storage/name if present).
 
-    Returns the final state: weights under "model", per-epoch metrics under "history".
+    Returns the final state (weights under "model", per-epoch metrics under "history") and
+    the stage's start-up vs work split (`Fitted.split`).
     """
+    start = time.perf_counter()
     shipped = batches.ship(data)
     loop = {
         "purify": cfg.to_dict(),
@@ -215,7 +217,7 @@ def train_stage(
         "storage": str(storage / name),
         "mlflow": None if run is None else {"uri": run.uri, "run_id": run.run_id},
     }
-    _, state = fit(
+    fitted = fit(
         stage_worker,
         loop,
         workers=cfg.workers,
@@ -226,7 +228,7 @@ def train_stage(
         desc=f"{name} (kld {stage.kld_limit:g})",
         datasets=shipped["datasets"],
     )
-    return state
+    return fitted.state, fitted.split(start)
 
 
 def images_per_s(history: list[dict]) -> float:

@@ -1,0 +1,89 @@
+"""The demo's wall time and where each step's time goes (issue: the first five minutes).
+
+Runs `raypurify run demo` as a user would (a fresh local Ray, the real Ray Train and Ray
+Data path, an empty store) and reports, from the step records:
+- the whole wall, from the command to the table, and Ray's own start-up;
+- per step: wall, work (training epochs, inference batches), start-up before the first
+  epoch or batch, and the rest (start-up, data hand-off, checkpoints, teardown);
+- per D-VAE inference pass: start-up and the steady-state rate after the first batch.
+
+    python bench/demo.py                 # the demo preset, seed 0
+    python bench/demo.py --seeds 0 1 2   # the story over three seeds (accuracies too)
+
+Results: bench/results/demo.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import write_results  # noqa: E402
+
+
+def run_demo(out: Path, seed: int) -> float:
+    """Wall seconds of one `raypurify run demo` in a fresh process (and a fresh Ray)."""
+    cmd = [sys.executable, "-m", "raypurify", "run", "demo", "--out", str(out)]
+    cmd += ["--set", f"seed={seed}"]
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, cwd=out.parent)
+    return time.perf_counter() - t0
+
+
+def step_rows(out: Path, seed: int) -> list[dict]:
+    rows = []
+    for record in sorted((out / "store").glob("*/*/step.json")):
+        r = json.loads(record.read_text())
+        result = r.get("result") or {}
+        row = {"seed": seed, "step": r["name"], "wall_s": r["seconds"]}
+        if "work_s" in result and result["work_s"] is not None:
+            row |= {"work_s": result["work_s"], "rest_s": r["seconds"] - result["work_s"]}
+            row["rest_pct"] = 100 * row["rest_s"] / r["seconds"]
+        if "startup_s" in result:
+            row["startup_s"] = result["startup_s"]
+        if "accuracy" in result:
+            row["accuracy"] = 100 * result["accuracy"]
+        rows.append(row)
+        if r["kind"] == "purify":
+            summary = json.loads((Path(result["purify_dir"]) / "summary.json").read_text())
+            for name, p in summary["passes"].items():
+                rows.append(
+                    {
+                        "seed": seed,
+                        "step": f"  pass {name}",
+                        "wall_s": p["seconds"],
+                        "work_s": p.get("work_s"),
+                        "startup_s": p.get("startup_s"),
+                        "steady_img_s": p.get("steady_images_per_s"),
+                    }
+                )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    args = parser.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in args.seeds:
+            out = Path(tmp) / f"demo-{seed}"
+            wall = run_demo(out, seed)
+            results = json.loads((out / "results.json").read_text())
+            rows.append({"seed": seed, "step": "whole demo (command to table)", "wall_s": wall})
+            after_ray = results["wall_s"]
+            rows.append({"seed": seed, "step": "  experiment after Ray start", "wall_s": after_ray})
+            rows += step_rows(out, seed)
+    columns = ["seed", "step", "wall_s", "work_s", "startup_s", "rest_s", "rest_pct"]
+    columns += ["steady_img_s", "accuracy"]
+    write_results("demo", rows, columns)
+
+
+if __name__ == "__main__":
+    main()

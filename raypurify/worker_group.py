@@ -1,0 +1,197 @@
+"""A Ray Train worker group kept warm across the steps of one run.
+
+Each TorchTrainer run starts a controller and N worker processes, which import torch and
+this package and join a process group before their first batch: seconds per step on 2
+cores, as long as a demo-scale step's whole training (bench/demo.py measures it). Inside
+`warm_group(...)`, every `distributed.fit` the group can host runs as a *job* of one
+long-lived TorchTrainer run instead. Its workers take jobs from a board actor and call
+the same loop function with the same config; `distributed.report` and `restore` see the
+job and write each epoch's checkpoint where the step's own run would keep it, so a step
+resumes the same way whichever path trained it. A worker or node that dies restarts the
+group (Ray Train's failure config) and the job in flight resumes from its last checkpoint.
+
+The group serves one job at a time, so the experiment runner opens it only when its
+steps run one after another anyway (see runner.run_experiment).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import pickle
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+from ray.train.torch import TorchTrainer
+from ray.train.v2.api.config import LoggingConfig
+
+from raypurify import distributed
+from raypurify.errors import TrainingError
+
+# What a hosted worker holds: no CPU (a bundle cannot be all zeros, hence one byte of
+# memory), so the Ray Data passes between training steps find every CPU they need (even
+# 0.01 CPU held kept a pass's read tasks from starting on 2 CPUs). A job computes with the
+# threads `setup_worker` gives it, and the runner's budget counts each step's CPUs.
+IDLE_RESOURCES = {"CPU": 0, "memory": 1}
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One `fit` as the group runs it: the loop, its config, and where its run lives."""
+
+    worker: Callable[[dict], None]
+    loop: dict[str, Any]
+    storage: str
+    name: str
+    keep: int | None
+
+
+@ray.remote(num_cpus=0)
+class JobBoard:
+    """Jobs in, outcomes out. A worker asks for the first unfinished job after the last
+    one it ran; a restarted group asks from the start, and so gets the job in flight."""
+
+    def __init__(self) -> None:
+        self.jobs: dict[int, Job] = {}
+        self.outcomes: dict[int, tuple[str, Any]] = {}
+        self.next_seq = 0
+        self.closed = False
+        self.changed = asyncio.Condition()
+
+    async def submit(self, job: Job) -> int:
+        async with self.changed:
+            seq, self.next_seq = self.next_seq, self.next_seq + 1
+            self.jobs[seq] = job
+            self.changed.notify_all()
+            return seq
+
+    async def take(self, after: int) -> tuple[int, Job] | None:
+        async with self.changed:
+            while True:
+                waiting = [s for s in sorted(self.jobs) if s > after]
+                if waiting:
+                    return waiting[0], self.jobs[waiting[0]]
+                if self.closed:
+                    return None
+                await self.changed.wait()
+
+    async def finish(self, seq: int, outcome: tuple[str, Any]) -> None:
+        async with self.changed:
+            if self.jobs.pop(seq, None) is not None:
+                self.outcomes[seq] = outcome
+            self.changed.notify_all()
+
+    async def outcome(self, seq: int) -> tuple[str, Any]:
+        async with self.changed:
+            await self.changed.wait_for(lambda: seq in self.outcomes)
+            return self.outcomes.pop(seq)
+
+    async def close(self) -> None:
+        async with self.changed:
+            self.closed = True
+            self.changed.notify_all()
+
+
+def _portable(error: Exception) -> Exception:
+    """`error` if it survives pickling (to reach the driver), else a TrainingError."""
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:
+        return TrainingError(f"{type(error).__name__}: {error}")
+
+
+def _serve(config: dict[str, Any]) -> None:
+    """A hosted worker's loop: run jobs from the board until it closes."""
+    board = config["board"]
+    world = ray.train.get_context().get_world_size()
+    rank = ray.train.get_context().get_world_rank()
+    after = -1
+    while (taken := ray.get(board.take.remote(after))) is not None:
+        seq, job = taken
+        hosted = distributed.HostedJob(Path(job.storage), job.name, job.keep)
+        try:
+            with distributed.hosting(hosted):
+                distributed._entry(job.worker, None, job.loop)
+        except Exception as e:
+            ray.get(board.finish.remote(seq, ("error", _portable(e))))
+            if world > 1:  # the other ranks may wait in a collective: restart the group
+                raise
+        else:
+            if rank == 0:
+                ray.get(board.finish.remote(seq, ("ok", hosted.last_metrics)))
+        after = seq
+
+
+class WarmGroup:
+    """The driver's side: a TorchTrainer run serving jobs, in a background thread."""
+
+    def __init__(self, workers: int, gpu: bool, storage: Path) -> None:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        self.workers, self.gpu = workers, gpu
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self.board = JobBoard.options(scheduling_strategy=here).remote()
+        resources = IDLE_RESOURCES | ({"GPU": 1} if gpu else {})
+        self.trainer = TorchTrainer(
+            _serve,
+            train_loop_config={"board": self.board},
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=workers, use_gpu=gpu, resources_per_worker=resources
+            ),
+            run_config=ray.train.RunConfig(
+                name="warm-group",
+                storage_path=str(storage),
+                failure_config=ray.train.FailureConfig(max_failures=distributed.max_failures()),
+                logging_config=LoggingConfig(log_level="WARNING"),
+            ),
+        )
+        self.error: BaseException | None = None
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._fit, daemon=True, name="warm-group")
+        self.thread.start()
+
+    def _fit(self) -> None:
+        try:
+            self.trainer.fit()
+        except BaseException as e:  # reported to the job that waits, and to later fits
+            self.error = e
+        finally:
+            self.stopped.set()
+
+    def hosts(self, workers: int, gpu: bool) -> bool:
+        return not self.stopped.is_set() and (workers, gpu) == (self.workers, self.gpu)
+
+    def run(self, job: Job) -> dict[str, Any]:
+        """Run `job` on the group; return its last reported metrics (or raise its error)."""
+        seq = ray.get(self.board.submit.remote(job))
+        pending = self.board.outcome.remote(seq)
+        while not ray.wait([pending], timeout=1.0)[0]:
+            if self.stopped.is_set():
+                raise TrainingError(f"the warm worker group stopped: {self.error}")
+        status, value = ray.get(pending)
+        if status == "error":
+            raise value
+        return value
+
+    def close(self) -> None:
+        ray.get(self.board.close.remote())
+        self.thread.join(timeout=60)
+        ray.kill(self.board)
+
+
+@contextlib.contextmanager
+def warm_group(workers: int, gpu: bool, storage: Path) -> Iterator[WarmGroup]:
+    """Within this block, `distributed.fit` runs the fits that `workers` workers (GPU or
+    not) can host on one warm group; the others start their own Ray Train run."""
+    group = WarmGroup(workers, gpu, storage)
+    with distributed.serving(group):
+        try:
+            yield group
+        finally:
+            group.close()

@@ -1,0 +1,99 @@
+"""The warm worker group: fits run as jobs of one long-lived Ray Train run (real Ray)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import ray
+import ray.train
+
+from raypurify.distributed import checkpoint_dirs, fit, saved_state
+from raypurify.errors import TrainingError
+from raypurify.worker_group import warm_group
+
+
+def epochs_loop(config: dict) -> None:
+    """A loop of `epochs` empty epochs that reports the worker's pid; it raises `fail`, and
+    kills its own process after epoch `kill_after` once (leaving its pid in `marker`)."""
+    import os
+    import signal
+    import time
+
+    import ray.train
+
+    from raypurify.distributed import report, restore
+    from raypurify.errors import TrainingError
+
+    if config.get("fail"):
+        raise TrainingError(config["fail"])
+    rank = ray.train.get_context().get_world_rank()
+    state = restore(None, config.get("resume_from"))
+    start, history = (state["epoch"], state["history"]) if state else (0, [])
+    for epoch in range(start, config["epochs"]):
+        t0 = time.perf_counter()
+        history = [*history, {"epoch": epoch + 1, "epoch_s": time.perf_counter() - t0}]
+        metrics = {"epoch": epoch + 1, "pid": os.getpid()}
+        report(metrics, {"epoch": epoch + 1, "history": history}, rank)
+        marker = config.get("marker")
+        if epoch + 1 == config.get("kill_after") and not os.path.exists(marker):
+            with open(marker, "w") as f:
+                f.write(str(os.getpid()))
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+# Pickled by value: the workers cannot import this test module.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+def run(tmp_path, name: str, epochs: int, **extra):
+    loop = {"epochs": epochs, **extra}
+    return fit(
+        epochs_loop,
+        loop,
+        workers=1,
+        gpu=False,
+        storage=tmp_path,
+        name=name,
+        epochs=epochs,
+        desc=name,
+    )
+
+
+def test_fits_in_a_warm_group_share_one_worker_and_keep_their_checkpoints(ray_session, tmp_path):
+    with warm_group(1, False, tmp_path / "group") as group:
+        first = run(tmp_path, "first", epochs=3)
+        second = run(tmp_path, "second", epochs=2)
+        # Another worker count than the group's: the fit starts its own Ray Train run.
+        assert not group.hosts(2, False)
+    assert first.metrics["epoch"] == 3 and second.metrics["epoch"] == 2
+    assert first.metrics["pid"] == second.metrics["pid"] != os.getpid()
+    # Checkpoints land where each fit's own run would keep them, the newest `keep` (2).
+    assert len(checkpoint_dirs(tmp_path, "first")) == 2
+    assert saved_state(tmp_path, "first")["epoch"] == 3
+    assert [h["epoch"] for h in first.state["history"]] == [1, 2, 3]
+    # Outside the group the same fit resumes from those checkpoints: nothing left to train.
+    again = run(tmp_path, "first", epochs=3)
+    assert again.state["epoch"] == 3 and again.work_s == 0
+
+
+def test_a_failed_job_raises_in_its_fit_and_the_group_serves_the_next(ray_session, tmp_path):
+    with warm_group(1, False, tmp_path / "group"):
+        with pytest.raises(TrainingError, match="loss became nan"):
+            run(tmp_path, "bad", epochs=1, fail="loss became nan")
+        after = run(tmp_path, "good", epochs=1)
+    assert after.metrics["epoch"] == 1
+
+
+def test_a_group_whose_worker_dies_resumes_the_job_in_flight(ray_session, tmp_path, monkeypatch):
+    """The worker process is killed after the job's first checkpoint; Ray Train restarts the
+    group and the job continues from that checkpoint to its last epoch."""
+    monkeypatch.setenv("RAYPURIFY_MAX_FAILURES", "1")
+    marker = tmp_path / "killed"
+    with warm_group(1, False, tmp_path / "group"):
+        done = run(tmp_path, "job", epochs=3, kill_after=1, marker=str(marker))
+    assert marker.exists()  # the kill happened
+    assert done.state["epoch"] == 3
+    assert [h["epoch"] for h in done.state["history"]] == [1, 2, 3]
+    assert done.metrics["pid"] != int(marker.read_text())
