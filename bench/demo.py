@@ -9,6 +9,7 @@ Data path, an empty store) and reports, from the step records:
 
     python bench/demo.py                 # the demo preset, seed 0
     python bench/demo.py --seeds 0 1 2   # the story over three seeds (accuracies too)
+    python bench/demo.py --compare       # with and without the warm worker group
 
 Results: bench/results/demo.{json,md}.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -27,21 +29,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_results  # noqa: E402
 
 
-def run_demo(out: Path, seed: int) -> float:
+def run_demo(out: Path, seed: int, warm: bool) -> float:
     """Wall seconds of one `raypurify run demo` in a fresh process (and a fresh Ray)."""
     cmd = [sys.executable, "-m", "raypurify", "run", "demo", "--out", str(out)]
     cmd += ["--set", f"seed={seed}"]
+    env = os.environ | {"RAYPURIFY_WARM_GROUP": "1" if warm else "0"}
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, cwd=out.parent)
+    subprocess.run(cmd, check=True, cwd=out.parent, env=env)
     return time.perf_counter() - t0
 
 
-def step_rows(out: Path, seed: int) -> list[dict]:
+def step_rows(out: Path, seed: int, group: str) -> list[dict]:
     rows = []
     for record in sorted((out / "store").glob("*/*/step.json")):
         r = json.loads(record.read_text())
         result = r.get("result") or {}
-        row = {"seed": seed, "step": r["name"], "wall_s": r["seconds"]}
+        row = {"group": group, "seed": seed, "step": r["name"], "wall_s": r["seconds"]}
         if "work_s" in result and result["work_s"] is not None:
             row |= {"work_s": result["work_s"], "rest_s": r["seconds"] - result["work_s"]}
             row["rest_pct"] = 100 * row["rest_s"] / r["seconds"]
@@ -55,6 +58,7 @@ def step_rows(out: Path, seed: int) -> list[dict]:
             for name, p in summary["passes"].items():
                 rows.append(
                     {
+                        "group": group,
                         "seed": seed,
                         "step": f"  pass {name}",
                         "wall_s": p["seconds"],
@@ -69,18 +73,22 @@ def step_rows(out: Path, seed: int) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--compare", action="store_true", help="also without the warm group")
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for seed in args.seeds:
-            out = Path(tmp) / f"demo-{seed}"
-            wall = run_demo(out, seed)
-            results = json.loads((out / "results.json").read_text())
-            rows.append({"seed": seed, "step": "whole demo (command to table)", "wall_s": wall})
-            after_ray = results["wall_s"]
-            rows.append({"seed": seed, "step": "  experiment after Ray start", "wall_s": after_ray})
-            rows += step_rows(out, seed)
-    columns = ["seed", "step", "wall_s", "work_s", "startup_s", "rest_s", "rest_pct"]
+        for warm in (True, False) if args.compare else (True,):
+            group = "warm" if warm else "per step"
+            for seed in args.seeds:
+                out = Path(tmp) / f"demo-{group.replace(' ', '-')}-{seed}"
+                out.mkdir()
+                wall = run_demo(out, seed, warm)
+                results = json.loads((out / "results.json").read_text())
+                first = {"group": group, "seed": seed}
+                rows.append(first | {"step": "whole demo (command to table)", "wall_s": wall})
+                rows.append(first | {"step": "  after Ray start", "wall_s": results["wall_s"]})
+                rows += step_rows(out, seed, group)
+    columns = ["group", "seed", "step", "wall_s", "work_s", "startup_s", "rest_s", "rest_pct"]
     columns += ["steady_img_s", "accuracy"]
     write_results("demo", rows, columns)
 

@@ -251,3 +251,20 @@ def test_the_table_seed_seeds_its_purifiers_and_seed_0_keeps_stored_keys():
     assert not any(o.startswith("seed=") for o in default.config["options"]["overrides"])
     assert seeded.config["resolved"]["seed"] == 3
     assert seeded.config != default.config  # so its key differs: no reuse across seeds
+
+
+def test_the_warm_group_is_for_one_lane_local_runs_and_can_be_turned_off(tmp_path, monkeypatch):
+    import contextlib
+
+    from raypurify.experiments.runner import warm_workers
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert isinstance(warm_workers(2, tmp_path), contextlib.nullcontext)  # steps run together
+    monkeypatch.setenv("RAYPURIFY_WARM_GROUP", "0")
+    assert isinstance(warm_workers(1, tmp_path), contextlib.nullcontext)
+    monkeypatch.setenv("RAYPURIFY_WARM_GROUP", "yes")
+    with pytest.raises(ConfigError, match="RAYPURIFY_WARM_GROUP: 'yes'"):
+        warm_workers(1, tmp_path)
+    monkeypatch.setenv("RAYPURIFY_WARM_GROUP", "1")
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")  # a cluster: steps start their own
+    assert isinstance(warm_workers(1, tmp_path), contextlib.nullcontext)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import os
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
@@ -90,9 +91,14 @@ def cpu_budget() -> float:
 
 
 def warm_workers(parallel: int, out: Path):
-    """When steps run one at a time (a 2-core machine, one GPU), one warm Ray Train worker
-    group trains them all, so each does not start its own (worker_group.py)."""
-    if parallel > 1:
+    """When steps run one at a time on a local Ray (a 2-core machine, one GPU), one warm
+    Ray Train worker group trains them all, so each does not start its own
+    (worker_group.py). A cluster's steps start their own runs, as they are sized for it;
+    RAYPURIFY_WARM_GROUP=0 turns the group off (to compare, or to rule it out)."""
+    switch = os.environ.get("RAYPURIFY_WARM_GROUP", "1")
+    if switch not in ("0", "1"):
+        raise ConfigError(f"RAYPURIFY_WARM_GROUP: {switch!r} is not 0 or 1")
+    if parallel > 1 or os.environ.get("RAY_ADDRESS") or switch == "0":
         return contextlib.nullcontext()
     from raypurify.worker_group import warm_group
 
