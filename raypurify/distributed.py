@@ -316,7 +316,6 @@ class Fitted:
 
     metrics: dict[str, Any]
     state: dict[str, Any]
-    wall_s: float  # fit() call to return
     work_s: float  # the epochs this run trained (their `epoch_s`), evaluation included
     started_at: float  # perf_counter() when its first epoch began (its return if none ran)
 
@@ -353,7 +352,6 @@ def fit(
     callbacks (a sweep trial passes Tune's report callback, so each epoch reaches Tune).
     Errors the user can act on come back as themselves, not as Ray wrappers.
     """
-    start = time.perf_counter()
     check_gpus(workers, gpu)
     previous = saved_state(storage, name)
     cpus = 1.0
@@ -383,7 +381,7 @@ def fit(
                         name=name,
                         storage_path=str(storage),
                         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep),
-                        # A worker or node that dies restarts the group from the last
+                        # A worker or node that dies restarts the run from the last
                         # checkpoint.
                         failure_config=ray.train.FailureConfig(max_failures=max_failures()),
                         logging_config=LoggingConfig(log_level="WARNING"),
@@ -401,8 +399,7 @@ def fit(
         raise TrainingError(f"{desc}: finished without a checkpoint in {storage / name}")
     # Loops that keep a per-epoch history (classifiers, D-VAE stages) say where time went.
     ran = state.get("history", [])[previous["epoch"] if previous else 0 :]
-    end = time.perf_counter()
     first = progress.first_update_at
-    started = end if not ran or first is None else first - ran[0]["epoch_s"]
+    started = time.perf_counter() if not ran or first is None else first - ran[0]["epoch_s"]
     work = float(sum(h["epoch_s"] for h in ran))
-    return Fitted(metrics, state, end - start, work, started)
+    return Fitted(metrics, state, work, started)
