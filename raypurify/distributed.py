@@ -178,7 +178,7 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
-def _entry(worker: Callable[[dict], None], group_log: str | None, config: dict) -> None:
+def loop_entry(worker: Callable[[dict], None], group_log: str | None, config: dict) -> None:
     """Run `worker` after two records of where it runs: rank 0 appends its run's placement
     group id to `group_log` (see `placement_groups`), and every rank tags the step's MLflow
     run with its Ray node (`raypurify.node.rank<r>`), which shows on a cluster which nodes
@@ -371,7 +371,7 @@ def fit(
             else:
                 log = _placement_group_log and str(_placement_group_log)
                 trainer = TorchTrainer(
-                    functools.partial(_entry, worker, log),
+                    functools.partial(loop_entry, worker, log),
                     train_loop_config=config,
                     datasets=datasets,
                     scaling_config=ray.train.ScalingConfig(

@@ -117,7 +117,7 @@ def _serve(config: dict[str, Any]) -> None:
         hosted = distributed.HostedJob(Path(job.storage), job.name, job.keep)
         try:
             with distributed.hosting(hosted):
-                distributed._entry(job.worker, None, job.loop)
+                distributed.loop_entry(job.worker, None, job.loop)
         except Exception as e:
             ray.get(board.finish.remote(seq, ("error", _portable(e))))
             if world > 1:  # the other ranks may wait in a collective: restart the group
