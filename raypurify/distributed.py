@@ -107,7 +107,7 @@ def restore(device: torch.device, on_disk) -> dict[str, Any] | None:
     directory as it starts), so no finished epoch is trained twice.
     """
     states = [] if on_disk is None else [ray.get(on_disk)]
-    if _hosted is not None:  # a restarted warm group finds the job's newest checkpoint
+    if _hosted is not None:  # a hosted job reads its newest checkpoint (also after a restart)
         found = saved_state(_hosted.storage, _hosted.name)
         states += [] if found is None else [found]
     checkpoint = ray.train.get_checkpoint()
@@ -363,7 +363,10 @@ def fit(
     hosted = not datasets and not callbacks and group is not None and group.hosts(workers, gpu)
     try:
         with Progress(epochs, desc, initial=previous["epoch"] if previous else 0) as progress:
-            config = loop | {"progress": progress.queue, RESUME_KEY: previous and ray.put(previous)}
+            # A hosted job's worker reads its newest checkpoint from storage itself (see
+            # `restore`: also right after a group restart); an own run gets it by value.
+            resume_from = None if hosted else previous and ray.put(previous)
+            config = loop | {"progress": progress.queue, RESUME_KEY: resume_from}
             if hosted:
                 from raypurify.worker_group import Job
 
