@@ -229,7 +229,7 @@ def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
     t0 = time.perf_counter()
     purified = purify_step(space, params, spec.poison.as_input())
     train = classifier_step(space, purified, spec.validation.as_input())
-    log = placement_group_log(Path(spec.store).parent, trial_id)
+    log = placement_group_log(Path(spec.store).parent)
     # FAILED if a step raises; a trial ASHA kills is closed by the driver
     with active_run(run), placement_groups(log):
         for step in (purified, train):
