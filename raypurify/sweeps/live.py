@@ -28,9 +28,19 @@ class LiveTable(Callback):
     def __getstate__(self):  # Tune stores its callbacks with the experiment; bars do not pickle
         return self.__dict__ | {"_bar": None}
 
-    def _progress(self) -> tqdm:
+    def _progress(self, trials=()) -> tqdm:
+        """The bar, started at the trials a resumed sweep restored as ended."""
         if self._bar is None:
-            self._bar = tqdm(total=self.samples, desc="sweep", unit="trial", position=0)
+            ended = [t for t in trials if t.status in ("TERMINATED", "ERROR")]
+            for trial in ended:
+                row = self._row(trial)
+                row["epoch"] = trial.last_result.get("epoch", 0)
+                row["val_accuracy"] = trial.last_result.get("val_accuracy")
+                row["objective"] = trial.last_result.get("objective")
+                row["status"] = _ended(trial.status, row)
+            self._bar = tqdm(
+                total=self.samples, initial=len(ended), desc="sweep", unit="trial", position=0
+            )
             tqdm.write(f"up to {self.concurrency} trial(s) at once")
         return self._bar
 
@@ -41,7 +51,7 @@ class LiveTable(Callback):
         return row
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        self._progress()
+        self._progress(trials)
         self._row(trial)["status"] = "RUNNING"
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
@@ -56,13 +66,13 @@ class LiveTable(Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         row = self._row(trial)
-        row["status"] = "DONE" if "objective" in row else "STOPPED"
-        self._progress().update(1)
+        row["status"] = _ended("TERMINATED", row)
+        self._progress(others(trials, trial)).update(1)
         self.draw()
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._row(trial)["status"] = "ERROR"
-        self._progress().update(1)
+        self._progress(others(trials, trial)).update(1)
         self.draw()
 
     def draw(self) -> None:
@@ -79,6 +89,16 @@ class LiveTable(Callback):
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
+
+
+def others(trials, trial) -> list:
+    return [t for t in trials if t is not trial]
+
+
+def _ended(status: str, row: dict) -> str:
+    if status == "ERROR":
+        return "ERROR"
+    return "DONE" if row.get("objective") is not None else "STOPPED"
 
 
 def _fmt(value) -> str:
