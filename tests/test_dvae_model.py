@@ -14,7 +14,7 @@ def trained_parameters(model: torch.nn.Module) -> int:
 
 
 def test_paper_configuration_has_the_authors_size():
-    # dvae-reference.md: about 1.18 M trained parameters for 10 classes, 4.13 M for 100.
+    # docs/dvae.md: about 1.18 M trained parameters for 10 classes, 4.13 M for 100.
     assert trained_parameters(DVAE(10)) == pytest.approx(1.18e6, rel=0.005)
     assert trained_parameters(DVAE(100)) == pytest.approx(4.13e6, rel=0.005)
 

@@ -1,10 +1,10 @@
 """Purification configs and presets (`paper`, `cpu`, ...), D-VAE and the plain VAE alike.
 
-`paper` is the authors' CIFAR-10 setting (dvae-reference.md): width 64, latent 256,
+`paper` is the authors' CIFAR-10 setting (docs/dvae.md): width 64, latent 256,
 Adam 5e-3, cosine, batch 128, lambda 0.01, kld1 = 1.0, kld2 = 3.0, 60 epochs per stage,
 the p_hat hinge max(mean(p_hat^2), 0.002) from epoch 11, gradient norm clipped at 5,
 z sampled at inference. `cpu` scales width and epochs so 10,000 CIFAR images purify in
-at most 10 minutes on 2 CPU cores (cpu-protocol.md), keeping everything else.
+at most 10 minutes on 2 CPU cores (docs/cpu-protocol.md), keeping everything else.
 """
 
 from __future__ import annotations
