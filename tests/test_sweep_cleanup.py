@@ -33,7 +33,7 @@ def test_logged_groups_wait_until_the_trials_own_group_is_removed(ray_session, t
     remove_placement_group(trial)
     assert release_stopped(tmp_path) == 1
     assert placement_group_table(train)["state"] == "REMOVED"
-    assert not log.parent.exists()
+    assert not log.exists()
 
 
 def test_trials_stopped_with_groups_reserved_do_not_starve_the_next(ray_session, tmp_path):

@@ -44,19 +44,14 @@ def _removed(group_hex: str) -> bool:
 def release_stopped(out: Path) -> int:
     """Release the groups logged by every trial process that has stopped (its own group is
     removed; on a resumed sweep, every process of the earlier Ray); how many were removed."""
-    return _release(out, lambda log: _removed(log.stem))
+    logs = sorted((Path(out) / PLACEMENT_GROUPS).glob("*.txt"))
+    return sum(release_placement_groups(log) for log in logs if _removed(log.stem))
 
 
 def release_all(out: Path) -> int:
-    """Release every logged group, once the sweep's trials have all ended."""
-    return _release(out, lambda log: True)
-
-
-def _release(out: Path, stopped) -> int:
+    """Release every logged group once the sweep's trials have all ended, and the folder."""
     directory = Path(out) / PLACEMENT_GROUPS
-    removed = sum(
-        release_placement_groups(log) for log in sorted(directory.glob("*.txt")) if stopped(log)
-    )
+    removed = sum(release_placement_groups(log) for log in sorted(directory.glob("*.txt")))
     if directory.is_dir() and not any(directory.iterdir()):
         directory.rmdir()
     return removed
