@@ -79,6 +79,7 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str,
         for i, part in enumerate(path):
             where = ".".join(path[: i + 1])
             last = i == len(path) - 1
+            key: int | str
             if isinstance(node, list):
                 if not part.isdigit() or int(part) >= len(node):
                     raise ConfigError(f"--set {'.'.join(path)}: '{where}' is not an item")

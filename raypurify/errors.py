@@ -44,8 +44,8 @@ _RAISED = re.compile(r"^raypurify\.errors\.(\w+): (.+)$", re.MULTILINE)
 def user_error(exc: BaseException) -> RaypurifyError | None:
     """Return the RaypurifyError behind `exc` (through Ray's wrappers), or None."""
     seen: set[int] = set()
-    stack = [exc]
-    wrappers = []
+    stack: list[BaseException | None] = [exc]
+    wrappers: list[BaseException] = []
     while stack:
         e = stack.pop()
         if e is None or id(e) in seen:

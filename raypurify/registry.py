@@ -14,7 +14,9 @@ from raypurify.errors import ConfigError
 
 
 class Named(Protocol):
-    name: str
+    # Read-only, so frozen dataclasses qualify.
+    @property
+    def name(self) -> str: ...
 
 
 T = TypeVar("T", bound=Named)

@@ -110,7 +110,7 @@ def use_bf16(precision: str, dev: torch.device) -> bool:
         return precision == "bf16"
     if dev.type == "cuda":
         return True
-    capabilities = getattr(torch.cpu, "get_capabilities", dict)()
+    capabilities: dict[str, bool] = getattr(torch.cpu, "get_capabilities", dict)()
     return bool(capabilities.get("amx_bf16"))
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Sequence
+from typing import cast
 
 import numpy as np
 from PIL import Image
@@ -67,6 +68,8 @@ def decode_batch(
         if out is None:
             shape = shape or img.shape
             out = np.empty((len(blobs), *shape), dtype=np.uint8)
+        # Set from the first image by now when the dataset declared none.
+        shape = cast(tuple[int, int, int], shape)
         if img.shape != tuple(shape):
             got = "x".join(map(str, img.shape))
             want = "x".join(map(str, shape))

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import PositiveInt
 
 from raypurify.config import Config
 from raypurify.data.imageset import ImageSet
+
+if TYPE_CHECKING:
+    import ray.data
 
 
 class DatasetSpec(Config):
@@ -30,7 +33,7 @@ class Stream:
     """A dataset as a Ray Dataset of decoded rows (image HWC uint8, label, index), with its
     class names and image shape."""
 
-    ds: object
+    ds: ray.data.Dataset
     classes: list[str]
     shape: tuple[int, int, int]
     rows: int | None = None  # when known without executing the pipeline

@@ -7,7 +7,9 @@ is a new dataset in the interchange format whose manifest names the defence and 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 
@@ -23,7 +25,7 @@ def transform_dataset(
     source: Stream,
     out: str | Path,
     *,
-    parents: list[dict] = (),
+    parents: Iterable[Mapping[str, Any]] = (),
     overwrite: bool = False,
 ) -> DatasetInfo:
     """Apply `defense.transform` to every image of `source`, writing `out` atomically."""
@@ -32,7 +34,9 @@ def transform_dataset(
     init_ray()
 
     def apply(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return batch | {"image": defense.transform(np.asarray(batch["image"]), options)}
+        # Set for every defence of kind "transform" (checked above).
+        transform = cast(Callable[[np.ndarray, Any], np.ndarray], defense.transform)
+        return batch | {"image": transform(np.asarray(batch["image"]), options)}
 
     ds = source.ds.map_batches(apply, batch_format="numpy", batch_size=512)
     config = {"defense": defense.name, "options": options.to_dict()}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from raypurify import config
@@ -14,7 +15,7 @@ def presets() -> dict[str, Path]:
     return {p.stem: p for p in sorted(PRESET_DIR.glob("*.yaml"))}
 
 
-def load_spec(name_or_path: str, overrides: list[str] = ()) -> ExperimentSpec:
+def load_spec(name_or_path: str, overrides: Sequence[str] = ()) -> ExperimentSpec:
     """A shipped preset by name, or a YAML file, with `--set` overrides; validated."""
     path = config.named_or_file(name_or_path, presets(), "preset")
     return config.load(ExperimentSpec, path, overrides)

@@ -13,6 +13,7 @@ import contextlib
 import fnmatch
 import os
 import time
+from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
@@ -109,7 +110,7 @@ def run_experiment(
     spec: ExperimentSpec,
     out: str | Path,
     *,
-    force: list[str] = (),
+    force: Sequence[str] = (),
     num_cpus: int | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) `spec` into `out`; returns the results (also written to `out`)."""
@@ -155,7 +156,7 @@ def locate(step: Step, store: Store) -> None:
     step.dir = store.path(step.kind, step.slug, step.key)
 
 
-def resolve(step: Step, store: Store, force: list[str] = ()) -> bool:
+def resolve(step: Step, store: Store, force: Sequence[str] = ()) -> bool:
     """Locate `step` in the store (forgetting it first if `force` matches its name); True,
     with its result filled in, if it finished in an earlier run."""
     locate(step, store)

@@ -7,7 +7,7 @@ unknown attack, defence, architecture or dataset fails at once with its key path
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from pydantic import Field, PositiveInt, field_validator, model_validator
 
@@ -48,7 +48,8 @@ class DefenseEntry(Config):
 
     @property
     def column(self) -> str:
-        return self.label or self.name
+        # The validator above guarantees a name or a label.
+        return cast(str, self.label or self.name)
 
 
 class ClassifierEntry(Config):

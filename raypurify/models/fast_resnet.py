@@ -12,7 +12,7 @@ import torch.nn as nn
 
 
 def conv_bn(cin: int, cout: int, pool: bool = False) -> nn.Sequential:
-    layers = [nn.Conv2d(cin, cout, 3, padding=1, bias=False)]
+    layers: list[nn.Module] = [nn.Conv2d(cin, cout, 3, padding=1, bias=False)]
     if pool:
         layers.append(nn.MaxPool2d(2))
     layers += [nn.BatchNorm2d(cout), nn.GELU()]

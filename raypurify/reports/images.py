@@ -27,7 +27,7 @@ def class_rows(
     labels: np.ndarray, num_classes: int, per_class: int, max_classes: int = 10
 ) -> np.ndarray:
     """Positions of up to `per_class` examples for each of the first classes, class by class."""
-    rows = []
+    rows: list[int] = []
     for c in range(min(num_classes, max_classes)):
         rows.extend(np.flatnonzero(labels == c)[:per_class])
     return np.asarray(rows, dtype=np.int64)

@@ -25,7 +25,7 @@ def confusion_figure(confusion, classes: list[str]):
                 ax.text(
                     j,
                     i,
-                    int(c[i, j]),
+                    int(c[i, j]),  # type: ignore[arg-type]  # Text str()s any value
                     ha="center",
                     va="center",
                     fontsize=6,

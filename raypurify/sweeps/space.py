@@ -12,6 +12,7 @@ Parameters have fixed names that say what they change in the purification config
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -192,7 +193,7 @@ def spaces() -> dict[str, Path]:
 
 
 def load_space(
-    name_or_path: str, overrides: list[str] = (), *, datasets: bool = True
+    name_or_path: str, overrides: Sequence[str] = (), *, datasets: bool = True
 ) -> SweepSpace:
     """A shipped space by name, or a YAML file, with `--set` overrides; validated whole
     (every parameter's range ends resolve to a valid purification config)."""

@@ -10,6 +10,7 @@ differs, so a changed `--data`, learning rate or epoch count never returns an ol
 from __future__ import annotations
 
 import typing
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -88,7 +89,7 @@ def run_training(
     recipe_name: str = "paper",
     arch: str | None = None,
     defense: str = "none",
-    overrides: list[str] = (),
+    overrides: Sequence[str] = (),
     num_cpus: int | None = None,
     overwrite: bool = False,
 ) -> dict[str, Any]:

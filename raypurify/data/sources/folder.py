@@ -10,8 +10,10 @@ Large folders stream through Ray Data (`stream`), decoding and resizing in map_b
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 from PIL import Image
@@ -50,13 +52,14 @@ def scan(
 
 
 def load_image(path: Path, size: int | None) -> np.ndarray:
+    pil: Image.Image
     try:
         with Image.open(path) as pil:
             pil = pil.convert("RGB")
             if size:
                 scale = size / min(pil.size)
                 w, h = max(size, round(pil.width * scale)), max(size, round(pil.height * scale))
-                pil = pil.resize((w, h), Image.BILINEAR)
+                pil = pil.resize((w, h), Image.BILINEAR)  # type: ignore[attr-defined]  # set at import
                 left, top = (w - size) // 2, (h - size) // 2
                 pil = pil.crop((left, top, left + size, top + size))
             return np.asarray(pil)
@@ -77,7 +80,9 @@ def load_images(files: list[Path], size: int | None) -> np.ndarray:
     return np.stack(images)
 
 
-def _select(spec: DatasetSpec, max_classes: int | None):
+def _select(
+    spec: DatasetSpec, max_classes: int | None
+) -> tuple[list[str], list[Path], np.ndarray, np.ndarray]:
     if not spec.path:
         raise DatasetError(f"dataset '{spec.name}' needs a path (--set path=DIR)")
     classes, files, labels = scan(Path(spec.path), spec.split, max_classes)
@@ -87,11 +92,14 @@ def _select(spec: DatasetSpec, max_classes: int | None):
     return classes, [files[r] for r in rows], labels[rows], rows
 
 
-def _loader(max_classes: int | None, default_size: int | None):
+def _loader(
+    max_classes: int | None, default_size: int | None
+) -> tuple[Callable[[DatasetSpec], ImageSet], Callable[[DatasetSpec], Stream]]:
     def load(spec: DatasetSpec) -> ImageSet:
         classes, files, labels, index = _select(spec, spec.classes or max_classes)
         images = load_images(files, spec.size or default_size)
-        return ImageSet(images, labels, index, classes, name=spec.path)
+        # _select refused a spec without a path.
+        return ImageSet(images, labels, index, classes, name=cast(str, spec.path))
 
     def stream(spec: DatasetSpec) -> Stream:
         import ray.data
@@ -110,7 +118,7 @@ def _loader(max_classes: int | None, default_size: int | None):
             return {"image": images, "label": batch["label"], "index": batch["index"]}
 
         ds = ray.data.from_items(items).map_batches(decode, batch_format="numpy", batch_size=64)
-        return Stream(ds, classes, (size, size, 3), len(items), spec.path)
+        return Stream(ds, classes, (size, size, 3), len(items), cast(str, spec.path))
 
     return load, stream
 
@@ -119,7 +127,7 @@ _folder = _loader(None, None)
 _imagenet = _loader(IMAGENET_CLASSES, IMAGENET_SIZE)
 
 
-def _check(max_classes: int | None):
+def _check(max_classes: int | None) -> Callable[[DatasetSpec], None]:
     def check(spec: DatasetSpec) -> None:
         _select(spec, spec.classes or max_classes)  # scans the folders, decodes nothing
 

@@ -16,6 +16,7 @@ Without D_p (`perturbation_decoder=False`) this is the plain VAE of Eq. 3.
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import torch.nn as nn
@@ -57,7 +58,7 @@ def instance_norm(channels: int) -> nn.Module:
 def decoder(width: int, stages: int, out_activation: nn.Module | None) -> nn.Sequential:
     """Transposed convs back to full resolution (the authors' layer sequence at 32 px)."""
     w = width
-    layers = [nn.ConvTranspose2d(2 * w, 2 * w, 4, 2, 1) for _ in range(stages - 1)]
+    layers: list[nn.Module] = [nn.ConvTranspose2d(2 * w, 2 * w, 4, 2, 1) for _ in range(stages - 1)]
     layers += [
         nn.ConvTranspose2d(2 * w, w, 4, 2, 1),
         nn.ConvTranspose2d(w, w, 3, 1, 1),
@@ -92,12 +93,13 @@ class DVAE(nn.Module):
         self.to_logvar = nn.Conv2d(self.hidden, latent, 1)
         self.post_conv = nn.Conv2d(latent, self.hidden, 1)
         self.decoder = decoder(width, stages, nn.Sigmoid())
-        self.perturbation_decoder = None
+        self.perturbation_decoder: nn.Sequential | None = None
         if perturbation_decoder:
             self.perturbation_decoder = decoder(width, stages, None)
             if phat_zero_init:  # p_hat = 0 at the start; gradients still reach the layer
-                nn.init.zeros_(self.perturbation_decoder[-1].weight)
-                nn.init.zeros_(self.perturbation_decoder[-1].bias)
+                # Module attributes are typed Tensor | Module; a conv's are tensors.
+                nn.init.zeros_(cast(torch.Tensor, self.perturbation_decoder[-1].weight))
+                nn.init.zeros_(cast(torch.Tensor, self.perturbation_decoder[-1].bias))
             self.class_embedding = nn.Embedding(num_classes, self.hidden * self.grid**2)
 
     def param_groups(self, lr: float, phat_scale: float, embedding_scale: float) -> list[dict]:
@@ -125,7 +127,9 @@ class DVAE(nn.Module):
     def perturbation(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """p_hat = D_p(post_conv(z) + u_y), unbounded."""
         u = self.class_embedding(y).view(-1, self.hidden, self.grid, self.grid)
-        return self.perturbation_decoder(self.post_conv(z) + u)
+        # Only called on a D-VAE built with its perturbation decoder.
+        decode = cast(nn.Sequential, self.perturbation_decoder)
+        return decode(self.post_conv(z) + u)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, sample: bool = True):
         """(x_hat, p_hat or None, mu, logvar) for a training step."""
