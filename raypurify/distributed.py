@@ -20,7 +20,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import ray
 import ray.train
@@ -35,6 +35,9 @@ from raypurify.progress import Progress
 from raypurify.runtime import torch_threads
 from raypurify.tracking import Run
 
+if TYPE_CHECKING:
+    from raypurify.worker_group import WarmGroup
+
 STATE_FILE = "state.pt"
 RESUME_KEY = "resume_from"  # loop-config key: the newest readable checkpoint's state
 NODE_TAG = "raypurify.node.rank"  # + rank: the Ray node id a worker of the run ran on
@@ -42,7 +45,7 @@ NODE_TAG = "raypurify.node.rank"  # + rank: the Ray node id a worker of the run 
 # Where the runs started in this process log their placement groups (see `placement_groups`).
 _placement_group_log: Path | None = None
 # The warm worker group that hosts this driver's fits, if one is open (worker_group.py).
-_warm_group = None
+_warm_group: WarmGroup | None = None
 
 
 @dataclasses.dataclass
@@ -175,7 +178,7 @@ def _report_hosted(job: HostedJob, metrics: dict, state: dict | None, rank: int)
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The model inside DDP (for saving and for evaluation)."""
-    return model.module if hasattr(model, "module") else model
+    return cast(torch.nn.Module, model.module) if hasattr(model, "module") else model
 
 
 def loop_entry(worker: Callable[[dict], None], group_log: str | None, config: dict) -> None:
@@ -219,7 +222,7 @@ def placement_groups(log: Path) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def serving(group) -> Iterator[None]:
+def serving(group: WarmGroup) -> Iterator[None]:
     """Within this block `fit` hands the fits `group` can host to it (worker_group.py)."""
     global _warm_group
     previous, _warm_group = _warm_group, group
@@ -371,9 +374,13 @@ def fit(
             if hosted:
                 from raypurify.worker_group import Job
 
-                metrics = group.run(Job(worker, config, str(storage), name, keep))
+                # hosted: group is not None
+                metrics = cast("WarmGroup", group).run(
+                    Job(worker, config, str(storage), name, keep)
+                )
             else:
-                log = _placement_group_log and str(_placement_group_log)
+                # A Path is always true: a str or None.
+                log = cast("str | None", _placement_group_log and str(_placement_group_log))
                 trainer = TorchTrainer(
                     functools.partial(loop_entry, worker, log),
                     train_loop_config=config,
@@ -381,7 +388,8 @@ def fit(
                     scaling_config=ray.train.ScalingConfig(
                         num_workers=workers, use_gpu=gpu, resources_per_worker=resources
                     ),
-                    run_config=ray.train.RunConfig(
+                    # ray.train exports v2's RunConfig at run time; mypy sees v1's.
+                    run_config=ray.train.RunConfig(  # type: ignore[call-arg]
                         name=name,
                         storage_path=str(storage),
                         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep),
@@ -392,7 +400,8 @@ def fit(
                         callbacks=callbacks,
                     ),
                 )
-                metrics = trainer.fit().metrics
+                # Typed Optional; a run that ends with a checkpoint has reported.
+                metrics = cast(dict[str, Any], trainer.fit().metrics)
     except Exception as e:
         err = user_error(e)
         if err is not None:

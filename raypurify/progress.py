@@ -16,7 +16,7 @@ import dataclasses
 import itertools
 import threading
 import time
-from typing import Any
+from typing import Any, cast
 
 from tqdm import tqdm
 
@@ -74,7 +74,7 @@ class Progress:
 
     def __init__(self, total: int, desc: str, unit: str = "epoch", initial: int = 0):
         self.total, self.desc, self.unit, self.initial = total, desc, unit, initial
-        self.queue = None
+        self.queue: BarQueue | None = None
         # When the first update arrived (perf_counter(), None before) and what it counted:
         # where a step's start-up ends, for the start-up vs work split in its summary.
         self.first_update_at: float | None = None
@@ -96,7 +96,7 @@ class Progress:
         return self
 
     def _follow(self) -> None:
-        mine = self.queue  # None once the bar has closed
+        mine = cast(BarQueue, self.queue)  # set in __enter__; self.queue is None once closed
         while True:
             try:
                 token, update = mine.queue.get(timeout=1.0)
@@ -120,7 +120,7 @@ class Progress:
             self._bar.refresh()
 
     def __exit__(self, *exc) -> None:
-        mine = self.queue
+        mine = cast(BarQueue, self.queue)  # set in __enter__
         try:
             mine.queue.put((mine.token, None))
             self._thread.join(timeout=5)

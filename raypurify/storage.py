@@ -34,6 +34,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import cast
 
 from raypurify.errors import ConfigError
 
@@ -180,7 +181,7 @@ def join_cluster(
     global _root
     init_ray(num_cpus)
     checked = _root is not None and _root == Path(out).resolve()  # no second node probe
-    path = _root if checked else check_shared(out, "--out")
+    path = cast(Path, _root) if checked else check_shared(out, "--out")
     check_tracking(tracking or tracking_uri())
     _root = path
     return path

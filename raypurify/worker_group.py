@@ -136,7 +136,8 @@ class WarmGroup:
 
         self.workers, self.gpu = workers, gpu
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        self.board = JobBoard.options(scheduling_strategy=here).remote()
+        # ray.remote's stubs keep the class type; it is an ActorClass with .options.
+        self.board = JobBoard.options(scheduling_strategy=here).remote()  # type: ignore[attr-defined]
         resources = IDLE_RESOURCES | ({"GPU": 1} if gpu else {})
         self.trainer = TorchTrainer(
             _serve,
@@ -144,7 +145,8 @@ class WarmGroup:
             scaling_config=ray.train.ScalingConfig(
                 num_workers=workers, use_gpu=gpu, resources_per_worker=resources
             ),
-            run_config=ray.train.RunConfig(
+            # ray.train exports v2's RunConfig at run time, mypy sees v1's (no logging_config).
+            run_config=ray.train.RunConfig(  # type: ignore[call-arg]
                 name="warm-group",
                 storage_path=str(storage),
                 failure_config=ray.train.FailureConfig(max_failures=distributed.max_failures()),

@@ -68,6 +68,7 @@ def train_epoch(
 ) -> dict[str, float]:
     """One pass over `batches` of uint8 (N, C, H, W) images; returns mean loss/accuracy."""
     model.train()
+    correct: float  # Tensor.item() is typed int | float
     total_loss, correct, seen, start = 0.0, 0, 0, time.perf_counter()
     for x8, y in batches:
         if augment:
