@@ -50,14 +50,15 @@ class Crafter:
         for state in ray.get(states):  # an object ref: one copy for all actors
             model = build_model(arch, classes, size, **options)
             model.load_state_dict(state)
-            model = model.to(self.dev, memory_format=torch.channels_last).eval()
+            # torch's overloads of Module.to lack (device, memory_format=), which it accepts.
+            model = model.to(self.dev, memory_format=torch.channels_last).eval()  # type: ignore[call-overload]
             self.models.append(model.requires_grad_(False))
         self.pgd, self.classes, self.progress = pgd, classes, progress
         self.amp = use_bf16(pgd["precision"], self.dev)
 
     def loss(self, x: torch.Tensor, target: torch.Tensor, reduction: str = "mean"):
         x = x.contiguous(memory_format=torch.channels_last)
-        total = 0.0
+        total: torch.Tensor | float = 0.0
         for model in self.models:
             with autocast(self.dev, self.amp):
                 logits = model(x)

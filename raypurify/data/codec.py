@@ -44,8 +44,8 @@ def decode_batch(
     blobs: Sequence[bytes],
     shape: tuple[int, int, int] | None,
     *,
-    where: str | Sequence[str],
-    ids: Sequence[int],
+    where: str | Sequence[str] | np.ndarray,
+    ids: Sequence[int] | np.ndarray,
     numbered: bool = True,
 ) -> np.ndarray:
     """Decode a column of image bytes to (N, H, W, C), naming the file and row on failure.

@@ -21,7 +21,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pyarrow as pa
@@ -199,7 +199,7 @@ def finalize(
     files = sorted(p for p in directory.iterdir() if p.suffix == ".parquet")
     if not files:
         raise DatasetError(f"{directory}: dataset is empty (no rows were written)")
-    meta = None
+    meta: dict[str, Any] | None = None
     for f in files:
         file_meta = _check_schema(f)
         if meta is not None and file_meta != meta:
@@ -210,7 +210,7 @@ def finalize(
         "format": FORMAT,
         "rows": rows,
         "sha256": sha256,
-        **meta,
+        **cast(dict[str, Any], meta),  # set: there is at least one file
         "has_poisoned": "poisoned" in pq.read_schema(files[0]).names,
         "files": [f.name for f in files],
         "file_info": {f.name: file_record(f) for f in files},

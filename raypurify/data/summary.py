@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 from PIL import Image
@@ -73,7 +74,7 @@ def summarize(path: str | Path, grid_path: str | Path | None = None) -> Summary:
     total, sq = np.zeros(c), np.zeros(c)
     low, high = np.full(c, 255.0), np.zeros(c)
     poisoned = 0 if info.has_poisoned else None
-    examples = {k: [] for k in range(min(10, len(info.classes)))}
+    examples: dict[int, list[np.ndarray]] = {k: [] for k in range(min(10, len(info.classes)))}
     with tqdm(total=info.rows, desc="reading", unit="img", leave=False) as bar:
         for chunk in iter_images(info.path, info=info):
             counts += chunk.class_counts()
@@ -82,7 +83,7 @@ def summarize(path: str | Path, grid_path: str | Path | None = None) -> Summary:
             sq += (px**2).sum(0)
             low, high = np.minimum(low, px.min(0)), np.maximum(high, px.max(0))
             if poisoned is not None:
-                poisoned += int(chunk.poisoned.sum())
+                poisoned += int(cast(np.ndarray, chunk.poisoned).sum())  # has_poisoned
             for r in class_rows(chunk.labels, chunk.num_classes, PER_CLASS):
                 k = int(chunk.labels[r])
                 if len(examples[k]) < PER_CLASS:

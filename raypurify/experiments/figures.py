@@ -37,7 +37,7 @@ def pipeline_figure(spec: ExperimentSpec, records: list[dict[str, Any]], path: P
     dvae_cols = [d.column for d in spec.defenses if d.name == "dvae"]
     if clean is None:
         return None
-    panels = []
+    panels: list[tuple[str, dict[str, np.ndarray]]] = []
     for a in spec.attacks:
         poison = by_name.get(f"poison/{a.row}")
         purify = by_name.get(f"purify/{a.row}/{dvae_cols[0]}") if dvae_cols else None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +72,7 @@ def _trial_id(path) -> str:
     return match.group(1) if match else Path(str(path)).name
 
 
-def spearman(a: list[float], b: list[float]) -> float | None:
+def spearman(a: Sequence[float], b: Sequence[float]) -> float | None:
     """Spearman's rank correlation (average ranks for ties); None below 3 pairs."""
     if len(a) < 3:
         return None

@@ -52,7 +52,7 @@ def _experiment_name(run: Run) -> str:
     return client.get_experiment(client.get_run(run.run_id).info.experiment_id).name
 
 
-def parent_run(space: SweepSpace, name: str, run_id: str | None, uri: str | None) -> Run:
+def parent_run(space: SweepSpace, name: str, run_id: str | None, uri: str) -> Run:
     """The sweep's parent run: the one recorded in its directory, or a new one."""
     if run_id:
         run = Run(uri, run_id)

@@ -9,7 +9,7 @@ stream through Ray Data (`get_dataset_shard`). Classifiers and D-VAE stages shar
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import ray
@@ -18,6 +18,10 @@ import torch
 from raypurify.data.imageset import ImageSet
 from raypurify.data.interchange import imageset_to_ray
 from raypurify.data.spec import Stream
+
+if TYPE_CHECKING:
+    import ray.train  # imported by Ray Train before workers run
+    from ray.data import DataIterator
 
 MEMORY_LIMIT_BYTES = 2 * 1024**3
 
@@ -77,6 +81,7 @@ class EpochBatches:
         )
         self.rows = rows
         self.steps = max(1, (rows // world) // batch_size)
+        self.shard: DataIterator | None
         if arrays is not None:
             self.images, self.labels = unpack(ray.get(arrays))
             self.shard = None
@@ -96,8 +101,9 @@ class EpochBatches:
                 self.labels[idx].to(self.device, non_blocking=True),
             )
 
-    def _from_shard(self, epoch: int):
-        batches = self.shard.iter_torch_batches(
+    def _from_shard(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        # Only called with a shard (see __call__).
+        batches = cast("DataIterator", self.shard).iter_torch_batches(
             batch_size=self.batch_size,
             local_shuffle_buffer_size=4 * self.batch_size,
             local_shuffle_seed=self.seed * 100_003 + epoch,

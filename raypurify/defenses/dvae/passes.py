@@ -47,7 +47,8 @@ class PurifyPass:
             torch.set_num_threads(torch_threads(cfg.threads, actors))
         self.model = build(cfg, num_classes, image_size)
         self.model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-        self.model = self.model.to(self.dev, memory_format=torch.channels_last).eval()
+        # torch's overloads of Module.to lack (device, memory_format=), which it accepts.
+        self.model = self.model.to(self.dev, memory_format=torch.channels_last).eval()  # type: ignore[call-overload]
         self.amp, self.sample, self.seed, self.mode = (
             use_bf16(cfg.precision, self.dev),
             cfg.sample,
