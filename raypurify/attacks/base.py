@@ -295,7 +295,8 @@ def log_poisoning(
     left, their perturbations amplified to full contrast on the right)."""
     run.log_params(params)
     run.log_metrics(budget)
-    flagged = np.flatnonzero(poisoned.poisoned)
+    # No flags (None) flatten to no rows: nothing to log.
+    flagged = np.flatnonzero(poisoned.poisoned)  # type: ignore[arg-type]
     if len(flagged) == 0:
         return
     shown = flagged[class_rows(poisoned.labels[flagged], poisoned.num_classes, GRID_PER_CLASS)]

@@ -25,7 +25,7 @@ import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 import torch
@@ -33,7 +33,7 @@ from PIL import Image
 from pydantic import Field
 
 from raypurify import config
-from raypurify.attacks.base import chunks, log_poisoning, measure_budget
+from raypurify.attacks.base import Norm, chunks, log_poisoning, measure_budget
 from raypurify.config import Config
 from raypurify.data.imageset import ImageSet
 from raypurify.errors import DatasetError, unreadable_file
@@ -337,7 +337,8 @@ def configure_import(
     return importer, config.validate(importer.config, data, source=f"import {fmt}")
 
 
-PROTOCOL_BUDGETS = {"linf": 8 / 255, "l2": 1.0, "l0": 1.0}  # l_inf 8/255, l2 1.0, l0 one pixel
+# l_inf 8/255, l2 1.0, l0 one pixel
+PROTOCOL_BUDGETS: dict[Norm, float] = {"linf": 8 / 255, "l2": 1.0, "l0": 1.0}
 
 
 def budget_check(budget: Mapping[str, float], attack: str | None) -> dict[str, Any]:
@@ -379,7 +380,7 @@ def import_poison(
     logged to `run` like a generated poison."""
     importer, cfg = configure_import(fmt, settings, overrides)
     paths = [Path(p) for p in paths]
-    images = importer.read(paths, base, cfg)
+    images = importer.read(cast(list[Path], paths), base, cfg)  # Paths, one line up
     changed = (images != base.images).reshape(len(base), -1).any(axis=1)
     poisoned, budget = base.replace(images, poisoned=changed), measure_budget(base.images, images)
     if run is not None:

@@ -13,7 +13,7 @@ noise) is EM's.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, cast
 
 import numpy as np
 import torch
@@ -40,6 +40,7 @@ class REMConfig(EMConfig):
 
 class RobustMinMin(MinMin):
     config_type = REMConfig
+    cfg: REMConfig  # MinMin.__init__ sets it, an instance of config_type
 
     def attack(self, net, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """PGD ascent of radius adv_eps around x (the inner max)."""
@@ -57,7 +58,9 @@ class RobustMinMin(MinMin):
     def train_batch(self, idx: torch.Tensor) -> torch.Tensor:
         """Adversarial training examples: attack the augmented noisy images."""
         noisy = crop_flip(torch.clamp(self.x[idx] + self.noise(idx), 0, 1), self.gen)
-        net = self.model.module if hasattr(self.model, "module") else self.model
+        net = cast(
+            torch.nn.Module, self.model.module if hasattr(self.model, "module") else self.model
+        )
         was_training = net.training
         net.eval()
         adv = self.attack(net, noisy, self.y[idx])

@@ -63,7 +63,8 @@ def pipeline_figure(spec: ExperimentSpec, records: list[dict[str, Any]], path: P
         panels.append((a.row, row))
     if not panels:
         return None
-    titles = list(max((p[1] for p in panels), key=len))
+    # mypy solves max() from list()'s context (an iterable of str), not from the rows.
+    titles = list(max((p[1] for p in panels), key=len))  # type: ignore[arg-type]
     n_rows = sum(len(p[1]["clean"]) for p in panels)
     fig, axes = plt.subplots(
         n_rows, len(titles), figsize=(1.6 * len(titles), 1.6 * n_rows), squeeze=False

@@ -168,7 +168,7 @@ def run_pass(
     start = time.perf_counter()
     names = " + ".join(Path(p).name for p in outputs.values())
     config = {"purify": cfg.to_dict(), "pass": mode, "weights": str(weights)}
-    common = {"classes": source.classes, "shape": source.shape, "parents": lineage}
+    common: dict[str, Any] = {"classes": source.classes, "shape": source.shape, "parents": lineage}
     with Progress(source.rows, f"pass -> {names}", unit="img") as progress:
         ds = _purify_batches(source, weights, cfg, mode, gpu, progress)
         if "p2" in outputs:

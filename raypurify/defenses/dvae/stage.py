@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import ray
@@ -73,7 +74,9 @@ def stage_worker(loop: dict[str, Any]) -> None:
     torch.manual_seed(cfg.seed)
     model = build(cfg, loop["num_classes"], loop["image_size"])
     model = ray.train.torch.prepare_model(model.to(memory_format=torch.channels_last))
-    groups = unwrap(model).param_groups(stage.lr, stage.phat_lr_scale, stage.embedding_lr_scale)
+    groups = cast(DVAE, unwrap(model)).param_groups(
+        stage.lr, stage.phat_lr_scale, stage.embedding_lr_scale
+    )
     per_worker = max(2, stage.batch_size // world)
     data = batches.EpochBatches(
         loop["arrays"], loop["rows"], per_worker, cfg.seed, rank, world, dev
@@ -94,7 +97,14 @@ def stage_worker(loop: dict[str, Any]) -> None:
             x = (x8.float() / 255.0).contiguous(memory_format=torch.channels_last)
             with autocast(dev, amp):
                 out = model(x, y, sample=True)
-            x_hat, p_hat, mu, logvar = (None if t is None else t.float() for t in out)
+            # Only p_hat is ever None (a plain VAE has no perturbation decoder).
+            x_hat: torch.Tensor
+            p_hat: torch.Tensor | None
+            mu: torch.Tensor
+            logvar: torch.Tensor
+            x_hat, p_hat, mu, logvar = cast(
+                "Iterator[Any]", (None if t is None else t.float() for t in out)
+            )
             hinge = stage.phat_weight if epoch >= stage.phat_start_epoch else 0.0
             loss, terms = dvae_loss(
                 x,
@@ -158,7 +168,7 @@ def stage_worker(loop: dict[str, Any]) -> None:
     if rank == 0 and loop.get("mlflow") and start_epoch < stage.epochs:
         images, labels = batches.unpack(ray.get(loop["grid_arrays"]))
         final = name == cfg.stages[-1][0]
-        log_grids(Run(**loop["mlflow"]), unwrap(model), images, labels, cfg, dev, final)
+        log_grids(Run(**loop["mlflow"]), cast(DVAE, unwrap(model)), images, labels, cfg, dev, final)
 
 
 @torch.no_grad()
