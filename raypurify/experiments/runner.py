@@ -16,7 +16,7 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import ray
 from tqdm import tqdm
@@ -54,7 +54,8 @@ def validate(spec: ExperimentSpec) -> None:
     for i, d in enumerate(spec.defenses):
         if d.best_of:
             continue
-        defense, options = defenses.options(d.name, d.options, key=f"defenses.{i}")
+        # A column without best_of names a defence (DefenseEntry's validator).
+        defense, options = defenses.options(cast(str, d.name), d.options, key=f"defenses.{i}")
         if defense.kind == "purify":
             from raypurify.defenses.purifiers import check
 
@@ -159,10 +160,10 @@ def locate(step: Step, store: Store) -> None:
 def resolve(step: Step, store: Store, force: Sequence[str] = ()) -> bool:
     """Locate `step` in the store (forgetting it first if `force` matches its name); True,
     with its result filled in, if it finished in an earlier run."""
-    locate(step, store)
+    locate(step, store)  # sets step.dir
     if any(fnmatch.fnmatch(step.name, pattern) for pattern in force):
-        store.forget(step.dir)
-    record = store.record(step.dir)
+        store.forget(cast(Path, step.dir))
+    record = store.record(cast(Path, step.dir))
     if record is not None:
         step.result, step.cached = record["result"], True
     return record is not None
@@ -170,15 +171,16 @@ def resolve(step: Step, store: Store, force: Sequence[str] = ()) -> bool:
 
 def execute(step: Step, store: Store, ctx) -> dict[str, Any]:
     """Run a located step's action into its directory and record it as finished."""
-    step.dir.mkdir(parents=True, exist_ok=True)
+    # A located step has its dir.
+    cast(Path, step.dir).mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     try:
-        result = step.action(step, step.dir, ctx)
+        result = step.action(step, cast(Path, step.dir), ctx)
     except Exception as e:  # the whole error in the step's error.log and MLflow; one line on
-        store.fail(step.dir, e, run=ctx.parent)
+        store.fail(cast(Path, step.dir), e, run=ctx.parent)
         raise
     store.finish(
-        step.dir,
+        cast(Path, step.dir),
         {
             "kind": step.kind,
             "name": step.name,
@@ -200,8 +202,8 @@ def finished_steps(spec: ExperimentSpec, out: str | Path) -> list[Step]:
     steps = plan(spec)
     for step in steps:  # plan lists every step after its inputs
         if all(i.result is not None for i in step.inputs):
-            locate(step, store)
-            if (record := store.record(step.dir)) is not None:
+            locate(step, store)  # sets step.dir
+            if (record := store.record(cast(Path, step.dir))) is not None:
                 step.result = record["result"]
     return [s for s in steps if s.result is not None]
 
@@ -263,7 +265,7 @@ class Scheduler:
                         step.result = future.result()
                     except Exception as e:  # keep going: independent cells still run
                         first = f"{type(e).__name__}: {e}".splitlines()[0]
-                        step.error = f"{first} (full error: {step.dir / ERROR_LOG})"
+                        step.error = f"{first} (full error: {cast(Path, step.dir) / ERROR_LOG})"
                         tqdm.write(f"step {step.name} failed: {step.error}")
                     self._done(step)
         self.cells.close()

@@ -14,7 +14,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from raypurify import config, defenses
 from raypurify.attacks import ATTACKS
@@ -57,10 +57,12 @@ class Step:
 
     def fingerprint(self) -> str:
         """What downstream keys hash: a dataset's content sha256 (else the step key)."""
-        return (self.result or {}).get("sha256") or self.key
+        # A step is located (its key set) before anything downstream hashes it.
+        return cast(str, (self.result or {}).get("sha256") or self.key)
 
     def input_path(self, i: int = 0) -> Path:
-        return Path(self.inputs[i].result["path"])
+        # Inputs have finished (their result set) before a step runs.
+        return Path(cast(dict[str, Any], self.inputs[i].result)["path"])
 
     def child_run(self, ctx: Context) -> Run:
         return ctx.parent.child(self.name, params=self.config, step=self.name, **self.meta)
@@ -163,7 +165,8 @@ def train_cell(step: Step, directory: Path, ctx: Context) -> dict[str, Any]:
 def classifier_config(spec: ExperimentSpec, entry, defense_name: str, options: dict) -> dict:
     preset = [f"arch={entry.arch}"] if entry.arch else []
     cfg = recipe(entry.recipe, [*preset, *entry.overrides, f"seed={spec.seed}"])
-    cfg.defense = {"name": defense_name, "options": options}
+    # validate_assignment makes the dict a DefenseRef.
+    cfg.defense = {"name": defense_name, "options": options}  # type: ignore[assignment]
     return cfg.to_dict()
 
 
@@ -215,7 +218,8 @@ def row_steps(spec: ExperimentSpec, row: str, source: Step) -> list[Step]:
     for d in spec.defenses:
         if d.best_of:
             continue
-        defense, options = defenses.options(d.name, d.options)
+        # A column without best_of names a defence (DefenseEntry's validator).
+        defense, options = defenses.options(cast(str, d.name), d.options)
         col, meta = d.column, {"row": row, "column": d.column}
         data, train_defense, train_options = source, "none", {}
         if defense.kind == "transform":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 import matplotlib
 
@@ -51,7 +52,7 @@ def _unit(space: SweepSpace, name: str, value) -> float:
     rng = space.parameters[name]
     if rng.choices is not None:
         return rng.choices.index(value) / max(1, len(rng.choices) - 1)
-    lo, hi, v = rng.low, rng.high, float(value)
+    lo, hi, v = cast(float, rng.low), cast(float, rng.high), float(value)  # no choices: set
     if rng.log:
         lo, hi, v = np.log(lo), np.log(hi), np.log(v)
     return (v - lo) / (hi - lo)

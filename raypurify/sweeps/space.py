@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from pydantic import Field, PositiveInt, model_validator
 
@@ -69,10 +69,16 @@ class ParameterRange(Config):
     def contains(self, value: float) -> bool:
         if self.choices is not None:
             return value in self.choices
-        return self.low <= value <= self.high
+        # Without choices, the validator made sure of low and high.
+        return cast(float, self.low) <= value <= cast(float, self.high)
 
     def ends(self) -> list[float]:
-        return list(self.choices) if self.choices is not None else [self.low, self.high]
+        # Without choices, the validator made sure of low and high.
+        return (
+            list(self.choices)
+            if self.choices is not None
+            else [cast(float, self.low), cast(float, self.high)]
+        )
 
 
 class AttackChoice(Config):
@@ -179,9 +185,9 @@ def preset_values(space: SweepSpace) -> dict[str, float]:
     from raypurify.defenses.dvae.config import preset
 
     data = preset(space.purifier.preset, space.purifier.overrides).to_dict()
-    values = {}
+    values: dict[str, float] = {}
     for name in space.parameters:
-        node = data
+        node: Any = data
         for part in PARAMETERS[name][0].split("."):
             node = node[part]
         values[name] = node
