@@ -14,7 +14,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from raypurify import config, defenses
 from raypurify.attacks import ATTACKS
@@ -26,6 +26,15 @@ from raypurify.experiments.spec import ExperimentSpec
 from raypurify.tracking import Run
 from raypurify.training.config import recipe
 from raypurify.training.trainer import train_classifier
+
+if TYPE_CHECKING:
+    from typing import Protocol
+
+    class RunParent(Protocol):
+        """What actions and child_run read of a context: a Context, or a sweep's
+        TrialContext."""
+
+        parent: Run
 
 
 @dataclass
@@ -41,7 +50,7 @@ class Step:
     name: str  # e.g. train/lsp/dvae/fast-resnet
     config: dict[str, Any]
     inputs: list[Step]
-    action: Callable[[Step, Path, Context], dict[str, Any]]
+    action: Callable[[Step, Path, Any], dict[str, Any]]  # (step, directory, RunParent)
     meta: dict[str, str] = field(default_factory=dict)  # row, column, classifier
     # CPUs the step's Ray work holds while it runs (Train workers, Data actors); see Scheduler
     cpus: int = 1
@@ -64,7 +73,7 @@ class Step:
         # Inputs have finished (their result set) before a step runs.
         return Path(cast(dict[str, Any], self.inputs[i].result)["path"])
 
-    def child_run(self, ctx: Context) -> Run:
+    def child_run(self, ctx: RunParent) -> Run:
         return ctx.parent.child(self.name, params=self.config, step=self.name, **self.meta)
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -77,7 +77,7 @@ def trial_cpus(space: SweepSpace) -> int:
     """CPUs one trial's Ray work holds at a time (its purification, then its classifier)."""
     from raypurify.training.config import recipe
 
-    purify = purify_step(space, preset_values(space), Step("poison", "poison/x", {}, [], None))
+    purify = purify_step(space, preset_values(space), Step("poison", "poison/x", {}, [], None))  # type: ignore[arg-type]  # never run
     workers = recipe(space.classifier.recipe, space.classifier.overrides).workers
     return max(purify.cpus, workers)
 
@@ -102,7 +102,7 @@ def concurrency_bound(space: SweepSpace, requested: int | str) -> int:
         )
     if requested == "auto":
         return fits
-    if requested > fits:
+    if cast(int, requested) > fits:  # not "auto": a number
         raise ConfigError(
             f"budget.concurrency: {requested} trials at once do not fit: each holds {hold} "
             f"{unit}(s), the cluster fits {fits} (one CPU stays free for Ray Data)"
@@ -120,8 +120,9 @@ def prepare(space: SweepSpace, store: Store, parent) -> dict[str, Prepared]:
         if not resolve(step, store):
             print(f"preparing {step.name} ...", flush=True)
             step.result = execute(step, store, ctx)
+        # Resolved or executed: its key and result are set.
         out[step.name.split("/")[-1] if step.kind == "data" else "poison"] = Prepared(
-            step.kind, step.name, step.key, step.result
+            step.kind, step.name, cast(str, step.key), cast(dict[str, Any], step.result)
         )
     return out
 

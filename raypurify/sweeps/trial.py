@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -75,7 +75,7 @@ def purify_step(space: SweepSpace, params: dict[str, float], poison: Step) -> St
     from raypurify.defenses.dvae.config import preset
 
     overrides = seeded(space.purifier.overrides + overrides_for(space.fixed | params), space.seed)
-    options = {"preset": space.purifier.preset, "overrides": overrides}
+    options: dict[str, Any] = {"preset": space.purifier.preset, "overrides": overrides}
     resolved = preset(options["preset"], overrides).to_dict()
     row = poison.name.split("/", 1)[-1]
     return Step(
@@ -235,7 +235,7 @@ def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
         for step in (purified, train):
             if not resolve(step, store):
                 step.result = execute(step, store, ctx)
-        result = train.result
+        result = cast(dict[str, Any], train.result)  # set just above
         final = {
             "epoch": result["epochs"],
             **{k: result[k] for k in TRIAL_METRICS},
@@ -245,7 +245,9 @@ def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
             "trial_s": time.perf_counter() - t0,
         }
         run.log_metrics({k: final[k] for k in (*TRIAL_METRICS, "objective")})
-        run.set_tags({"purify_key": purified.key, "purified": purified.result["path"]})
+        run.set_tags(
+            {"purify_key": purified.key, "purified": cast(dict[str, Any], purified.result)["path"]}
+        )
         if train.cached:  # its epochs reached Tune in an earlier run: give ASHA the curve again
             for epoch, acc in enumerate(result["val_curve"], 1):
                 tune.report({"epoch": epoch, "val_accuracy": acc})
