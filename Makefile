@@ -4,8 +4,8 @@
 install:  ## the project and its dev tools
 	pip install -e ".[dev]" && pre-commit install
 
-lint:  ## ruff, as CI and pre-commit run it
-	ruff check . && ruff format --check .
+lint:  ## ruff and mypy, as CI and pre-commit run them
+	ruff check . && ruff format --check . && mypy raypurify
 
 format:
 	ruff check --fix . && ruff format .

@@ -77,7 +77,8 @@ def trial_cpus(space: SweepSpace) -> int:
     """CPUs one trial's Ray work holds at a time (its purification, then its classifier)."""
     from raypurify.training.config import recipe
 
-    purify = purify_step(space, preset_values(space), Step("poison", "poison/x", {}, [], None))  # type: ignore[arg-type]  # never run
+    # The stand-in poison step has no action (None): it is never run, only sized.
+    purify = purify_step(space, preset_values(space), Step("poison", "poison/x", {}, [], None))  # type: ignore[arg-type]
     workers = recipe(space.classifier.recipe, space.classifier.overrides).workers
     return max(purify.cpus, workers)
 
