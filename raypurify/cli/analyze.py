@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
 from raypurify.cli.common import common_options
 
+if TYPE_CHECKING:
+    import argparse
 
-def register(sub) -> None:
+
+def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("analyze", help="UE detection and the disentanglement check")
     asub = p.add_subparsers(dest="analysis", metavar="ANALYSIS", required=True)
     common = common_options()
@@ -62,7 +66,7 @@ def check_inputs(data: str, purified: str, *others: str) -> None:
     check_weights(pdir / "stage1.pt", cfg, len(info.classes), info.shape[0])
 
 
-def run_detect(args) -> int:
+def run_detect(args: argparse.Namespace) -> int:
     from raypurify.experiments.analyses import detect_poisoned
     from raypurify.runtime import init_ray
 
@@ -72,7 +76,7 @@ def run_detect(args) -> int:
     return 0
 
 
-def run_disentangle(args) -> int:
+def run_disentangle(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from raypurify.atomic import claim_dir

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from raypurify import config
 from raypurify.cli.common import common_options
 from raypurify.data.registry import SOURCES, spec_for
 from raypurify.data.spec import DatasetSpec
 
+if TYPE_CHECKING:
+    import argparse
 
-def register(sub) -> None:
+
+def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("datasets", help="list, export and inspect datasets")
     dsub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
     common = common_options()
@@ -41,14 +46,14 @@ def register(sub) -> None:
     ve.set_defaults(run=run_verify)
 
 
-def run_list(args) -> int:
+def run_list(args: argparse.Namespace) -> int:
     width = max(map(len, SOURCES))
     for name, src in SOURCES.items():
         print(f"{name:<{width}}  {src.description}")
     return 0
 
 
-def run_export(args) -> int:
+def run_export(args: argparse.Namespace) -> int:
     from raypurify.atomic import check_new
     from raypurify.data.export import export
 
@@ -60,14 +65,14 @@ def run_export(args) -> int:
     return 0
 
 
-def run_show(args) -> int:
+def run_show(args: argparse.Namespace) -> int:
     from raypurify.data.summary import summarize
 
     print("\n".join(summarize(args.dir, args.grid).lines()))
     return 0
 
 
-def run_verify(args) -> int:
+def run_verify(args: argparse.Namespace) -> int:
     from raypurify.data.interchange import open_dataset
 
     info = open_dataset(args.dir, verify=True)

@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from raypurify.cli.common import common_options
 
+if TYPE_CHECKING:
+    import argparse
+    from collections.abc import Sequence
 
-def register(sub) -> None:
+    from raypurify.experiments.spec import ExperimentSpec
+
+
+def register(sub: argparse._SubParsersAction) -> None:
     common = common_options()
     p = sub.add_parser(
         "run",
@@ -43,7 +50,7 @@ def register(sub) -> None:
     ls.set_defaults(run=run_presets)
 
 
-def load(name_or_path: str, overrides):
+def load(name_or_path: str, overrides: Sequence[str]) -> ExperimentSpec:
     """The spec, with an unreadable YAML file (binary, not UTF-8) as one line too."""
     from raypurify.errors import ConfigError
     from raypurify.experiments import load_spec
@@ -58,7 +65,7 @@ def load(name_or_path: str, overrides):
     return load_spec(name_or_path, overrides)
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     from raypurify.experiments.runner import run_experiment
 
     spec = load(args.spec, args.overrides)
@@ -70,7 +77,7 @@ def run(args) -> int:
     return 0
 
 
-def run_report(args) -> int:
+def run_report(args: argparse.Namespace) -> int:
     from raypurify.experiments import report
 
     out = Path(args.dir)
@@ -86,7 +93,7 @@ def run_report(args) -> int:
     return 0
 
 
-def run_presets(args) -> int:
+def run_presets(args: argparse.Namespace) -> int:
     from raypurify.experiments import load_spec, presets
 
     for name in presets():

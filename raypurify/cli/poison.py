@@ -12,15 +12,23 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from raypurify.cli.common import common_options
 from raypurify.errors import ConfigError
 
+if TYPE_CHECKING:
+    import argparse
+    from collections.abc import Callable
+
+    from raypurify.data.imageset import ImageSet
+    from raypurify.data.spec import DatasetSpec
+    from raypurify.tracking import Run
+
 EXPERIMENT = "poison"
 
 
-def register(sub) -> None:
+def register(sub: argparse._SubParsersAction) -> None:
     common = common_options()
     p = sub.add_parser(
         "poison",
@@ -59,14 +67,14 @@ def register(sub) -> None:
     imp.set_defaults(run=run_import)
 
 
-def dataset_options(p) -> None:
+def dataset_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="output dataset directory (must not exist)")
     p.add_argument("--split", choices=["train", "test"], default="train")
     p.add_argument("--subset", type=int, default=None, help="class-balanced subset size")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
 
-def run_attack(args) -> int:
+def run_attack(args: argparse.Namespace) -> int:
     from raypurify.atomic import check_new
     from raypurify.attacks.base import configure, poison
     from raypurify.storage import join_cluster
@@ -90,7 +98,7 @@ def run_attack(args) -> int:
     return generate(args, spec, config, make)
 
 
-def run_import(args) -> int:
+def run_import(args: argparse.Namespace) -> int:
     from raypurify.atomic import check_new
     from raypurify.attacks.base import log_poisoning
     from raypurify.attacks.importers import (
@@ -128,7 +136,7 @@ def run_import(args) -> int:
     return generate(args, spec, config, make)
 
 
-def load_base(ref: str, args):
+def load_base(ref: str, args: argparse.Namespace) -> tuple[DatasetSpec, ImageSet]:
     """The clean dataset `ref` (name or directory) as a validated spec and in memory."""
     from raypurify import config
     from raypurify.data.registry import load, spec_for
@@ -139,7 +147,7 @@ def load_base(ref: str, args):
     return spec, load(spec)
 
 
-def lineage(spec) -> dict[str, Any]:
+def lineage(spec: DatasetSpec) -> dict[str, Any]:
     """The parent entry of the output: a dataset directory's id and hash, or the source."""
     from raypurify.data.interchange import open_dataset
     from raypurify.data.sources.parquet import locate
@@ -149,7 +157,12 @@ def lineage(spec) -> dict[str, Any]:
     return {"source": spec.name, "split": spec.split}
 
 
-def generate(args, spec, config: dict[str, Any], make) -> int:
+def generate(
+    args: argparse.Namespace,
+    spec: DatasetSpec,
+    config: dict[str, Any],
+    make: Callable[[Run], tuple[ImageSet, dict[str, float]]],
+) -> int:
     """Run `make(run)` -> (poisoned, budget) inside an MLflow run, write it, print the budget."""
     from raypurify.data.interchange import write_images
     from raypurify.tracking import active_run, start_run

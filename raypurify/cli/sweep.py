@@ -5,11 +5,15 @@ from __future__ import annotations
 import shlex
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from raypurify.cli.common import common_options
 
+if TYPE_CHECKING:
+    import argparse
 
-def register(sub) -> None:
+
+def register(sub: argparse._SubParsersAction) -> None:
     common = common_options()
     p = sub.add_parser(
         "sweep",
@@ -35,7 +39,7 @@ def register(sub) -> None:
     ls.set_defaults(run=run_spaces)
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     from raypurify.errors import ConfigError
     from raypurify.sweeps.driver import STATE, run_sweep
     from raypurify.sweeps.space import load_space
@@ -62,7 +66,7 @@ def run(args) -> int:
     return 0 if summary["done"] else 1
 
 
-def resume_command(args) -> str:
+def resume_command(args: argparse.Namespace) -> str:
     """The command that resumes this sweep: the same space and settings, with --resume (a
     sweep resumed with other settings is refused)."""
     words = ["raypurify", "sweep", args.space, "--out", args.out]
@@ -78,7 +82,7 @@ def resume_command(args) -> str:
     return shlex.join([*words, "--resume"])
 
 
-def run_spaces(args) -> int:
+def run_spaces(args: argparse.Namespace) -> int:
     from raypurify.sweeps.space import load_space, spaces
 
     for name in spaces():

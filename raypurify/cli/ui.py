@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
 
-def register(sub) -> None:
+if TYPE_CHECKING:
+    import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "ui",
         help="serve the MLflow UI (on 127.0.0.1) and print a sweep's comparison link",
@@ -32,7 +37,7 @@ def register(sub) -> None:
     p.set_defaults(run=run)
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     from raypurify.sweeps.ui import serve
 
     return serve(

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, cast
+
 from raypurify import config
 from raypurify.defenses import adversarial, mixing, purifiers, squeeze, ueraser
 from raypurify.defenses.base import Defense
 from raypurify.registry import Registry
+
+if TYPE_CHECKING:
+    from raypurify.training.config import TrainConfig
+    from raypurify.training.engine import LossFn
 
 NONE = Defense("none", "no defence: the undefended baseline", "none")
 
@@ -28,17 +35,24 @@ DEFENSES = Registry(
 )
 
 
-def options(name: str, raw: dict | None = None, overrides=(), *, key: str = "defense"):
+def options(
+    name: str,
+    raw: Mapping[str, Any] | None = None,
+    overrides: Iterable[str] = (),
+    *,
+    key: str = "defense",
+) -> tuple[Defense, Any]:  # Any: the options model depends on the defence
     """The defence `name` and its validated options (errors quote `key`)."""
     defense = DEFENSES.get(name, key=f"{key}.name")
     return defense, config.load(defense.options, raw or {}, overrides, source=f"{key}.options")
 
 
-def training_loss(train_cfg):
+def training_loss(train_cfg: TrainConfig) -> LossFn:
     """The classifier's LossFn: the training-time defence's, or plain cross-entropy."""
     from raypurify.training.engine import cross_entropy
 
     defense, opts = options(train_cfg.defense.name, train_cfg.defense.options)
     if defense.kind == "train":
-        return defense.loss(opts, train_cfg)
+        # Every training-time defence has a loss.
+        return cast("Callable[..., LossFn]", defense.loss)(opts, train_cfg)
     return cross_entropy(train_cfg.optim.label_smoothing)

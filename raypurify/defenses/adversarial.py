@@ -7,6 +7,8 @@ model in eval mode so its batches do not disturb BatchNorm statistics.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from pydantic import Field
@@ -14,6 +16,12 @@ from pydantic import Field
 from raypurify.config import Config
 from raypurify.defenses.base import Defense
 from raypurify.runtime import autocast
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from raypurify.training.config import TrainConfig
+    from raypurify.training.engine import LossFn
 
 
 class AdversarialOptions(Config):
@@ -23,7 +31,14 @@ class AdversarialOptions(Config):
     random_start: bool = True
 
 
-def pgd(model, x, y, options: AdversarialOptions, gen: torch.Generator, amp: bool):
+def pgd(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    options: AdversarialOptions,
+    gen: torch.Generator,
+    amp: bool,
+) -> torch.Tensor:
     """Untargeted l_inf PGD: maximise the loss within eps of x, staying in [0, 1]."""
     delta = torch.zeros_like(x)
     if options.random_start:
@@ -40,7 +55,7 @@ def pgd(model, x, y, options: AdversarialOptions, gen: torch.Generator, amp: boo
     return (x + delta).detach()
 
 
-def adversarial_loss(options: AdversarialOptions, train_cfg):
+def adversarial_loss(options: AdversarialOptions, train_cfg: TrainConfig) -> LossFn:
     smoothing = train_cfg.optim.label_smoothing
 
     def loss(model, x, y, step):

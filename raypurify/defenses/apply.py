@@ -35,8 +35,11 @@ def transform_dataset(
 
     def apply(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         # Set for every defence of kind "transform" (checked above).
-        transform = cast(Callable[[np.ndarray, Any], np.ndarray], defense.transform)
-        return batch | {"image": transform(np.asarray(batch["image"]), options)}
+        return batch | {
+            "image": cast("Callable[[np.ndarray, Any], np.ndarray]", defense.transform)(
+                np.asarray(batch["image"]), options
+            )
+        }
 
     ds = source.ds.map_batches(apply, batch_format="numpy", batch_size=512)
     config = {"defense": defense.name, "options": options.to_dict()}

@@ -6,6 +6,8 @@ each is a LossFn for the training loop.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -14,6 +16,10 @@ from pydantic import Field
 from raypurify.config import Config
 from raypurify.defenses.base import Defense
 from raypurify.runtime import autocast
+
+if TYPE_CHECKING:
+    from raypurify.training.config import TrainConfig
+    from raypurify.training.engine import LossFn
 
 
 class CutoutOptions(Config):
@@ -41,7 +47,7 @@ def cutout_mask(n: int, h: int, w: int, size: int, gen: torch.Generator) -> torc
     return (~inside).float()[:, None]
 
 
-def cutout_loss(options: CutoutOptions, train_cfg):
+def cutout_loss(options: CutoutOptions, train_cfg: TrainConfig) -> LossFn:
     smoothing = train_cfg.optim.label_smoothing
 
     def loss(model, x, y, step):
@@ -58,7 +64,7 @@ def _mix_weight(alpha: float, gen: torch.Generator) -> float:
     return float(np.random.default_rng(seed).beta(alpha, alpha))
 
 
-def mixup_loss(options: MixOptions, train_cfg):
+def mixup_loss(options: MixOptions, train_cfg: TrainConfig) -> LossFn:
     smoothing = train_cfg.optim.label_smoothing
 
     def loss(model, x, y, step):
@@ -72,7 +78,7 @@ def mixup_loss(options: MixOptions, train_cfg):
     return loss
 
 
-def cutmix_loss(options: MixOptions, train_cfg):
+def cutmix_loss(options: MixOptions, train_cfg: TrainConfig) -> LossFn:
     smoothing = train_cfg.optim.label_smoothing
 
     def loss(model, x, y, step):

@@ -10,6 +10,8 @@ smooth random field as kornia's diamond-square plasma, without the kornia depend
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from pydantic import Field
@@ -17,6 +19,10 @@ from pydantic import Field
 from raypurify.config import Config
 from raypurify.defenses.base import Defense
 from raypurify.runtime import autocast
+
+if TYPE_CHECKING:
+    from raypurify.training.config import TrainConfig
+    from raypurify.training.engine import LossFn
 
 
 class UEraserOptions(Config):
@@ -72,7 +78,7 @@ def augment(x: torch.Tensor, options: UEraserOptions, gen: torch.Generator) -> t
     return x8.float() / 255.0
 
 
-def ueraser_loss(options: UEraserOptions, train_cfg):
+def ueraser_loss(options: UEraserOptions, train_cfg: TrainConfig) -> LossFn:
     smoothing = train_cfg.optim.label_smoothing
 
     def loss(model, x, y, step):

@@ -134,7 +134,10 @@ def make_defended(step: Step, directory: Path, ctx: Context) -> dict[str, Any]:
 def make_purified(step: Step, directory: Path, ctx: Context) -> dict[str, Any]:
     defense, options = defenses.options(step.config["defense"], step.config["options"])
     run = step.child_run(ctx)
-    summary = defense.purify(options, step.input_path(), directory / "purify", run=run)
+    # Every purifier has a purify function.
+    summary = cast(Callable[..., dict[str, Any]], defense.purify)(
+        options, step.input_path(), directory / "purify", run=run
+    )
     run.finish()
     info = open_dataset(summary["output"])
     return dataset_result(info) | {

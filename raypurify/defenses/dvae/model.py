@@ -128,8 +128,7 @@ class DVAE(nn.Module):
         """p_hat = D_p(post_conv(z) + u_y), unbounded."""
         u = self.class_embedding(y).view(-1, self.hidden, self.grid, self.grid)
         # Only called on a D-VAE built with its perturbation decoder.
-        decode = cast(nn.Sequential, self.perturbation_decoder)
-        return decode(self.post_conv(z) + u)
+        return cast(nn.Sequential, self.perturbation_decoder)(self.post_conv(z) + u)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, sample: bool = True):
         """(x_hat, p_hat or None, mu, logvar) for a training step."""
