@@ -9,6 +9,10 @@ actors, so `user_error` digs the original back out.
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import os
 
 
 class RaypurifyError(Exception):
@@ -27,7 +31,7 @@ class TrainingError(RaypurifyError):
     """Training cannot go on (e.g. NaN loss); the message names the stage and epoch."""
 
 
-def unreadable_file(path, error: BaseException, what: str) -> DatasetError:
+def unreadable_file(path: str | os.PathLike[str], error: BaseException, what: str) -> DatasetError:
     """The one line for a user's file that numpy or torch could not load safely: a pickle
     is named as such (never with advice to load it with weights_only=False or
     allow_pickle, which would run its code), anything else by the loader's error type."""

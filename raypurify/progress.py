@@ -16,16 +16,19 @@ import dataclasses
 import itertools
 import threading
 import time
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from tqdm import tqdm
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 # Which terminal line a thread's bars use (the experiment runner gives each step a slot).
 _SLOT: contextvars.ContextVar[int | None] = contextvars.ContextVar("bar_slot", default=None)
 
 
 @contextlib.contextmanager
-def bar_slot(slot: int):
+def bar_slot(slot: int) -> Iterator[None]:
     token = _SLOT.set(slot)
     try:
         yield
@@ -119,7 +122,7 @@ class Progress:
                 self._bar.set_postfix(postfix, refresh=False)
             self._bar.refresh()
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         mine = cast(BarQueue, self.queue)  # set in __enter__
         try:
             mine.queue.put((mine.token, None))

@@ -114,7 +114,7 @@ def use_bf16(precision: str, dev: torch.device) -> bool:
     return bool(capabilities.get("amx_bf16"))
 
 
-def autocast(dev: torch.device, enabled: bool = True):
+def autocast(dev: torch.device, enabled: bool = True) -> contextlib.AbstractContextManager:
     """bf16 autocast on CPU or CUDA when `enabled` (see `use_bf16`)."""
     if not enabled:
         return contextlib.nullcontext()

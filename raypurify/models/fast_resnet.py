@@ -8,7 +8,12 @@ compute sits where a 2-core CPU can afford it.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch.nn as nn
+
+if TYPE_CHECKING:
+    import torch
 
 
 def conv_bn(cin: int, cout: int, pool: bool = False) -> nn.Sequential:
@@ -24,7 +29,7 @@ class Residual(nn.Module):
         super().__init__()
         self.body = nn.Sequential(conv_bn(channels, channels), conv_bn(channels, channels))
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.body(x)
 
 
@@ -45,7 +50,7 @@ class FastResNet(nn.Module):
         self.head = nn.Linear(8 * w, num_classes, bias=False)
         self.scale = scale
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x)) * self.scale
 
 

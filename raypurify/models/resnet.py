@@ -6,8 +6,13 @@ larger images (64 px and up) we use torchvision's ImageNet ResNets (7x7 stem + m
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch.nn as nn
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    import torch
 
 
 class BasicBlock(nn.Module):
@@ -21,7 +26,7 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(cout)
         self.shortcut = shortcut(cin, cout, stride)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         return F.relu(out + self.shortcut(x))
@@ -41,7 +46,7 @@ class Bottleneck(nn.Module):
         self.bn3 = nn.BatchNorm2d(cout)
         self.shortcut = shortcut(cin, cout, stride)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
         out = F.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
@@ -56,7 +61,13 @@ def shortcut(cin: int, cout: int, stride: int) -> nn.Module:
 
 
 class CifarResNet(nn.Module):
-    def __init__(self, block, layers: list[int], num_classes: int, width: int = 64):
+    def __init__(
+        self,
+        block: type[BasicBlock | Bottleneck],
+        layers: list[int],
+        num_classes: int,
+        width: int = 64,
+    ):
         super().__init__()
         self.stem = nn.Sequential(
             nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)
@@ -72,7 +83,7 @@ class CifarResNet(nn.Module):
         self.stages = nn.Sequential(*stages)
         self.head = nn.Linear(cin, num_classes)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stages(self.stem(x))
         return self.head(F.adaptive_avg_pool2d(x, 1).flatten(1))
 

@@ -45,7 +45,7 @@ class Encoder(nn.Module):
         layers += [BasicBlock(w if i == 0 else 2 * w, 2 * w, stride=2) for i in range(stages)]
         self.net = nn.Sequential(*layers)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
 
@@ -130,7 +130,9 @@ class DVAE(nn.Module):
         # Only called on a D-VAE built with its perturbation decoder.
         return cast(nn.Sequential, self.perturbation_decoder)(self.post_conv(z) + u)
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, sample: bool = True):
+    def forward(
+        self, x: torch.Tensor, y: torch.Tensor, sample: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
         """(x_hat, p_hat or None, mu, logvar) for a training step."""
         mu, logvar = self.encode(x)
         z = self.sample(mu, logvar) if sample else mu
