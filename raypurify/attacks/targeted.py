@@ -13,7 +13,7 @@ the attack then quantises within the budget.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import ray
@@ -123,7 +123,7 @@ def craft(
             compute=ray.data.ActorPoolStrategy(size=actors),
             batch_size=batch_size,
             batch_format="numpy",
-            **({"num_gpus": 1} if gpu else {"num_cpus": 1}),
+            **cast(dict[str, Any], {"num_gpus": 1} if gpu else {"num_cpus": 1}),
         )
         parts = list(crafted.iter_batches(batch_size=None, batch_format="numpy"))
     index = np.concatenate([p["index"] for p in parts])

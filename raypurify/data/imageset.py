@@ -8,6 +8,7 @@ Ray Data instead.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -57,7 +58,7 @@ class ImageSet:
             name=self.name,
         )
 
-    def replace(self, images: np.ndarray, **changes) -> ImageSet:
+    def replace(self, images: np.ndarray, **changes: Any) -> ImageSet:
         """Same rows, new pixels (and optionally a `poisoned` column)."""
         return ImageSet(
             images=images,
@@ -75,7 +76,7 @@ class ImageSet:
         return np.bincount(self.labels, minlength=self.num_classes)
 
 
-def check_arrays(images, labels, index, num_classes: int, name: str) -> None:
+def check_arrays(images: Any, labels: Any, index: Any, num_classes: int, name: str) -> None:
     """Raise a one-line DatasetError unless the arrays form a valid dataset."""
     if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4:
         got = getattr(images, "dtype", type(images).__name__), getattr(images, "shape", None)
@@ -99,7 +100,7 @@ def check_arrays(images, labels, index, num_classes: int, name: str) -> None:
     check_unique(name, index)
 
 
-def check_unique(where, index: np.ndarray) -> None:
+def check_unique(where: object, index: np.ndarray) -> None:
     """Refuse a row index that appears more than once (naming `where`: a file or dataset)."""
     uniq, counts = np.unique(index, return_counts=True)
     if len(uniq) != len(index):

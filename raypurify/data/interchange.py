@@ -21,7 +21,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import pyarrow as pa
@@ -40,6 +40,9 @@ from raypurify.data.manifest import (
     verify_content,
 )
 from raypurify.errors import DatasetError
+
+if TYPE_CHECKING:
+    import ray.data
 
 FORMAT = "raypurify-interchange/1"
 MANIFEST = "manifest.json"
@@ -333,7 +336,7 @@ def concat(chunks: Sequence[ImageSet], name: str = "dataset") -> ImageSet:
     )
 
 
-def read_ray(path: str | Path):
+def read_ray(path: str | Path) -> ray.data.Dataset:
     """A Ray Dataset of decoded rows: image (H, W, C) uint8, label, index[, poisoned]."""
     import ray.data
 
@@ -359,7 +362,7 @@ def read_ray(path: str | Path):
     return ds.map_batches(decode, batch_format="numpy", batch_size=1024)
 
 
-def imageset_to_ray(data: ImageSet, rows_per_block: int = 2048):
+def imageset_to_ray(data: ImageSet, rows_per_block: int = 2048) -> ray.data.Dataset:
     """An in-memory ImageSet as a Ray Dataset of decoded rows."""
     import ray.data
     from ray.data.extensions import ArrowTensorArray

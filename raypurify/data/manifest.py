@@ -18,7 +18,7 @@ import hashlib
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -26,6 +26,9 @@ import pyarrow.parquet as pq
 
 from raypurify.data.imageset import check_unique
 from raypurify.errors import DatasetError
+
+if TYPE_CHECKING:
+    from raypurify.data.interchange import DatasetInfo
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _hashed: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256
@@ -146,7 +149,7 @@ def check_files(directory: Path, manifest: dict[str, Any], where: Path) -> tuple
     return tuple(files)
 
 
-def verify_content(info) -> str:
+def verify_content(info: DatasetInfo) -> str:
     """Recompute the content sha256 from every row; raise if it is not the manifest's."""
     got = content_sha256(info.files)
     if got != info.sha256:

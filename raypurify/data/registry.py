@@ -4,6 +4,7 @@ line here."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from raypurify import config
 from raypurify.data.imageset import ImageSet
@@ -31,7 +32,7 @@ def is_dataset_dir(ref: str | Path) -> bool:
     return (p / MANIFEST).exists() or (p / "train" / MANIFEST).exists()
 
 
-def spec_for(ref: str, **fields) -> DatasetSpec:
+def spec_for(ref: str, **fields: Any) -> DatasetSpec:
     """A DatasetSpec for `ref`: a dataset directory (our format) or a registry name."""
     if is_dataset_dir(ref):
         return config.validate(

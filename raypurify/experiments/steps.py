@@ -30,6 +30,8 @@ from raypurify.training.trainer import train_classifier
 if TYPE_CHECKING:
     from typing import Protocol
 
+    from raypurify.data.interchange import DatasetInfo
+
     class RunParent(Protocol):
         """What actions and child_run read of a context: a Context, or a sweep's
         TrialContext."""
@@ -77,7 +79,7 @@ class Step:
         return ctx.parent.child(self.name, params=self.config, step=self.name, **self.meta)
 
 
-def dataset_result(info) -> dict[str, Any]:
+def dataset_result(info: DatasetInfo) -> dict[str, Any]:
     return {"path": str(info.path), "sha256": info.sha256, "rows": info.rows}
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import ray.data
@@ -127,7 +127,7 @@ def _purify_batches(
         compute=ray.data.ActorPoolStrategy(size=cfg.infer_actors),
         batch_size=cfg.infer_batch_size,
         batch_format="numpy",
-        **({"num_gpus": 1} if gpu else {"num_cpus": 1}),
+        **cast(dict[str, Any], {"num_gpus": 1} if gpu else {"num_cpus": 1}),
     )
 
 
