@@ -59,7 +59,8 @@ def load_image(path: Path, size: int | None) -> np.ndarray:
             if size:
                 scale = size / min(pil.size)
                 w, h = max(size, round(pil.width * scale)), max(size, round(pil.height * scale))
-                pil = pil.resize((w, h), Image.BILINEAR)  # type: ignore[attr-defined]  # set at import
+                # Pillow defines Image.BILINEAR at run time; its stubs only know Resampling.
+                pil = pil.resize((w, h), Image.BILINEAR)  # type: ignore[attr-defined]
                 left, top = (w - size) // 2, (h - size) // 2
                 pil = pil.crop((left, top, left + size, top + size))
             return np.asarray(pil)
