@@ -36,6 +36,17 @@ def test_logged_groups_wait_until_the_trials_own_group_is_removed(ray_session, t
     assert not log.exists()
 
 
+def test_a_log_an_older_sweep_named_by_trial_id_counts_as_stopped(ray_session, tmp_path):
+    """Sweeps before this scheme named a log by its trial id; resuming one frees its groups."""
+    left = placement_group([{"CPU": 1}])
+    ray.get(left.ready())
+    log = tmp_path / PLACEMENT_GROUPS / "1530df9c.txt"
+    log.parent.mkdir()
+    log.write_text(left.id.hex() + "\n")
+    assert release_stopped(tmp_path) == 1
+    assert placement_group_table(left)["state"] == "REMOVED" and not log.exists()
+
+
 def test_trials_stopped_with_groups_reserved_do_not_starve_the_next(ray_session, tmp_path):
     """Five trials one after another, each leaving a 1-CPU group behind as a trial whose Ray
     Train run was stopped does (the trial process made it, the job lives on, so Ray keeps

@@ -35,8 +35,12 @@ def placement_group_log(out: Path) -> Path:
 
 
 def _removed(group_hex: str) -> bool:
+    """Whether that group is gone; a log named otherwise (an older sweep's, by trial id)
+    is from a process that has stopped."""
     from ray.util.placement_group import PlacementGroup
 
+    if len(group_hex) != 2 * ray.PlacementGroupID.size():
+        return True
     group = PlacementGroup(ray.PlacementGroupID.from_hex(group_hex))
     return ray.util.placement_group_table(group).get("state", "REMOVED") == "REMOVED"
 
