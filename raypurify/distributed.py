@@ -189,7 +189,6 @@ def loop_entry(worker: Callable[[dict], None], group_log: str | None, config: di
     rank = ray.train.get_context().get_world_rank()
     group = ray.util.get_current_placement_group()
     if group_log is not None and rank == 0 and group is not None:
-        Path(group_log).parent.mkdir(parents=True, exist_ok=True)
         with open(group_log, "a") as f:
             f.write(group.id.hex() + "\n")
     if config.get("mlflow"):

@@ -67,12 +67,12 @@ class LiveTable(Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         row = self._row(trial)
         row["status"] = _ended("TERMINATED", row)
-        self._progress(others(trials, trial)).update(1)
+        self._progress(_others(trials, trial)).update(1)
         self.draw()
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._row(trial)["status"] = "ERROR"
-        self._progress(others(trials, trial)).update(1)
+        self._progress(_others(trials, trial)).update(1)
         self.draw()
 
     def draw(self) -> None:
@@ -91,7 +91,7 @@ class LiveTable(Callback):
             self._bar.close()
 
 
-def others(trials, trial) -> list:
+def _others(trials, trial) -> list:
     return [t for t in trials if t is not trial]
 
 
