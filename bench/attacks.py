@@ -20,8 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, write_results  # noqa: E402
 
 from raypurify.experiments import load_spec  # noqa: E402
-from raypurify.experiments.report import load_run  # noqa: E402
 from raypurify.experiments.runner import run_experiment  # noqa: E402
+from raypurify.reports.experiment import load_run  # noqa: E402
 
 
 def main() -> None:

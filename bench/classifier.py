@@ -31,8 +31,8 @@ from raypurify.data.registry import load  # noqa: E402
 from raypurify.data.spec import DatasetSpec  # noqa: E402
 from raypurify.models import build_model  # noqa: E402
 from raypurify.runtime import autocast, device, init_ray  # noqa: E402
+from raypurify.training.classifier import train_classifier  # noqa: E402
 from raypurify.training.config import recipe  # noqa: E402
-from raypurify.training.trainer import train_classifier  # noqa: E402
 
 
 def step_throughput(arch: str, options: dict, precision: str, batch: int, steps: int) -> float:

@@ -1,9 +1,12 @@
 """Ray Train glue shared by every trained model (classifiers, D-VAE stages).
 
-Workers: `setup_worker` picks the device and threads, `restore` finds the last checkpoint,
-`report` checkpoints rank 0's state and reports metrics from every rank (report is a
-barrier). Driver: `fit` runs a TorchTrainer whose storage path and name are fixed by the
-caller, so a rerun resumes, and shows an epoch progress bar.
+Every loop's inputs are a `LoopJob` (a frozen dataclass built and checked in the driver);
+`fit` adds a `LoopContext` (the driver's progress bar, the checkpoint to resume from).
+Workers: `setup_worker` picks the device and threads, `resume` loads the last checkpoint,
+`epoch_seed` and `per_worker_batch` are what every loop derives the same way, and
+`end_epoch` logs, moves the bar, reports and checkpoints (report is a barrier). Driver:
+`fit` runs a TorchTrainer whose storage path and name are fixed by the caller, so a rerun
+resumes, and shows an epoch progress bar.
 """
 
 from __future__ import annotations
@@ -12,7 +15,6 @@ import contextlib
 import dataclasses
 import datetime
 import functools
-import importlib.util
 import logging
 import os
 import shutil
@@ -20,18 +22,18 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 import ray
 import ray.train
 import ray.train.torch
 import torch
 from ray.train.torch import TorchTrainer
-from ray.train.v2.api.config import LoggingConfig
 
 from raypurify.atomic import save_torch
 from raypurify.errors import ConfigError, TrainingError, user_error
-from raypurify.progress import Progress
+from raypurify.progress import Progress, advance
+from raypurify.ray_private import report_logger
 from raypurify.runtime import torch_threads
 from raypurify.tracking import Run
 
@@ -39,7 +41,6 @@ if TYPE_CHECKING:
     from raypurify.worker_group import WarmGroup
 
 STATE_FILE = "state.pt"
-RESUME_KEY = "resume_from"  # loop-config key: the newest readable checkpoint's state
 NODE_TAG = "raypurify.node.rank"  # + rank: the Ray node id a worker of the run ran on
 
 # Where the runs started in this process log their placement groups (see `placement_groups`).
@@ -51,7 +52,8 @@ _warm_group: WarmGroup | None = None
 @dataclasses.dataclass
 class HostedJob:
     """In a worker of a warm group (worker_group.py): the fit it is running, whose
-    checkpoints `report` writes to storage/name as the fit's own Ray Train run would."""
+    checkpoints `report_and_checkpoint` writes to storage/name as the fit's own Ray
+    Train run would."""
 
     storage: Path
     name: str
@@ -60,6 +62,36 @@ class HostedJob:
 
 
 _hosted: HostedJob | None = None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoopJob:
+    """The inputs of one Ray Train loop, built (and so checked) in the driver: each loop
+    subclasses it with its own fields, so a misspelt field fails at construction there,
+    not inside a worker. `mlflow`: the step's run, which rank 0 logs each epoch to."""
+
+    mlflow: Run | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopContext:
+    """What `fit` hands every loop besides its job: the driver's progress queue and the
+    newest readable checkpoint the driver found (an object ref, or None; see `restore`)."""
+
+    progress: Any
+    resume_from: Any = None
+
+
+J = TypeVar("J", bound=LoopJob)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopCall(Generic[J]):
+    """A loop with its job and context: what a Ray Train worker (or a warm group's) runs."""
+
+    loop: Callable[[J, LoopContext], None]
+    job: J
+    ctx: LoopContext
 
 
 @contextlib.contextmanager
@@ -74,20 +106,6 @@ def hosting(job: HostedJob) -> Iterator[None]:
 
 # ---------------------------------------------------------------------------------------
 # In the workers
-
-
-# Ray Train logs every report, metrics included, at INFO under a logger named by the file
-# path of this private module, which RunConfig's log level does not reach. The one place
-# that names a private Ray module: tests/test_distributed.py fails if Ray moves it.
-REPORT_LOGGER_MODULE = "ray.train.v2._internal.execution.context"
-
-
-def report_logger() -> logging.Logger:
-    """The logger Ray Train writes each report to (found without importing private code)."""
-    spec = importlib.util.find_spec(REPORT_LOGGER_MODULE)
-    if spec is None or spec.origin is None:
-        raise RuntimeError(f"Ray Train moved {REPORT_LOGGER_MODULE}: update REPORT_LOGGER_MODULE")
-    return logging.getLogger(spec.origin)
 
 
 def setup_worker(threads: int | None) -> tuple[int, int, torch.device]:
@@ -121,13 +139,13 @@ def restore(device: torch.device, on_disk) -> dict[str, Any] | None:
 
 
 def resume(
-    model, optimizer, scheduler, device: torch.device, loop: dict[str, Any]
+    model, optimizer, scheduler, device: torch.device, ctx: LoopContext
 ) -> tuple[int, list[dict]]:
     """Load the furthest checkpoint (if any) into the model, optimizer and scheduler.
 
     Returns (the first epoch still to run, the per-epoch metrics so far).
     """
-    state = restore(device, loop.get(RESUME_KEY))
+    state = restore(device, ctx.resume_from)
     if state is None:
         return 0, []
     unwrap(model).load_state_dict(state["model"])
@@ -147,10 +165,43 @@ def snapshot(model, optimizer, scheduler, epoch: int, history: list[dict]) -> di
     }
 
 
-def report(metrics: dict[str, Any], state: dict[str, Any] | None, rank: int) -> None:
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """The seed of `rank`'s random draws in `epoch`: different per epoch and rank, the same
+    on a rerun, so a resumed run makes the draws the uninterrupted one would have."""
+    return seed * 1_000_003 + epoch * 101 + rank
+
+
+def per_worker_batch(batch_size: int, world: int) -> int:
+    """Each worker's share of a global batch (at least 2 rows: BatchNorm needs 2)."""
+    return max(2, batch_size // world)
+
+
+def end_epoch(
+    job: LoopJob,
+    ctx: LoopContext,
+    rank: int,
+    step: int,
+    metrics: dict[str, Any],
+    state: dict[str, Any] | None,
+    *,
+    bar: dict[str, float],
+    extra: dict[str, Any] | None = None,
+) -> None:
+    """The end of epoch (or round) `step`, the same in every loop: rank 0 logs `metrics`
+    to the job's MLflow run and moves the driver's bar (showing `bar`); every rank reports
+    `metrics` (with `extra`, which MLflow does not take: lists) and rank 0 checkpoints
+    `state` (None: no checkpoint this time)."""
+    if rank == 0:
+        if job.mlflow is not None:
+            job.mlflow.log_metrics(metrics, step=step)
+        advance(ctx.progress, step, **bar)
+    report_and_checkpoint(metrics | (extra or {}), state, rank)
+
+
+def report_and_checkpoint(metrics: dict[str, Any], state: dict[str, Any] | None, rank: int) -> None:
     """Report `metrics` from every rank; rank 0 also checkpoints `state` (if given)."""
     if _hosted is not None:
-        _report_hosted(_hosted, metrics, state, rank)
+        _checkpoint_hosted(_hosted, metrics, state, rank)
         return
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
@@ -160,9 +211,10 @@ def report(metrics: dict[str, Any], state: dict[str, Any] | None, rank: int) -> 
         ray.train.report(metrics, checkpoint=checkpoint)
 
 
-def _report_hosted(job: HostedJob, metrics: dict, state: dict | None, rank: int) -> None:
-    """`report` for a hosted job: rank 0 writes the checkpoint under the job's run (named
-    and kept as Ray Train would), then every rank waits for it (report is a barrier)."""
+def _checkpoint_hosted(job: HostedJob, metrics: dict, state: dict | None, rank: int) -> None:
+    """`report_and_checkpoint` for a hosted job: rank 0 writes the checkpoint under the
+    job's run (named and kept as Ray Train would), then every rank waits for it (a
+    report is a barrier)."""
     import torch.distributed as dist
 
     job.last_metrics = metrics
@@ -181,20 +233,21 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return cast(torch.nn.Module, model.module) if hasattr(model, "module") else model
 
 
-def loop_entry(worker: Callable[[dict], None], group_log: str | None, config: dict) -> None:
-    """Run `worker` after two records of where it runs: rank 0 appends its run's placement
-    group id to `group_log` (see `placement_groups`), and every rank tags the step's MLflow
-    run with its Ray node (`raypurify.node.rank<r>`), which shows on a cluster which nodes
-    did the work and that each reached the tracking server."""
+def loop_entry(group_log: str | None, config: dict[str, LoopCall]) -> None:
+    """Run the loop of `config["call"]` after two records of where it runs: rank 0 appends
+    its run's placement group id to `group_log` (see `placement_groups`), and every rank
+    tags the step's MLflow run with its Ray node (`raypurify.node.rank<r>`), which shows on
+    a cluster which nodes did the work and that each reached the tracking server."""
+    call = config["call"]
     rank = ray.train.get_context().get_world_rank()
     group = ray.util.get_current_placement_group()
     if group_log is not None and rank == 0 and group is not None:
         with open(group_log, "a") as f:
             f.write(group.id.hex() + "\n")
-    if config.get("mlflow"):
+    if call.job.mlflow is not None:
         node = ray.get_runtime_context().get_node_id()
-        Run(**config["mlflow"]).set_tags({f"{NODE_TAG}{rank}": node})
-    worker(config)
+        call.job.mlflow.set_tags({f"{NODE_TAG}{rank}": node})
+    call.loop(call.job, call.ctx)
 
 
 # ---------------------------------------------------------------------------------------
@@ -335,8 +388,8 @@ class Fitted:
 
 
 def fit(
-    worker: Callable[[dict], None],
-    loop: dict[str, Any],
+    loop: Callable[[J, LoopContext], None],
+    job: J,
     *,
     workers: int,
     gpu: bool,
@@ -348,7 +401,7 @@ def fit(
     keep: int | None = 2,
     callbacks: list | None = None,
 ) -> Fitted:
-    """Run `worker` on `workers` Ray Train workers; return its last metrics and state.
+    """Run `loop(job, ctx)` on `workers` Ray Train workers; return its last metrics and state.
 
     The run lives at storage/name: rerunning with the same pair resumes from its last
     checkpoint; `keep` checkpoints are kept (None: all of them). `callbacks` are Ray Train
@@ -369,20 +422,18 @@ def fit(
             # A hosted job's worker reads its newest checkpoint from storage itself (see
             # `restore`: also right after a group restart); an own run gets it by value.
             resume_from = None if hosted else previous and ray.put(previous)
-            config = loop | {"progress": progress.queue, RESUME_KEY: resume_from}
+            call = LoopCall(loop, job, LoopContext(progress.queue, resume_from))
             if hosted:
                 from raypurify.worker_group import Job
 
                 # hosted: group is not None
-                metrics = cast("WarmGroup", group).run(
-                    Job(worker, config, str(storage), name, keep)
-                )
+                metrics = cast("WarmGroup", group).run(Job(call, str(storage), name, keep))
             else:
                 # A Path is always true: a str or None.
                 log = cast("str | None", _placement_group_log and str(_placement_group_log))
                 trainer = TorchTrainer(
-                    functools.partial(loop_entry, worker, log),
-                    train_loop_config=config,
+                    functools.partial(loop_entry, log),
+                    train_loop_config={"call": call},
                     datasets=datasets,
                     scaling_config=ray.train.ScalingConfig(
                         num_workers=workers, use_gpu=gpu, resources_per_worker=resources
@@ -395,7 +446,7 @@ def fit(
                         # A worker or node that dies restarts the run from the last
                         # checkpoint.
                         failure_config=ray.train.FailureConfig(max_failures=max_failures()),
-                        logging_config=LoggingConfig(log_level="WARNING"),
+                        logging_config=ray.train.LoggingConfig(log_level="WARNING"),
                         callbacks=callbacks,
                     ),
                 )

@@ -1,4 +1,4 @@
-"""One small registry type for every concept (datasets aside): attacks, defences, models.
+"""One small registry type for every concept: datasets, attacks, defences, models.
 
 A registry is built from an explicit list in the concept's package `__init__`, so adding
 an entry is one new module plus one line there, and an unknown name fails with the list
@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import Generic, Protocol, TypeVar
 
-from raypurify.errors import ConfigError
+from raypurify.errors import ConfigError, RaypurifyError
 
 
 class Named(Protocol):
@@ -23,8 +23,8 @@ T = TypeVar("T", bound=Named)
 
 
 class Registry(Generic[T]):
-    def __init__(self, kind: str, entries: Iterable[T]):
-        self.kind = kind
+    def __init__(self, kind: str, entries: Iterable[T], error: type[RaypurifyError] = ConfigError):
+        self.kind, self.error = kind, error
         self._entries: dict[str, T] = {}
         for entry in entries:
             if entry.name in self._entries:
@@ -37,7 +37,7 @@ class Registry(Generic[T]):
             return self._entries[name]
         except KeyError:
             where = f"{key}: " if key else ""
-            raise ConfigError(
+            raise self.error(
                 f"{where}unknown {self.kind} '{name}' (known: {', '.join(self.names())})"
             ) from None
 

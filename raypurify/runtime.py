@@ -64,10 +64,10 @@ def loopback_only() -> None:
     """
     if os.environ.get("RAYPURIFY_RAY_ALL_INTERFACES") == "1":
         return
-    from ray._private import ray_constants
+    from raypurify.ray_private import disable_clustering
 
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    ray_constants.ENABLE_RAY_CLUSTER = False
+    disable_clustering()
 
 
 def quiet_data_logs() -> None:
@@ -95,9 +95,10 @@ Precision = Literal["auto", "bf16", "fp32"]
 def use_bf16(precision: str, dev: torch.device) -> bool:
     """Whether to run under bf16 autocast. "auto": on CUDA yes; on a CPU only when it has AMX.
 
-    Measured on the 2-core AVX-512-BF16 CPU without AMX this project runs on, oneDNN's bf16
-    convolutions are 30-40 % slower than fp32 ones with channels_last (bench/results), so
-    there "auto" keeps fp32; `precision: bf16` forces autocast anywhere. RAYPURIFY_PRECISION
+    Without AMX, oneDNN's bf16 convolutions are slower than fp32 ones with channels_last
+    even where AVX-512-BF16 exists, and emulated on AVX2 alone (docs/RESULTS.md,
+    "Precision on this CPU"), so there "auto" keeps fp32; `precision: bf16` forces
+    autocast anywhere. RAYPURIFY_PRECISION
     (fp32 or bf16) decides "auto" instead, so a test suite computes the same on every CPU kind.
     """
     if precision == "auto":

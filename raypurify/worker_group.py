@@ -5,7 +5,7 @@ this package and join a process group before their first batch: seconds per step
 cores, as long as a demo-scale step's whole training (bench/demo.py measures it). Inside
 `warm_group(...)`, every `distributed.fit` the group can host runs as a *job* of one
 long-lived TorchTrainer run instead. Its workers take jobs from a board actor and call
-the same loop function with the same config; `distributed.report` and `restore` see the
+the same loop with the same job; `distributed.report_and_checkpoint` and `restore` see the
 job and write each epoch's checkpoint where the step's own run would keep it, so a step
 resumes the same way whichever path trained it. A worker or node that dies restarts the
 group (Ray Train's failure config) and the job in flight resumes from its last checkpoint.
@@ -21,14 +21,13 @@ import contextlib
 import dataclasses
 import pickle
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import ray
 import ray.train
 from ray.train.torch import TorchTrainer
-from ray.train.v2.api.config import LoggingConfig
 
 from raypurify import distributed
 from raypurify.errors import TrainingError
@@ -42,10 +41,9 @@ IDLE_RESOURCES = {"CPU": 0, "memory": 1}
 
 @dataclasses.dataclass(frozen=True)
 class Job:
-    """One `fit` as the group runs it: the loop, its config, and where its run lives."""
+    """One `fit` as the group runs it: the loop with its job, and where its run lives."""
 
-    worker: Callable[[dict], None]
-    loop: dict[str, Any]
+    call: distributed.LoopCall
     storage: str
     name: str
     keep: int | None
@@ -117,7 +115,7 @@ def _serve(config: dict[str, Any]) -> None:
         hosted = distributed.HostedJob(Path(job.storage), job.name, job.keep)
         try:
             with distributed.hosting(hosted):
-                distributed.loop_entry(job.worker, None, job.loop)
+                distributed.loop_entry(None, {"call": job.call})
         except Exception as e:
             ray.get(board.finish.remote(seq, ("error", _portable(e))))
             if world > 1:  # the other ranks may wait in a collective: restart the group
@@ -150,7 +148,7 @@ class WarmGroup:
                 name="warm-group",
                 storage_path=str(storage),
                 failure_config=ray.train.FailureConfig(max_failures=distributed.max_failures()),
-                logging_config=LoggingConfig(log_level="WARNING"),
+                logging_config=ray.train.LoggingConfig(log_level="WARNING"),
             ),
         )
         self.error: BaseException | None = None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from raypurify.experiments.analyses import detection_report, detection_scores, otsu_threshold
+from raypurify.experiments.analyses import detection_metrics, detection_scores, otsu_threshold
 
 
 def test_otsu_splits_two_separated_groups():
@@ -23,10 +23,10 @@ def test_class_wise_patterns_are_detected_without_labels():
     patterns = rng.normal(0, 1, (k, 3, 8, 8))
     p_hat = rng.normal(0, 0.3, (n, 3, 8, 8))
     p_hat[poisoned] += patterns[labels[poisoned]]
-    report = detection_report(detection_scores(p_hat, labels), poisoned)
+    report = detection_metrics(detection_scores(p_hat, labels), poisoned)
     for stat in ("norm", "class_cosine"):
         assert report[stat]["accuracy"] > 0.95
         assert report[stat]["f1"] > 0.95
     # With nothing to find, precision cannot be high.
-    clean = detection_report(detection_scores(rng.normal(0, 1, (n, 3, 8, 8)), labels), poisoned)
+    clean = detection_metrics(detection_scores(rng.normal(0, 1, (n, 3, 8, 8)), labels), poisoned)
     assert clean["norm"]["precision"] < 0.7

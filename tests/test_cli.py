@@ -32,8 +32,8 @@ def test_version_and_help_as_a_subprocess():
 def test_datasets_list(capsys):
     assert main(["datasets", "list"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert [line.split()[0] for line in lines] == list(SOURCES)
-    for line, src in zip(lines, SOURCES.values(), strict=True):
+    assert [line.split()[0] for line in lines] == SOURCES.names()
+    for line, src in zip(lines, SOURCES, strict=True):
         assert line.endswith(src.description)
 
 

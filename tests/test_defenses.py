@@ -23,7 +23,7 @@ from raypurify.errors import ConfigError
 from raypurify.models import build_model
 from raypurify.training.augment import to_input
 from raypurify.training.config import TrainConfig
-from raypurify.training.engine import Step
+from raypurify.training.epoch import LossContext
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -152,8 +152,10 @@ def run_loss(name, options, x, y, seed, epoch=0, epochs=2):
     assert defense.kind == "train"
     loss_fn = defense.loss(opts, TrainConfig())
     model = fresh_model()
-    step = Step(epoch=epoch, epochs=epochs, gen=torch.Generator().manual_seed(seed), amp=False)
-    loss, logits = loss_fn(model, x, y, step)
+    ctx = LossContext(
+        epoch=epoch, epochs=epochs, gen=torch.Generator().manual_seed(seed), amp=False
+    )
+    loss, logits = loss_fn(model, x, y, ctx)
     return model, loss, logits
 
 

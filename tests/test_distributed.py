@@ -1,9 +1,8 @@
-"""The one private Ray name raypurify relies on: Ray Train's report logger. If a Ray upgrade
-moves or renames it, this fails here instead of every worker logging each report."""
+"""Ray Train glue: the placement group log, the node tags, the refusals before Ray waits
+forever, the loops' imports."""
 
 from __future__ import annotations
 
-import importlib
 import subprocess
 import sys
 
@@ -12,18 +11,12 @@ import ray
 import ray.train
 
 from raypurify.distributed import (
-    REPORT_LOGGER_MODULE,
+    LoopJob,
     check_cpus,
     fit,
     placement_groups,
     release_placement_groups,
-    report_logger,
 )
-
-
-def test_ray_train_logs_its_reports_to_the_logger_the_workers_quiet():
-    module = importlib.import_module(REPORT_LOGGER_MODULE)
-    assert module.logger is report_logger()
 
 
 def test_a_bad_max_failures_is_refused_naming_the_variable(monkeypatch):
@@ -42,7 +35,7 @@ def test_a_bad_max_failures_is_refused_naming_the_variable(monkeypatch):
 def test_the_loops_ray_workers_import_do_not_pull_in_torchvision():
     """Every Ray Train worker and controller imports its loop's module; torchvision (and the
     torch._dynamo it drags in) would add seconds of start-up to each of them."""
-    loops = ["raypurify.defenses.dvae.stage", "raypurify.training.worker"]
+    loops = ["raypurify.defenses.dvae.stage", "raypurify.training.loop"]
     code = f"import sys; [__import__(m) for m in {loops}]; print('torchvision' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
@@ -59,16 +52,24 @@ def test_a_run_logs_its_placement_group_and_node_and_a_leftover_group_is_release
     from raypurify.distributed import NODE_TAG
     from raypurify.tracking import start_run
 
-    def one_epoch(config: dict) -> None:  # nested: pickled by value for the workers
-        from raypurify.distributed import report
+    def one_epoch(job: LoopJob, ctx) -> None:  # nested: pickled by value for the workers
+        from raypurify.distributed import report_and_checkpoint
 
-        report({"epoch": 1}, {"epoch": 1}, ray.train.get_context().get_world_rank())
+        report_and_checkpoint({"epoch": 1}, {"epoch": 1}, ray.train.get_context().get_world_rank())
 
     log = tmp_path / "groups" / "trial.txt"
     run = start_run("nodes", "run")
-    loop = {"mlflow": {"uri": run.uri, "run_id": run.run_id}}
     with placement_groups(log):
-        fit(one_epoch, loop, workers=1, gpu=False, storage=tmp_path, name="run", epochs=1, desc="t")
+        fit(
+            one_epoch,
+            LoopJob(mlflow=run),
+            workers=1,
+            gpu=False,
+            storage=tmp_path,
+            name="run",
+            epochs=1,
+            desc="t",
+        )
     (finished,) = log.read_text().split()
     assert placement_group_table()[finished]["state"] == "REMOVED"  # Ray Train removed it
     tags = run.client.get_run(run.run_id).data.tags

@@ -268,7 +268,7 @@ def test_spec_for_directory_name_and_unknown(tmp_path):
 
 
 def test_registry_names_and_unknown_source():
-    assert set(registry.SOURCES) == {
+    assert set(registry.SOURCES.names()) == {
         "cifar10",
         "cifar100",
         "imagenet-subset",

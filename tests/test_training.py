@@ -19,9 +19,9 @@ from raypurify.defenses.squeeze import JpegOptions, jpeg
 from raypurify.distributed import saved_state
 from raypurify.errors import ConfigError, DatasetError
 from raypurify.models import build_model
+from raypurify.training.classifier import METRICS_FILE, MODEL_FILE, train_classifier
 from raypurify.training.config import recipe
-from raypurify.training.engine import predict
-from raypurify.training.trainer import METRICS_FILE, MODEL_FILE, train_classifier
+from raypurify.training.epoch import predict
 
 # The `cpu` recipe shrunk to seconds: 600 synthetic 16 px images of 4 classes.
 TINY = ["arch_options.width=8", "batch_size=32", "epochs=4", "eval_subset=null"]
@@ -119,7 +119,7 @@ from raypurify.data.registry import load
 from raypurify.data.spec import DatasetSpec
 from raypurify.runtime import init_ray
 from raypurify.training.config import recipe
-from raypurify.training.trainer import train_classifier
+from raypurify.training.classifier import train_classifier
 init_ray(num_cpus=2)
 train = load(DatasetSpec(name="synthetic", rows=600, size=16, classes=4))
 test = load(DatasetSpec(name="synthetic", split="test", rows=200, size=16, classes=4))

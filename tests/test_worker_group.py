@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 
@@ -9,12 +10,20 @@ import pytest
 import ray
 import ray.train
 
-from raypurify.distributed import checkpoint_dirs, fit, saved_state
+from raypurify.distributed import LoopContext, LoopJob, checkpoint_dirs, fit, saved_state
 from raypurify.errors import TrainingError
 from raypurify.worker_group import warm_group
 
 
-def epochs_loop(config: dict) -> None:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EpochsJob(LoopJob):
+    epochs: int
+    fail: str | None = None
+    kill_after: int | None = None
+    marker: str | None = None
+
+
+def epochs_loop(job: EpochsJob, ctx: LoopContext) -> None:
     """A loop of `epochs` empty epochs that reports the worker's pid; it raises `fail`, and
     kills its own process after epoch `kill_after` once (leaving its pid in `marker`)."""
     import os
@@ -23,21 +32,21 @@ def epochs_loop(config: dict) -> None:
 
     import ray.train
 
-    from raypurify.distributed import report, restore
+    from raypurify.distributed import report_and_checkpoint, restore
     from raypurify.errors import TrainingError
 
-    if config.get("fail"):
-        raise TrainingError(config["fail"])
+    if job.fail:
+        raise TrainingError(job.fail)
     rank = ray.train.get_context().get_world_rank()
-    state = restore(None, config.get("resume_from"))
+    state = restore(None, ctx.resume_from)
     start, history = (state["epoch"], state["history"]) if state else (0, [])
-    for epoch in range(start, config["epochs"]):
+    for epoch in range(start, job.epochs):
         t0 = time.perf_counter()
         history = [*history, {"epoch": epoch + 1, "epoch_s": time.perf_counter() - t0}]
         metrics = {"epoch": epoch + 1, "pid": os.getpid()}
-        report(metrics, {"epoch": epoch + 1, "history": history}, rank)
-        marker = config.get("marker")
-        if epoch + 1 == config.get("kill_after") and not os.path.exists(marker):
+        report_and_checkpoint(metrics, {"epoch": epoch + 1, "history": history}, rank)
+        marker = job.marker
+        if epoch + 1 == job.kill_after and marker and not os.path.exists(marker):
             with open(marker, "w") as f:
                 f.write(str(os.getpid()))
             os.kill(os.getpid(), signal.SIGKILL)
@@ -48,10 +57,9 @@ ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
 def run(tmp_path, name: str, epochs: int, **extra):
-    loop = {"epochs": epochs, **extra}
     return fit(
         epochs_loop,
-        loop,
+        EpochsJob(epochs=epochs, **extra),
         workers=1,
         gpu=False,
         storage=tmp_path,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,13 +32,20 @@ import torch.nn.functional as F
 from pydantic import Field, PositiveInt
 
 from raypurify.attacks.base import Attack, AttackJob, EpsConfig, perturb
-from raypurify.distributed import fit, report, setup_worker, unwrap, use_gpu
+from raypurify.distributed import (
+    LoopContext,
+    LoopJob,
+    end_epoch,
+    fit,
+    per_worker_batch,
+    setup_worker,
+    unwrap,
+    use_gpu,
+)
 from raypurify.estimate import warn_if_long
 from raypurify.models import ARCHS, build_model
-from raypurify.progress import advance
 from raypurify.runtime import Precision, autocast, use_bf16
 from raypurify.storage import scratch
-from raypurify.tracking import Run
 
 # What to use instead of the authors' GPU settings on a CPU (the CPU protocol's EM rows).
 CPU_HINT = (
@@ -78,21 +86,19 @@ def _input_grad(model, x: torch.Tensor, delta: torch.Tensor, y: torch.Tensor, am
 class MinMin:
     """One worker's state: the data, its share of rows, the surrogate and the noise."""
 
-    config_type = EMConfig
-
     @staticmethod
     def worst_case_passes(cfg: EMConfig, rows: int) -> float:
         """Surrogate forward-backward image passes if no round stops early."""
         noise = cfg.pgd_steps * rows if cfg.granularity == "sample" else cfg.portion * rows
         return cfg.max_rounds * (cfg.train_steps * cfg.batch_size + noise)
 
-    def __init__(self, cfg: EMConfig, loop: dict[str, Any], rank: int, world: int, dev):
+    def __init__(self, cfg: EMConfig, job: MinMinJob, rank: int, world: int, dev):
         self.cfg, self.rank, self.world, self.dev = cfg, rank, world, dev
         self.amp = use_bf16(cfg.precision, dev)
-        arrays = ray.get(loop["arrays"])
+        arrays = ray.get(job.arrays)
         self.x = torch.from_numpy(arrays["images"].copy()).to(dev).float() / 255  # N C H W
         self.y = torch.from_numpy(arrays["labels"].copy()).to(dev)
-        n, self.classes = len(self.y), loop["num_classes"]
+        n, self.classes = len(self.y), job.num_classes
         torch.manual_seed(cfg.seed)
         model = build_model(cfg.surrogate, self.classes, self.x.shape[-1], **cfg.surrogate_options)
         self.model = ray.train.torch.prepare_model(model.to(memory_format=torch.channels_last))
@@ -103,7 +109,7 @@ class MinMin:
         shape = (self.classes if cfg.granularity == "class" else n, *self.x.shape[1:])
         self.delta = ((torch.rand(shape, generator=self.gen) * 2 - 1) * cfg.eps).to(dev)
         self.mine = torch.arange(rank, n, world, device=dev)  # rows this worker updates
-        self.bs = max(2, cfg.batch_size // world)
+        self.bs = per_worker_batch(cfg.batch_size, world)
         self.order, self.cursor = torch.randperm(n, generator=self.gen).to(dev), 0
 
     def noise(self, idx: torch.Tensor) -> torch.Tensor:
@@ -194,14 +200,22 @@ class MinMin:
         return loss, error
 
 
-def minmin_worker(loop: dict[str, Any]) -> None:
-    """Rounds of `loop["engine"]` (MinMin or a subclass) until its stop rule; the last
-    report carries the noise."""
-    engine = loop["engine"]
-    cfg = engine.config_type.model_validate(loop["config"])
+@dataclass(frozen=True, kw_only=True)
+class MinMinJob(LoopJob):
+    """The min-min loop's inputs: the engine (MinMin or a subclass), its config, and the
+    rows to poison."""
+
+    engine: type[MinMin]
+    config: EMConfig  # the engine's own config (REM's is a REMConfig)
+    arrays: Any  # object ref to `pack`'s arrays of the rows
+    num_classes: int
+
+
+def minmin_worker(job: MinMinJob, ctx: LoopContext) -> None:
+    """Rounds of `job.engine` until its stop rule; the last report carries the noise."""
+    cfg = job.config
     rank, world, dev = setup_worker(None)
-    em = engine(cfg, loop, rank, world, dev)
-    run = Run(**loop["mlflow"]) if loop.get("mlflow") and rank == 0 else None
+    em = job.engine(cfg, job, rank, world, dev)
     for rnd in range(cfg.max_rounds):
         t0 = time.perf_counter()
         loss, error = em.round()
@@ -211,12 +225,9 @@ def minmin_worker(loop: dict[str, Any]) -> None:
             "loss": loss,
             "round_s": time.perf_counter() - t0,
         }
-        if run is not None:
-            run.log_metrics(metrics, step=rnd + 1)
-        if rank == 0:
-            advance(loop["progress"], rnd + 1, error=error)
         done = error < cfg.stop_error or rnd + 1 == cfg.max_rounds
-        report(metrics, {"epoch": rnd + 1, "delta": em.delta.cpu()} if done else None, rank)
+        state = {"epoch": rnd + 1, "delta": em.delta.cpu()} if done else None
+        end_epoch(job, ctx, rank, rnd + 1, metrics, state, bar={"error": error})
         if done:
             return
 
@@ -236,13 +247,13 @@ def run_minmin(job: AttackJob, cfg: EMConfig, engine: type[MinMin], desc: str) -
             build_model, cfg.surrogate, classes, h, **cfg.surrogate_options
         )
         warn_if_long(desc, passes, surrogate, classes, (c, h, w), hint=CPU_HINT)
-    loop = {
-        "engine": engine,
-        "config": cfg.to_dict(),
-        "arrays": ray.put(pack(job.rows)),
-        "num_classes": job.clean.num_classes,
-        "mlflow": None if job.run is None else {"uri": job.run.uri, "run_id": job.run.run_id},
-    }
+    loop = MinMinJob(
+        engine=engine,
+        config=cfg,
+        arrays=ray.put(pack(job.rows)),
+        num_classes=job.clean.num_classes,
+        mlflow=job.run,
+    )
     with scratch() as tmp:
         state = fit(
             minmin_worker,

@@ -39,8 +39,7 @@ class REMConfig(EMConfig):
 
 
 class RobustMinMin(MinMin):
-    config_type = REMConfig
-    cfg: REMConfig  # MinMin.__init__ sets it, an instance of config_type
+    cfg: REMConfig  # MinMin.__init__ sets it (run_minmin passes REM's config)
 
     def attack(self, net, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """PGD ascent of radius adv_eps around x (the inner max)."""

@@ -19,7 +19,7 @@ from pydantic import Field, PositiveInt
 
 from raypurify.attacks.base import Attack, AttackJob, EpsConfig, perturb
 from raypurify.attacks.tap import train_surrogate
-from raypurify.attacks.targeted import craft
+from raypurify.attacks.targeted import PGD, craft
 from raypurify.distributed import STATE_FILE, checkpoint_dirs
 from raypurify.runtime import Precision
 from raypurify.storage import scratch
@@ -55,16 +55,16 @@ def generate(job: AttackJob, cfg: SEPConfig) -> np.ndarray:
         states = [
             torch.load(d / STATE_FILE, map_location="cpu", weights_only=True)["model"] for d in dirs
         ]
-    pgd = {
-        "eps": cfg.eps,
-        "steps": cfg.steps,
-        "restarts": 1,
-        "shift": cfg.shift,
-        "step_size": cfg.step_size,
-        "augment": False,
-        "precision": cfg.precision,
-        "seed": cfg.seed,
-    }
+    pgd = PGD(
+        eps=cfg.eps,
+        steps=cfg.steps,
+        restarts=1,
+        shift=cfg.shift,
+        step_size=cfg.step_size,
+        augment=False,
+        precision=cfg.precision,
+        seed=cfg.seed,
+    )
     delta = craft(
         job.rows,
         states,

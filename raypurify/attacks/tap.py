@@ -17,7 +17,7 @@ import torch
 from pydantic import Field, PositiveInt
 
 from raypurify.attacks.base import Attack, AttackJob, EpsConfig, perturb
-from raypurify.attacks.targeted import craft
+from raypurify.attacks.targeted import PGD, craft
 from raypurify.runtime import Precision
 from raypurify.storage import scratch
 
@@ -38,8 +38,8 @@ class TAPConfig(EpsConfig):
 
 def train_surrogate(job: AttackJob, recipe_name: str, overrides: list[str], seed: int, out: Path):
     """A classifier trained on the clean set (Ray Train); returns (its config, the metrics)."""
+    from raypurify.training.classifier import train_classifier
     from raypurify.training.config import recipe
-    from raypurify.training.trainer import train_classifier
 
     train_cfg = recipe(recipe_name, [*overrides, f"seed={seed}"])
     check = job.clean.take(np.arange(min(len(job.clean), 1000)))  # a progress readout only
@@ -51,7 +51,7 @@ def train_surrogate(job: AttackJob, recipe_name: str, overrides: list[str], seed
 
 def generate(job: AttackJob, cfg: TAPConfig) -> np.ndarray:
     from raypurify.runtime import init_ray
-    from raypurify.training.trainer import MODEL_FILE
+    from raypurify.training.classifier import MODEL_FILE
 
     init_ray()
     with scratch() as tmp:
@@ -59,16 +59,16 @@ def generate(job: AttackJob, cfg: TAPConfig) -> np.ndarray:
             job, cfg.surrogate_recipe, cfg.surrogate_overrides, cfg.seed, Path(tmp)
         )
         weights = torch.load(Path(tmp) / MODEL_FILE, map_location="cpu", weights_only=True)
-    pgd = {
-        "eps": cfg.eps,
-        "steps": cfg.steps,
-        "restarts": cfg.restarts,
-        "shift": cfg.shift,
-        "step_size": cfg.step_size or cfg.eps * max(0.05, 2.5 / cfg.steps),
-        "augment": cfg.augment,
-        "precision": cfg.precision,
-        "seed": cfg.seed,
-    }
+    pgd = PGD(
+        eps=cfg.eps,
+        steps=cfg.steps,
+        restarts=cfg.restarts,
+        shift=cfg.shift,
+        step_size=cfg.step_size or cfg.eps * max(0.05, 2.5 / cfg.steps),
+        augment=cfg.augment,
+        precision=cfg.precision,
+        seed=cfg.seed,
+    )
     delta = craft(
         job.rows,
         [weights],

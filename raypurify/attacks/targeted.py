@@ -13,6 +13,7 @@ the attack then quantises within the budget.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, cast
 
 import numpy as np
@@ -26,35 +27,52 @@ from raypurify.data.interchange import imageset_to_ray
 from raypurify.distributed import use_gpu
 from raypurify.models import build_model
 from raypurify.progress import Progress, add
-from raypurify.runtime import autocast, torch_threads, use_bf16
+from raypurify.runtime import Precision, autocast, torch_threads, use_bf16
 from raypurify.training.augment import crop_flip
+
+
+@dataclass(frozen=True)
+class PGD:
+    """How each image is attacked (TAP's and SEP's settings)."""
+
+    eps: float  # l_inf bound, [0, 1] units
+    steps: int
+    step_size: float
+    restarts: int  # random starts; the one with the lowest final target loss is kept
+    shift: int  # target class (y + shift) mod K
+    augment: bool  # a random crop/flip at every step
+    precision: Precision
+    seed: int
+
+
+@dataclass(frozen=True)
+class Surrogates:
+    """The networks every crafting actor attacks: one architecture, several weights."""
+
+    states: Any  # object ref to the list of state dicts: one copy for all actors
+    arch: str
+    options: dict[str, Any]
+    classes: int
+    size: int  # image side
 
 
 class Crafter:
     """Ray Data actor: targeted PGD against the surrogates, batch by batch."""
 
-    def __init__(
-        self,
-        states,
-        arch: str,
-        options: dict,
-        classes: int,
-        size: int,
-        pgd: dict[str, Any],
-        progress=None,
-    ):
+    def __init__(self, surrogates: Surrogates, pgd: PGD, progress=None):
         self.dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if self.dev.type == "cpu":
             torch.set_num_threads(torch_threads())
         self.models = []
-        for state in ray.get(states):  # an object ref: one copy for all actors
-            model = build_model(arch, classes, size, **options)
+        s = surrogates
+        for state in ray.get(s.states):
+            model = build_model(s.arch, s.classes, s.size, **s.options)
             model.load_state_dict(state)
             # torch's overloads of Module.to lack (device, memory_format=), which it accepts.
             model = model.to(self.dev, memory_format=torch.channels_last).eval()  # type: ignore[call-overload]
             self.models.append(model.requires_grad_(False))
-        self.pgd, self.classes, self.progress = pgd, classes, progress
-        self.amp = use_bf16(pgd["precision"], self.dev)
+        self.pgd, self.classes, self.progress = pgd, s.classes, progress
+        self.amp = use_bf16(pgd.precision, self.dev)
 
     def loss(self, x: torch.Tensor, target: torch.Tensor, reduction: str = "mean"):
         x = x.contiguous(memory_format=torch.channels_last)
@@ -69,19 +87,19 @@ class Crafter:
         p = self.pgd
         x = torch.from_numpy(np.array(batch["image"])).to(self.dev).permute(0, 3, 1, 2) / 255.0
         labels = torch.from_numpy(np.array(batch["label"], dtype=np.int64)).to(self.dev)
-        target = (labels + p["shift"]) % self.classes
-        gen = torch.Generator().manual_seed(p["seed"] * 1_000_003 + int(batch["index"].min()))
+        target = (labels + p.shift) % self.classes
+        gen = torch.Generator().manual_seed(p.seed * 1_000_003 + int(batch["index"].min()))
         best = torch.zeros_like(x)
         best_loss = torch.full((len(x),), float("inf"), device=self.dev)
-        for _ in range(p["restarts"]):
-            delta = ((torch.rand(x.shape, generator=gen) * 2 - 1) * p["eps"]).to(self.dev)
-            for _ in range(p["steps"]):
+        for _ in range(p.restarts):
+            delta = ((torch.rand(x.shape, generator=gen) * 2 - 1) * p.eps).to(self.dev)
+            for _ in range(p.steps):
                 delta.requires_grad_(True)
                 adv = torch.clamp(x + delta, 0, 1)
                 (g,) = torch.autograd.grad(
-                    self.loss(crop_flip(adv, gen) if p["augment"] else adv, target), delta
+                    self.loss(crop_flip(adv, gen) if p.augment else adv, target), delta
                 )
-                delta = torch.clamp(delta.detach() - p["step_size"] * g.sign(), -p["eps"], p["eps"])
+                delta = torch.clamp(delta.detach() - p.step_size * g.sign(), -p.eps, p.eps)
                 delta = torch.clamp(x + delta, 0, 1) - x
             with torch.no_grad():
                 final = self.loss(torch.clamp(x + delta, 0, 1), target, reduction="none")
@@ -97,26 +115,19 @@ def craft(
     arch: str,
     options: dict,
     classes: int,
-    pgd: dict[str, Any],
+    pgd: PGD,
     *,
     batch_size: int,
     actors: int,
     desc: str,
 ) -> torch.Tensor:
-    """Float perturbations (n, H, W, C) for `rows`, in their order.
-
-    `pgd` holds eps, steps, step_size, restarts, shift, augment, precision and seed.
-    """
+    """Float perturbations (n, H, W, C) for `rows`, in their order."""
     gpu = use_gpu("auto")
     with Progress(len(rows), desc, unit="img") as progress:
         crafted = imageset_to_ray(rows).map_batches(
             Crafter,
             fn_constructor_kwargs={
-                "states": ray.put(states),
-                "arch": arch,
-                "options": options,
-                "classes": classes,
-                "size": rows.shape[0],
+                "surrogates": Surrogates(ray.put(states), arch, options, classes, rows.shape[0]),
                 "pgd": pgd,
                 "progress": progress.queue,
             },

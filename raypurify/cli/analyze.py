@@ -85,9 +85,9 @@ def run_disentangle(args: argparse.Namespace) -> int:
     from raypurify.data.manifest import file_sha256
     from raypurify.experiments.analyses import write_clean_plus_phat
     from raypurify.storage import join_cluster
+    from raypurify.training.classifier import train_classifier
     from raypurify.training.config import recipe
     from raypurify.training.run import EXECUTION_KEYS, check_options, identity
-    from raypurify.training.trainer import train_classifier
 
     cfg = recipe(args.recipe, args.overrides)
     check_options(cfg)

@@ -47,9 +47,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_list(args: argparse.Namespace) -> int:
-    width = max(map(len, SOURCES))
-    for name, src in SOURCES.items():
-        print(f"{name:<{width}}  {src.description}")
+    width = max(map(len, SOURCES.names()))
+    for src in SOURCES:
+        print(f"{src.name:<{width}}  {src.description}")
     return 0
 
 

@@ -78,18 +78,18 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_report(args: argparse.Namespace) -> int:
-    from raypurify.experiments import report
+    from raypurify.reports import experiment
 
     out = Path(args.dir)
     if args.spec:
         from raypurify.experiments.runner import finished_steps
 
         spec = load(args.spec, args.overrides)
-        report.save_run(out, spec, [str(s.dir) for s in finished_steps(spec, out)])
-    spec, records = report.load_run(out)
-    results = report.collect(spec, records)
-    report.write(spec, results, out, records)
-    print(report.markdown(spec, results))
+        experiment.save_run(out, spec, [str(s.dir) for s in finished_steps(spec, out)])
+    spec, records = experiment.load_run(out)
+    results = experiment.collect(spec, records)
+    experiment.write(spec, results, out, records)
+    print(experiment.markdown(spec, results))
     return 0
 
 

@@ -12,10 +12,11 @@ from raypurify.data.interchange import MANIFEST, imageset_to_ray
 from raypurify.data.sources import cifar, folder, parquet, sample, synthetic
 from raypurify.data.spec import DatasetSpec, Source, Stream
 from raypurify.errors import DatasetError
+from raypurify.registry import Registry
 
-SOURCES: dict[str, Source] = {
-    s.name: s
-    for s in (
+SOURCES: Registry[Source] = Registry(
+    "dataset",
+    (
         cifar.CIFAR10,
         cifar.CIFAR100,
         folder.IMAGENET_SUBSET,
@@ -23,8 +24,9 @@ SOURCES: dict[str, Source] = {
         parquet.SOURCE,
         synthetic.SOURCE,
         sample.SOURCE,
-    )
-}
+    ),
+    error=DatasetError,
+)
 
 
 def is_dataset_dir(ref: str | Path) -> bool:
@@ -42,16 +44,13 @@ def spec_for(ref: str, **fields: Any) -> DatasetSpec:
         return config.validate(DatasetSpec, {"name": ref, **fields}, source="dataset")
     if Path(ref).exists():
         raise DatasetError(f"{ref}: not a dataset directory (no {MANIFEST})")
-    raise DatasetError(f"unknown dataset '{ref}': not a directory, nor one of {sorted(SOURCES)}")
+    raise DatasetError(
+        f"unknown dataset '{ref}': not a directory, nor one of {', '.join(SOURCES.names())}"
+    )
 
 
 def source(spec: DatasetSpec) -> Source:
-    try:
-        return SOURCES[spec.name]
-    except KeyError:
-        raise DatasetError(
-            f"name: unknown dataset '{spec.name}' (known: {sorted(SOURCES)})"
-        ) from None
+    return SOURCES.get(spec.name, key="name")
 
 
 def check(spec: DatasetSpec) -> None:

@@ -12,7 +12,7 @@ from raypurify.registry import Registry
 
 if TYPE_CHECKING:
     from raypurify.training.config import TrainConfig
-    from raypurify.training.engine import LossFn
+    from raypurify.training.epoch import LossFn
 
 NONE = Defense("none", "no defence: the undefended baseline", "none")
 
@@ -49,7 +49,7 @@ def options(
 
 def training_loss(train_cfg: TrainConfig) -> LossFn:
     """The classifier's LossFn: the training-time defence's, or plain cross-entropy."""
-    from raypurify.training.engine import cross_entropy
+    from raypurify.training.epoch import cross_entropy
 
     defense, opts = options(train_cfg.defense.name, train_cfg.defense.options)
     if defense.kind == "train":

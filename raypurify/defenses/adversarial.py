@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from raypurify.training.config import TrainConfig
-    from raypurify.training.engine import LossFn
+    from raypurify.training.epoch import LossFn
 
 
 class AdversarialOptions(Config):
@@ -58,11 +58,11 @@ def pgd(
 def adversarial_loss(options: AdversarialOptions, train_cfg: TrainConfig) -> LossFn:
     smoothing = train_cfg.optim.label_smoothing
 
-    def loss(model, x, y, step):
+    def loss(model, x, y, ctx):
         model.eval()
-        x_adv = pgd(model, x, y, options, step.gen, step.amp)
+        x_adv = pgd(model, x, y, options, ctx.gen, ctx.amp)
         model.train()
-        with autocast(x.device, step.amp):
+        with autocast(x.device, ctx.amp):
             logits = model(x_adv).float()
         return F.cross_entropy(logits, y, label_smoothing=smoothing), logits
 

@@ -19,7 +19,7 @@ from raypurify.runtime import autocast
 
 if TYPE_CHECKING:
     from raypurify.training.config import TrainConfig
-    from raypurify.training.engine import LossFn
+    from raypurify.training.epoch import LossFn
 
 
 class CutoutOptions(Config):
@@ -30,8 +30,8 @@ class MixOptions(Config):
     alpha: float = Field(1.0, gt=0)  # Beta(alpha, alpha) mixing weights
 
 
-def _logits(model, x, step):
-    with autocast(x.device, step.amp):
+def _logits(model, x, ctx):
+    with autocast(x.device, ctx.amp):
         return model(x).float()
 
 
@@ -50,16 +50,16 @@ def cutout_mask(n: int, h: int, w: int, size: int, gen: torch.Generator) -> torc
 def cutout_loss(options: CutoutOptions, train_cfg: TrainConfig) -> LossFn:
     smoothing = train_cfg.optim.label_smoothing
 
-    def loss(model, x, y, step):
-        mask = cutout_mask(len(x), x.shape[2], x.shape[3], options.size, step.gen).to(x.device)
-        logits = _logits(model, x * mask, step)
+    def loss(model, x, y, ctx):
+        mask = cutout_mask(len(x), x.shape[2], x.shape[3], options.size, ctx.gen).to(x.device)
+        logits = _logits(model, x * mask, ctx)
         return F.cross_entropy(logits, y, label_smoothing=smoothing), logits
 
     return loss
 
 
 def _mix_weight(alpha: float, gen: torch.Generator) -> float:
-    """lambda ~ Beta(alpha, alpha), drawn reproducibly from the step's generator."""
+    """lambda ~ Beta(alpha, alpha), drawn reproducibly from the loss context's generator."""
     seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
     return float(np.random.default_rng(seed).beta(alpha, alpha))
 
@@ -67,10 +67,10 @@ def _mix_weight(alpha: float, gen: torch.Generator) -> float:
 def mixup_loss(options: MixOptions, train_cfg: TrainConfig) -> LossFn:
     smoothing = train_cfg.optim.label_smoothing
 
-    def loss(model, x, y, step):
-        lam = _mix_weight(options.alpha, step.gen)
-        perm = torch.randperm(len(x), generator=step.gen).to(x.device)
-        logits = _logits(model, lam * x + (1 - lam) * x[perm], step)
+    def loss(model, x, y, ctx):
+        lam = _mix_weight(options.alpha, ctx.gen)
+        perm = torch.randperm(len(x), generator=ctx.gen).to(x.device)
+        logits = _logits(model, lam * x + (1 - lam) * x[perm], ctx)
         ce = lam * F.cross_entropy(logits, y, label_smoothing=smoothing)
         ce = ce + (1 - lam) * F.cross_entropy(logits, y[perm], label_smoothing=smoothing)
         return ce, logits
@@ -81,17 +81,17 @@ def mixup_loss(options: MixOptions, train_cfg: TrainConfig) -> LossFn:
 def cutmix_loss(options: MixOptions, train_cfg: TrainConfig) -> LossFn:
     smoothing = train_cfg.optim.label_smoothing
 
-    def loss(model, x, y, step):
-        lam = _mix_weight(options.alpha, step.gen)
+    def loss(model, x, y, ctx):
+        lam = _mix_weight(options.alpha, ctx.gen)
         n, _, h, w = x.shape
         bh, bw = int(h * (1 - lam) ** 0.5), int(w * (1 - lam) ** 0.5)
-        top = int(torch.randint(0, h - bh + 1, (1,), generator=step.gen))
-        left = int(torch.randint(0, w - bw + 1, (1,), generator=step.gen))
-        perm = torch.randperm(n, generator=step.gen).to(x.device)
+        top = int(torch.randint(0, h - bh + 1, (1,), generator=ctx.gen))
+        left = int(torch.randint(0, w - bw + 1, (1,), generator=ctx.gen))
+        perm = torch.randperm(n, generator=ctx.gen).to(x.device)
         mixed = x.clone()
         mixed[:, :, top : top + bh, left : left + bw] = x[perm, :, top : top + bh, left : left + bw]
         lam = 1 - (bh * bw) / (h * w)  # the pasted area decides the label weights
-        logits = _logits(model, mixed, step)
+        logits = _logits(model, mixed, ctx)
         ce = lam * F.cross_entropy(logits, y, label_smoothing=smoothing)
         ce = ce + (1 - lam) * F.cross_entropy(logits, y[perm], label_smoothing=smoothing)
         return ce, logits

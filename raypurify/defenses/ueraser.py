@@ -22,7 +22,7 @@ from raypurify.runtime import autocast
 
 if TYPE_CHECKING:
     from raypurify.training.config import TrainConfig
-    from raypurify.training.engine import LossFn
+    from raypurify.training.epoch import LossFn
 
 
 class UEraserOptions(Config):
@@ -81,12 +81,12 @@ def augment(x: torch.Tensor, options: UEraserOptions, gen: torch.Generator) -> t
 def ueraser_loss(options: UEraserOptions, train_cfg: TrainConfig) -> LossFn:
     smoothing = train_cfg.optim.label_smoothing
 
-    def loss(model, x, y, step):
-        repeats = options.repeats if step.epoch < options.repeat_epochs else 1
+    def loss(model, x, y, ctx):
+        repeats = options.repeats if ctx.epoch < options.repeat_epochs else 1
         dev = x.device
-        copies = torch.cat([augment(x.cpu().float(), options, step.gen) for _ in range(repeats)])
+        copies = torch.cat([augment(x.cpu().float(), options, ctx.gen) for _ in range(repeats)])
         copies = copies.to(dev).contiguous(memory_format=torch.channels_last)
-        with autocast(dev, step.amp):
+        with autocast(dev, ctx.amp):
             logits = model(copies).float()
         per_image = F.cross_entropy(
             logits, y.repeat(repeats), reduction="none", label_smoothing=smoothing

@@ -56,7 +56,7 @@ def detection_scores(p_hat: np.ndarray, labels: np.ndarray) -> dict[str, np.ndar
     return {"norm": norm, "class_cosine": cosine}
 
 
-def detection_report(scores: dict[str, np.ndarray], poisoned: np.ndarray) -> dict[str, Any]:
+def detection_metrics(scores: dict[str, np.ndarray], poisoned: np.ndarray) -> dict[str, Any]:
     out = {}
     for name, s in scores.items():
         threshold = otsu_threshold(s)
@@ -82,7 +82,7 @@ def detect_poisoned(poison_path: str | Path, purify_dir: str | Path) -> dict[str
     if flags is None or not flags.any() or flags.all():
         state = "every row is" if flags is not None and flags.all() else "no row is"
         return {"note": f"detection needs a mix of poisoned and clean rows; {state} poisoned"}
-    return detection_report(detection_scores(p_hat, labels), flags)
+    return detection_metrics(detection_scores(p_hat, labels), flags)
 
 
 def write_clean_plus_phat(

@@ -26,12 +26,12 @@ from raypurify.attacks import ATTACKS
 from raypurify.data import registry
 from raypurify.distributed import use_gpu
 from raypurify.errors import ConfigError, RaypurifyError
-from raypurify.experiments import report
 from raypurify.experiments.spec import ExperimentSpec
 from raypurify.experiments.steps import Context, Step, plan
 from raypurify.experiments.store import ERROR_LOG, Store, step_key
 from raypurify.models import ARCHS
 from raypurify.progress import bar_slot
+from raypurify.reports import experiment
 from raypurify.storage import join_cluster
 from raypurify.tracking import active_run, start_run
 from raypurify.training.config import recipe
@@ -131,16 +131,16 @@ def run_experiment(
         with warm_workers(parallel, out):
             Scheduler(steps, store, ctx, force, parallel, out, cpu_budget()).run()
         records = [r for s in steps if s.dir and (r := store.record(s.dir))]
-        results = report.collect(spec, records)
+        results = experiment.collect(spec, records)
         results["wall_s"] = time.perf_counter() - start
         results["steps"] = {
             "ran": sum(s.result is not None and not s.cached for s in steps),
             "reused": sum(s.cached for s in steps),
         }
-        files = report.write(spec, results, out, records)
+        files = experiment.write(spec, results, out, records)
         for f in files:
             parent.log_artifact(f)
-        parent.log_metrics(report.summary_metrics(results))
+        parent.log_metrics(experiment.summary_metrics(results))
     failed = [s for s in steps if s.error]
     if failed:
         names = ", ".join(s.name for s in failed[:5])
@@ -276,7 +276,7 @@ class Scheduler:
 
     def _done(self, step: Step) -> None:
         dirs = [str(s.dir) for s in self.steps if s.dir is not None]
-        report.save_run(self.out, self.ctx.spec, dirs)  # what `raypurify report` rebuilds
+        experiment.save_run(self.out, self.ctx.spec, dirs)  # what `raypurify report` rebuilds
         if step.kind == "train":
             self.cells.update(1)
             if step.result:

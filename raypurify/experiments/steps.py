@@ -24,8 +24,8 @@ from raypurify.data.interchange import open_dataset, read_images, write_images
 from raypurify.defenses.apply import transform_dataset
 from raypurify.experiments.spec import ExperimentSpec
 from raypurify.tracking import Run
+from raypurify.training.classifier import train_classifier
 from raypurify.training.config import recipe
-from raypurify.training.trainer import train_classifier
 
 if TYPE_CHECKING:
     from typing import Protocol

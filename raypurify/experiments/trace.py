@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from raypurify.data.interchange import open_dataset
-from raypurify.experiments.figures import images_by_index
+from raypurify.reports.figures import images_by_index
 
 SAMPLE = 2000  # rows per comparison: enough for two decimals, cheap to decode
 STAGES = ("p1", "p2", "p3")

@@ -130,8 +130,8 @@ def train_on_purified(step: Step, directory: Path, ctx: TrialContext) -> dict[st
 
     from raypurify.data import registry
     from raypurify.data.spec import DatasetSpec
+    from raypurify.training.classifier import train_classifier
     from raypurify.training.config import TrainConfig
-    from raypurify.training.trainer import train_classifier
 
     cfg = TrainConfig.model_validate(step.config["train"])
     purified = read_images(step.input_path(0))
@@ -166,7 +166,7 @@ def train_on_purified(step: Step, directory: Path, ctx: TrialContext) -> dict[st
 
 def trained_model(cfg, directory: Path, data: ImageSet) -> torch.nn.Module:
     from raypurify.models import build_model
-    from raypurify.training.trainer import MODEL_FILE
+    from raypurify.training.classifier import MODEL_FILE
 
     model = build_model(cfg.arch, data.num_classes, data.shape[0], **cfg.arch_options)
     model.load_state_dict(torch.load(directory / MODEL_FILE, map_location="cpu", weights_only=True))
@@ -175,7 +175,7 @@ def trained_model(cfg, directory: Path, data: ImageSet) -> torch.nn.Module:
 
 def accuracy(model: torch.nn.Module, data: ImageSet) -> float:
     from raypurify.training import data as batches
-    from raypurify.training.engine import predict
+    from raypurify.training.epoch import predict
 
     images, labels = batches.unpack(batches.pack(data))
     logits = predict(model, images, amp=False)

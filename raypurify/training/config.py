@@ -62,11 +62,11 @@ RECIPES: dict[str, dict[str, Any]] = {
         "batch_size": 128,
         "optim": {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4, "schedule": "cosine"},
     },
-    # The CPU protocol's fixed recipe (docs/cpu-protocol.md), chosen on 5,000
-    # held-out CIFAR-10 training images, never on the test set: ResNet-9 width 24, 14 epochs
-    # of 10k images (width 24 / 15 epochs reached 80.7 % there in 301 s on 2 cores; one
-    # epoch fewer keeps the run under 5 minutes), label smoothing 0.2, linear decay after a
-    # 2-epoch warm-up, and a 2,000-image test subset per epoch (all of it at the end).
+    # The CPU protocol's fixed recipe (docs/cpu-protocol.md, with how it was chosen on
+    # held-out CIFAR-10 training images, never on the test set): ResNet-9 width 24, 14
+    # epochs of 10k images (a run under 5 minutes on 2 cores), label smoothing 0.2, linear
+    # decay after a 2-epoch warm-up, and a 2,000-image test subset per epoch (all of it at
+    # the end).
     "cpu": {
         "arch": "fast-resnet",
         "arch_options": {"width": 24},

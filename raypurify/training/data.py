@@ -9,7 +9,8 @@ stream through Ray Data (`get_dataset_shard`). Classifiers and D-VAE stages shar
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any, cast
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import numpy as np
 import ray
@@ -37,19 +38,31 @@ def unpack(arrays: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(arrays["images"].copy()), torch.from_numpy(arrays["labels"].copy())
 
 
-def ship(data: ImageSet | Stream, data_path: str = "auto") -> dict[str, Any]:
-    """Loop-config entries that bring `data` to the workers, and the `datasets` for Train.
+DataPath = Literal["auto", "memory", "ray_data"]
 
-    In memory unless `data_path` is "ray_data", the data is a Stream, or it is larger than
-    MEMORY_LIMIT_BYTES decoded.
-    """
+
+@dataclass(frozen=True)
+class Shipped:
+    """How a worker finds its training rows: their count, and `arrays` (an object ref to
+    `pack`'s arrays) when they travel in memory; else Ray Train's "train" dataset shard."""
+
+    rows: int
+    arrays: Any = None
+
+
+def ship(
+    data: ImageSet | Stream, data_path: DataPath = "auto"
+) -> tuple[Shipped, dict[str, Any] | None]:
+    """Bring `data` to the workers: (what the loop's job carries, the `datasets` for Ray
+    Train). In memory unless `data_path` is "ray_data", the data is a Stream, or it is
+    larger than MEMORY_LIMIT_BYTES decoded."""
     if isinstance(data, ImageSet):
         big = data.images.nbytes > MEMORY_LIMIT_BYTES
         if data_path == "memory" or (data_path == "auto" and not big):
-            return {"arrays": ray.put(pack(data)), "rows": len(data), "datasets": None}
+            return Shipped(len(data), arrays=ray.put(pack(data))), None
         data = Stream(imageset_to_ray(data), data.classes, data.shape, len(data), data.name)
     rows = data.rows if data.rows is not None else data.ds.count()
-    return {"arrays": None, "rows": rows, "datasets": {"train": data.ds}}
+    return Shipped(rows), {"train": data.ds}
 
 
 def epoch_order(n: int, seed: int, epoch: int, rank: int, world: int) -> torch.Tensor:
@@ -64,8 +77,7 @@ class EpochBatches:
 
     def __init__(
         self,
-        arrays,
-        rows: int,
+        shipped: Shipped,
         batch_size: int,
         seed: int,
         rank: int,
@@ -79,11 +91,11 @@ class EpochBatches:
             world,
             device,
         )
-        self.rows = rows
-        self.steps = max(1, (rows // world) // batch_size)
+        self.rows = shipped.rows
+        self.steps = max(1, (self.rows // world) // batch_size)
         self.shard: DataIterator | None
-        if arrays is not None:
-            self.images, self.labels = unpack(ray.get(arrays))
+        if shipped.arrays is not None:
+            self.images, self.labels = unpack(ray.get(shipped.arrays))
             self.shard = None
         else:
             self.shard = ray.train.get_dataset_shard("train")

@@ -26,8 +26,8 @@ from raypurify.errors import ConfigError, DatasetError
 from raypurify.models import ARCHS, build_model
 from raypurify.storage import join_cluster
 from raypurify.tracking import active_run, start_run
+from raypurify.training.classifier import check_compatible, train_classifier
 from raypurify.training.config import TrainConfig, recipe
-from raypurify.training.trainer import check_compatible, train_classifier
 
 # How the run executes, not what it computes: free to change when resuming.
 EXECUTION_KEYS = ("workers", "device", "threads", "data_path", "keep_checkpoints")

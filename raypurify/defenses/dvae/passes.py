@@ -13,8 +13,9 @@ do not depend on how Ray Data batches the rows; otherwise z = mu.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import numpy as np
 import ray.data
@@ -27,33 +28,38 @@ from raypurify.runtime import autocast, torch_threads, use_bf16
 from .config import PurifyConfig
 from .stage import build
 
+Mode = Literal["subtract", "subtract_reconstruct", "reconstruct", "perturbation"]
+
+
+@dataclass(frozen=True)
+class PassSpec:
+    """What every actor of a pass needs: the stage model (its weights and the config that
+    builds it), the data's shape, and what to compute."""
+
+    weights: str
+    purify: PurifyConfig
+    num_classes: int
+    image_size: int
+    mode: Mode
+
 
 class PurifyPass:
     """Ray Data callable class: one stage model, applied batch by batch."""
 
-    def __init__(
-        self,
-        weights: str,
-        purify: dict,
-        num_classes: int,
-        image_size: int,
-        mode: str,
-        actors: int,
-        progress=None,
-    ):
-        cfg = PurifyConfig.model_validate(purify)
+    def __init__(self, spec: PassSpec, progress=None):
+        cfg = spec.purify
         self.dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if self.dev.type == "cpu":
-            torch.set_num_threads(torch_threads(cfg.threads, actors))
-        self.model = build(cfg, num_classes, image_size)
-        self.model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+            torch.set_num_threads(torch_threads(cfg.threads, cfg.infer_actors))
+        self.model = build(cfg, spec.num_classes, spec.image_size)
+        self.model.load_state_dict(torch.load(spec.weights, map_location="cpu", weights_only=True))
         # torch's overloads of Module.to lack (device, memory_format=), which it accepts.
         self.model = self.model.to(self.dev, memory_format=torch.channels_last).eval()  # type: ignore[call-overload]
         self.amp, self.sample, self.seed, self.mode = (
             use_bf16(cfg.precision, self.dev),
             cfg.sample,
             cfg.seed,
-            mode,
+            spec.mode,
         )
         self.progress = progress  # a Ray queue feeding the driver's bar
 
@@ -111,19 +117,12 @@ def to_hwc_uint8(x: torch.Tensor) -> np.ndarray:
 
 
 def _purify_batches(
-    source: DatasetInfo, weights: Path, cfg: PurifyConfig, mode: str, gpu: bool, progress
+    source: DatasetInfo, weights: Path, cfg: PurifyConfig, mode: Mode, gpu: bool, progress
 ):
+    spec = PassSpec(str(weights), cfg, len(source.classes), source.shape[0], mode)
     return read_ray(source.path).map_batches(
         PurifyPass,
-        fn_constructor_kwargs={
-            "weights": str(weights),
-            "purify": cfg.to_dict(),
-            "num_classes": len(source.classes),
-            "image_size": source.shape[0],
-            "mode": mode,
-            "actors": cfg.infer_actors,
-            "progress": progress.queue,
-        },
+        fn_constructor_kwargs={"spec": spec, "progress": progress.queue},
         compute=ray.data.ActorPoolStrategy(size=cfg.infer_actors),
         batch_size=cfg.infer_batch_size,
         batch_format="numpy",
@@ -154,7 +153,7 @@ def run_pass(
     *,
     weights: Path,
     cfg: PurifyConfig,
-    mode: str,
+    mode: Mode,
     gpu: bool,
     lineage: list[dict[str, Any]],
 ) -> dict[str, Any]:

@@ -39,7 +39,7 @@ from raypurify.runtime import init_ray
 from raypurify.tracking import Run, active_run, start_run
 
 from .config import PurifyConfig
-from .passes import run_pass
+from .passes import Mode, run_pass
 from .stage import images_per_s, train_stage
 
 SUMMARY = "summary.json"
@@ -177,6 +177,7 @@ def work_split(summary: dict[str, Any]) -> dict[str, float]:
 def _run_passes(name, source, out, weights, cfg, gpu, summary, run):
     """The inference pass(es) after stage `name`; returns (output info, its data or None)."""
     lineage = [source.lineage()]
+    mode: Mode
     if cfg.method == "vae":
         outputs, mode, key = {"image": out / "p1"}, "reconstruct", "p1"
     elif name == "stage1":

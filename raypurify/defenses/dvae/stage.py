@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -23,13 +24,25 @@ import torch.distributed as dist
 
 from raypurify.data.imageset import ImageSet
 from raypurify.data.spec import Stream
-from raypurify.distributed import fit, report, resume, setup_worker, snapshot, unwrap, use_gpu
+from raypurify.distributed import (
+    LoopContext,
+    LoopJob,
+    end_epoch,
+    epoch_seed,
+    fit,
+    per_worker_batch,
+    resume,
+    setup_worker,
+    snapshot,
+    unwrap,
+    use_gpu,
+)
 from raypurify.errors import DatasetError, TrainingError, unreadable_file
-from raypurify.progress import advance
 from raypurify.reports.images import amplify, class_rows, grid, to_uint8
 from raypurify.runtime import autocast, use_bf16
 from raypurify.tracking import Run
 from raypurify.training import data as batches
+from raypurify.training.data import Shipped
 
 from .config import PurifyConfig, StageConfig
 from .loss import dvae_loss, psnr
@@ -65,32 +78,44 @@ def check_weights(path: Path, cfg: PurifyConfig, num_classes: int, image_size: i
         raise DatasetError(f"{path}: {what} ({str(e).splitlines()[0][:200]})") from None
 
 
-def stage_worker(loop: dict[str, Any]) -> None:
-    cfg = PurifyConfig.model_validate(loop["purify"])
-    stage: StageConfig = StageConfig.model_validate(loop["stage"])
-    name = loop["name"]
+@dataclass(frozen=True, kw_only=True)
+class StageJob(LoopJob):
+    """One stage's inputs: the purification config, which stage, and the data."""
+
+    purify: PurifyConfig
+    stage: StageConfig
+    name: str  # "stage1" or "stage2" (the last stage logs the purified grid too)
+    num_classes: int
+    image_size: int
+    data: Shipped
+    grid_arrays: Any  # object ref: a few images per class for the end-of-stage grids
+    storage: str  # where the checkpoints live (named in the non-finite loss error)
+
+
+def stage_worker(job: StageJob, ctx: LoopContext) -> None:
+    cfg, stage, name = job.purify, job.stage, job.name
     rank, world, dev = setup_worker(cfg.threads)
     amp = use_bf16(cfg.precision, dev)
     torch.manual_seed(cfg.seed)
-    model = build(cfg, loop["num_classes"], loop["image_size"])
+    model = build(cfg, job.num_classes, job.image_size)
     model = ray.train.torch.prepare_model(model.to(memory_format=torch.channels_last))
     groups = cast(DVAE, unwrap(model)).param_groups(
         stage.lr, stage.phat_lr_scale, stage.embedding_lr_scale
     )
-    per_worker = max(2, stage.batch_size // world)
-    data = batches.EpochBatches(
-        loop["arrays"], loop["rows"], per_worker, cfg.seed, rank, world, dev
-    )
+    per_worker = per_worker_batch(stage.batch_size, world)
+    data = batches.EpochBatches(job.data, per_worker, cfg.seed, rank, world, dev)
     optimizer = torch.optim.Adam(groups, lr=stage.lr, weight_decay=stage.weight_decay)
     total = stage.epochs * data.steps
+    # The classifier's cosine (training.epoch.lr_factor) in another float association:
+    # sharing it would change every D-VAE result in its last bits, so each keeps its own.
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
     )
-    start_epoch, history = resume(model, optimizer, scheduler, dev, loop)
+    start_epoch, history = resume(model, optimizer, scheduler, dev, ctx)
 
     for epoch in range(start_epoch, stage.epochs):
         t0 = time.perf_counter()
-        torch.manual_seed(cfg.seed * 1_000_003 + epoch * 101 + rank)  # z ~ q(z|x) draws
+        torch.manual_seed(epoch_seed(cfg.seed, epoch, rank))  # z ~ q(z|x) draws
         sums = torch.zeros(7, dtype=torch.float64)  # loss rec rec_p kl p_energy psnr psnr_p
         model.train()
         for x8, y in data(epoch):
@@ -120,7 +145,7 @@ def stage_worker(loop: dict[str, Any]) -> None:
             if not torch.isfinite(loss):
                 raise TrainingError(
                     f"{name}: loss became {loss.item()} at epoch {epoch + 1}; the last good "
-                    f"checkpoint (epoch {epoch}) is kept in {loop['storage']}"
+                    f"checkpoint (epoch {epoch}) is kept in {job.storage}"
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -159,16 +184,21 @@ def stage_worker(loop: dict[str, Any]) -> None:
             "lr": scheduler.get_last_lr()[0],
         }
         history.append(metrics)
-        if rank == 0:
-            if loop.get("mlflow"):
-                Run(**loop["mlflow"]).log_metrics(metrics, step=epoch + 1)
-            advance(loop["progress"], epoch + 1, loss=metrics["loss"], kl=metrics["kl"])
-        report(metrics, snapshot(model, optimizer, scheduler, epoch + 1, history), rank)
+        state = snapshot(model, optimizer, scheduler, epoch + 1, history)
+        end_epoch(
+            job,
+            ctx,
+            rank,
+            epoch + 1,
+            metrics,
+            state,
+            bar={"loss": metrics["loss"], "kl": metrics["kl"]},
+        )
 
-    if rank == 0 and loop.get("mlflow") and start_epoch < stage.epochs:
-        images, labels = batches.unpack(ray.get(loop["grid_arrays"]))
+    if rank == 0 and job.mlflow is not None and start_epoch < stage.epochs:
+        images, labels = batches.unpack(ray.get(job.grid_arrays))
         final = name == cfg.stages[-1][0]
-        log_grids(Run(**loop["mlflow"]), cast(DVAE, unwrap(model)), images, labels, cfg, dev, final)
+        log_grids(job.mlflow, cast(DVAE, unwrap(model)), images, labels, cfg, dev, final)
 
 
 @torch.no_grad()
@@ -214,29 +244,28 @@ def train_stage(
     the stage's start-up vs work split (`Fitted.split`).
     """
     start = time.perf_counter()
-    shipped = batches.ship(data)
-    loop = {
-        "purify": cfg.to_dict(),
-        "stage": stage.to_dict(),
-        "name": name,
-        "num_classes": len(data.classes),
-        "image_size": data.shape[0],
-        "arrays": shipped["arrays"],
-        "rows": shipped["rows"],
-        "grid_arrays": ray.put(batches.pack(grid_sample(data))),
-        "storage": str(storage / name),
-        "mlflow": None if run is None else {"uri": run.uri, "run_id": run.run_id},
-    }
+    shipped, datasets = batches.ship(data)
+    job = StageJob(
+        purify=cfg,
+        stage=stage,
+        name=name,
+        num_classes=len(data.classes),
+        image_size=data.shape[0],
+        data=shipped,
+        grid_arrays=ray.put(batches.pack(grid_sample(data))),
+        storage=str(storage / name),
+        mlflow=run,
+    )
     fitted = fit(
         stage_worker,
-        loop,
+        job,
         workers=cfg.workers,
         gpu=use_gpu(cfg.device),
         storage=storage,
         name=name,
         epochs=stage.epochs,
         desc=f"{name} (kld {stage.kld_limit:g})",
-        datasets=shipped["datasets"],
+        datasets=datasets,
     )
     return fitted.state, fitted.split(start)
 

@@ -227,7 +227,7 @@ def write(
     write_csv(results, files[1])
     files[2].write_text(markdown(spec, results))
     bar_chart(spec, results, files[3])
-    from raypurify.experiments.figures import pipeline_figure
+    from raypurify.reports.figures import pipeline_figure
 
     figure = pipeline_figure(spec, records, out / "images.png")
     if figure:

@@ -1,4 +1,4 @@
-"""The training and evaluation steps, in plain PyTorch (Ray glue lives in `worker.py`).
+"""The training and evaluation steps, in plain PyTorch (the Ray Train loop is `loop.py`).
 
 A training-time defence changes how a batch's loss is computed (mixup mixes, adversarial
 training attacks first, UEraser augments heavily), so the loop takes a `LossFn`; the
@@ -11,6 +11,7 @@ import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -22,8 +23,8 @@ from raypurify.training.augment import crop_flip, to_input
 
 
 @dataclass
-class Step:
-    """What a LossFn may need beyond the batch: where we are, and a seeded generator."""
+class LossContext:
+    """What a LossFn may need beyond the batch: where training is, and a seeded generator."""
 
     epoch: int
     epochs: int
@@ -31,19 +32,31 @@ class Step:
     amp: bool
 
 
-LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, Step], tuple[torch.Tensor, torch.Tensor]]
+Schedule = Literal["cosine", "linear", "constant"]
+LossFn = Callable[
+    [nn.Module, torch.Tensor, torch.Tensor, LossContext], tuple[torch.Tensor, torch.Tensor]
+]
 
 
 def cross_entropy(label_smoothing: float = 0.0) -> LossFn:
-    def loss(model, x, y, step):
-        with autocast(x.device, step.amp):
+    def loss(model, x, y, ctx):
+        with autocast(x.device, ctx.amp):
             logits = model(x)
         return F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing), logits
 
     return loss
 
 
-def lr_factor(schedule: str, step: int, total: int, warmup: int) -> float:
+def lr_schedule(
+    optimizer: torch.optim.Optimizer, schedule: Schedule, total: int, warmup: int = 0
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """The learning rate over `total` optimizer steps, per step (see `lr_factor`)."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(schedule, s, total, warmup)
+    )
+
+
+def lr_factor(schedule: Schedule, step: int, total: int, warmup: int) -> float:
     """Multiplier of the base learning rate at `step` of `total` (linear warm-up first)."""
     if step < warmup:
         return (step + 1) / warmup
@@ -61,7 +74,7 @@ def train_epoch(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     loss_fn: LossFn,
-    step: Step,
+    ctx: LossContext,
     *,
     augment: bool = True,
     grad_clip: float | None = None,
@@ -72,9 +85,9 @@ def train_epoch(
     total_loss, correct, seen, start = 0.0, 0, 0, time.perf_counter()
     for x8, y in batches:
         if augment:
-            x8 = crop_flip(x8, step.gen)
+            x8 = crop_flip(x8, ctx.gen)
         x = to_input(x8)
-        loss, logits = loss_fn(model, x, y, step)
+        loss, logits = loss_fn(model, x, y, ctx)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss is {loss.item()}")
         optimizer.zero_grad(set_to_none=True)
@@ -118,7 +131,7 @@ def predict(
     return torch.cat(out)
 
 
-def accuracy_report(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict:
+def accuracy_breakdown(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict:
     """Top-1 accuracy (a fraction), per-class accuracy and the confusion matrix."""
     pred = logits.argmax(1).numpy()
     true = labels.cpu().numpy()

@@ -8,6 +8,8 @@ epoch with the same data order and augmentation.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import numpy as np
 import ray
@@ -16,15 +18,31 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from raypurify.distributed import report, resume, setup_worker, snapshot, unwrap
+from raypurify.distributed import (
+    LoopContext,
+    LoopJob,
+    end_epoch,
+    epoch_seed,
+    per_worker_batch,
+    report_and_checkpoint,
+    resume,
+    setup_worker,
+    snapshot,
+    unwrap,
+)
 from raypurify.errors import TrainingError
 from raypurify.models import build_model
-from raypurify.progress import advance
 from raypurify.runtime import use_bf16
-from raypurify.tracking import Run
 from raypurify.training import data as batches
 from raypurify.training.config import TrainConfig
-from raypurify.training.engine import Step, accuracy_report, lr_factor, predict, train_epoch
+from raypurify.training.data import Shipped
+from raypurify.training.epoch import (
+    LossContext,
+    accuracy_breakdown,
+    lr_schedule,
+    predict,
+    train_epoch,
+)
 
 
 def evaluate(model, images, labels, num_classes, rank, world, cfg) -> dict:
@@ -32,7 +50,7 @@ def evaluate(model, images, labels, num_classes, rank, world, cfg) -> dict:
     rows = slice(rank, None, world)
     amp = use_bf16(cfg.precision, next(model.parameters()).device)
     logits = predict(unwrap(model), images[rows], amp=amp, tta=cfg.tta)
-    confusion = torch.tensor(accuracy_report(logits, labels[rows], num_classes)["confusion"])
+    confusion = torch.tensor(accuracy_breakdown(logits, labels[rows], num_classes)["confusion"])
     if world > 1:
         dist.all_reduce(confusion)
     c = confusion.numpy()
@@ -43,23 +61,38 @@ def evaluate(model, images, labels, num_classes, rank, world, cfg) -> dict:
     }
 
 
-def train_worker(loop: dict) -> None:
-    cfg = TrainConfig.model_validate(loop["train"])
+# What a classifier's per-epoch accuracy is called: on test rows, or (a sweep trial) on
+# clean validation rows.
+EvalKey = Literal["test_acc", "val_accuracy"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClassifierJob(LoopJob):
+    """A classifier's inputs: its recipe, the training rows and the evaluation set."""
+
+    train: TrainConfig
+    num_classes: int
+    image_size: int
+    data: Shipped
+    test_arrays: Any  # object ref to `pack`'s arrays of the evaluation set
+    eval_rows: np.ndarray | None  # the rows evaluated before the last epoch (None: all)
+    eval_key: EvalKey = "test_acc"
+
+
+def train_worker(job: ClassifierJob, ctx: LoopContext) -> None:
+    cfg = job.train
     rank, world, dev = setup_worker(cfg.threads)
-    run = Run(**loop["mlflow"]) if loop.get("mlflow") and rank == 0 else None
     amp = use_bf16(cfg.precision, dev)
 
     torch.manual_seed(cfg.seed)
-    num_classes = loop["num_classes"]
-    model = build_model(cfg.arch, num_classes, loop["image_size"], **cfg.arch_options)
+    num_classes = job.num_classes
+    model = build_model(cfg.arch, num_classes, job.image_size, **cfg.arch_options)
     model = ray.train.torch.prepare_model(model.to(memory_format=torch.channels_last))
     data = batches.EpochBatches(
-        loop["arrays"], loop["rows"], max(2, cfg.batch_size // world), cfg.seed, rank, world, dev
+        job.data, per_worker_batch(cfg.batch_size, world), cfg.seed, rank, world, dev
     )
-    test_images, test_labels = batches.unpack(ray.get(loop["test_arrays"]))
-    eval_rows = loop.get("eval_rows")
-    if eval_rows is not None:
-        eval_rows = torch.tensor(eval_rows, dtype=torch.int64)
+    test_images, test_labels = batches.unpack(ray.get(job.test_arrays))
+    eval_rows = None if job.eval_rows is None else torch.tensor(job.eval_rows, dtype=torch.int64)
 
     o = cfg.optim
     # Linear scaling: `lr` is per 128 images of global batch (the paper's batch).
@@ -70,20 +103,19 @@ def train_worker(loop: dict) -> None:
         nesterov=o.nesterov,
         weight_decay=o.weight_decay,
     )
-    total, warmup = cfg.epochs * data.steps, int(o.warmup_epochs * data.steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(o.schedule, s, total, warmup)
+    scheduler = lr_schedule(
+        optimizer, o.schedule, cfg.epochs * data.steps, int(o.warmup_epochs * data.steps)
     )
     from raypurify.defenses import training_loss
 
     loss_fn = training_loss(cfg)
 
-    start_epoch, history = resume(model, optimizer, scheduler, dev, loop)
+    start_epoch, history = resume(model, optimizer, scheduler, dev, ctx)
 
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch * 101 + rank)
-        step = Step(epoch=epoch, epochs=cfg.epochs, gen=gen, amp=amp)
+        gen = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch, rank))
+        loss_ctx = LossContext(epoch=epoch, epochs=cfg.epochs, gen=gen, amp=amp)
         try:
             stats = train_epoch(
                 model,
@@ -91,7 +123,7 @@ def train_worker(loop: dict) -> None:
                 scheduler,
                 data(epoch),
                 loss_fn,
-                step,
+                loss_ctx,
                 augment=cfg.augment,
                 grad_clip=o.grad_clip,
             )
@@ -106,22 +138,27 @@ def train_worker(loop: dict) -> None:
             "epoch": epoch + 1,
             **stats,
             "train_images_per_s": stats["train_images_per_s"] * world,
-            loop["eval_key"]: result["accuracy"],
+            job.eval_key: result["accuracy"],
             "lr": scheduler.get_last_lr()[0],
             "epoch_s": time.perf_counter() - t0,
         }
         history.append(metrics)
-        if run is not None:
-            run.log_metrics(metrics, step=epoch + 1)
-        if rank == 0:
-            advance(loop["progress"], epoch + 1, loss=stats["train_loss"], acc=result["accuracy"])
-        if last:
-            metrics = metrics | {"per_class": result["per_class"], "confusion": result["confusion"]}
-        report(metrics, snapshot(model, optimizer, scheduler, epoch + 1, history), rank)
+        end_epoch(
+            job,
+            ctx,
+            rank,
+            epoch + 1,
+            metrics,
+            snapshot(model, optimizer, scheduler, epoch + 1, history),
+            bar={"loss": stats["train_loss"], "acc": result["accuracy"]},
+            extra={"per_class": result["per_class"], "confusion": result["confusion"]}
+            if last
+            else None,
+        )
 
     if start_epoch == cfg.epochs:  # resumed a finished run: report its final evaluation
         result = evaluate(model, test_images, test_labels, num_classes, rank, world, cfg)
-        final = history[-1] | {loop["eval_key"]: result["accuracy"]}
-        report(
+        final = history[-1] | {job.eval_key: result["accuracy"]}
+        report_and_checkpoint(
             final | {"per_class": result["per_class"], "confusion": result["confusion"]}, None, rank
         )

@@ -1,7 +1,7 @@
 """Train and evaluate a classifier on Ray Train: the measurement behind every number.
 
 `train_classifier` checks the inputs, ships the data to N workers (CPU or GPU, decided at
-run time), runs `worker.train_worker` under a TorchTrainer whose storage path and name come
+run time), runs `loop.train_worker` under a TorchTrainer whose storage path and name come
 from the output directory (so a rerun resumes), then writes `metrics.json`, the final
 weights and a confusion-matrix plot beside the checkpoints.
 """
@@ -25,7 +25,7 @@ from raypurify.runtime import init_ray
 from raypurify.tracking import Run
 from raypurify.training import data as batches
 from raypurify.training.config import TrainConfig
-from raypurify.training.worker import train_worker
+from raypurify.training.loop import ClassifierJob, EvalKey, train_worker
 
 METRICS_FILE = "metrics.json"
 MODEL_FILE = "model.pt"
@@ -52,7 +52,7 @@ def train_classifier(
     out_dir: str | Path,
     *,
     run: Run | None = None,
-    eval_key: str = "test_acc",
+    eval_key: EvalKey = "test_acc",
     callbacks: list | None = None,
 ) -> dict[str, Any]:
     """Train `cfg` on `train`, evaluate on `test`; resumable; returns the metrics dict.
@@ -78,28 +78,27 @@ def train_classifier(
         eval_rows = np.sort(
             np.random.default_rng(cfg.seed).permutation(len(test))[: cfg.eval_subset]
         )
-    shipped = batches.ship(train, cfg.data_path)
-    loop = {
-        "train": cfg.to_dict(),
-        "num_classes": len(train.classes),
-        "image_size": train.shape[0],
-        "arrays": shipped["arrays"],
-        "rows": shipped["rows"],
-        "test_arrays": ray.put(batches.pack(test)),
-        "eval_rows": eval_rows,
-        "mlflow": None if run is None else {"uri": run.uri, "run_id": run.run_id},
-        "eval_key": eval_key,
-    }
+    shipped, datasets = batches.ship(train, cfg.data_path)
+    job = ClassifierJob(
+        train=cfg,
+        num_classes=len(train.classes),
+        image_size=train.shape[0],
+        data=shipped,
+        test_arrays=ray.put(batches.pack(test)),
+        eval_rows=eval_rows,
+        eval_key=eval_key,
+        mlflow=run,
+    )
     fitted = fit(
         train_worker,
-        loop,
+        job,
         workers=cfg.workers,
         gpu=gpu,
         storage=out / "checkpoints",
         name="train",
         epochs=cfg.epochs,
         desc=f"train {cfg.arch}",
-        datasets=shipped["datasets"],
+        datasets=datasets,
         keep=cfg.keep_checkpoints,
         callbacks=callbacks,
     )
@@ -116,7 +115,7 @@ def train_classifier(
         "images_per_s": float(np.mean([h["train_images_per_s"] for h in history])),
         "device": "cuda" if gpu else "cpu",
         "workers": cfg.workers,
-        "train_rows": shipped["rows"],
+        "train_rows": shipped.rows,
         "test_rows": len(test),
         "history": history,
         "config": cfg.to_dict(),
