@@ -10,12 +10,15 @@ import hashlib
 import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, model_serializer
 
 from raypurify.errors import ConfigError
+
+if TYPE_CHECKING:
+    from pydantic import SerializerFunctionWrapHandler
 
 
 class Config(BaseModel):
@@ -35,7 +38,7 @@ class Config(BaseModel):
     added_fields: ClassVar[frozenset[str]] = frozenset()
 
     @model_serializer(mode="wrap")
-    def _drop_added_defaults(self, handler) -> dict[str, Any]:
+    def _drop_added_defaults(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         data = handler(self)
         for name in self.added_fields:
             if getattr(self, name) == type(self).model_fields[name].default:

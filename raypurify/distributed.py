@@ -119,7 +119,7 @@ def setup_worker(threads: int | None) -> tuple[int, int, torch.device]:
     return rank, world, dev
 
 
-def restore(device: torch.device, on_disk) -> dict[str, Any] | None:
+def restore(device: torch.device, on_disk: Any) -> dict[str, Any] | None:
     """The state of the furthest checkpoint of this run, or None on a fresh start.
 
     A run killed after a checkpoint reached storage but before Ray Train registered it
@@ -139,7 +139,11 @@ def restore(device: torch.device, on_disk) -> dict[str, Any] | None:
 
 
 def resume(
-    model, optimizer, scheduler, device: torch.device, ctx: LoopContext
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    device: torch.device,
+    ctx: LoopContext,
 ) -> tuple[int, list[dict]]:
     """Load the furthest checkpoint (if any) into the model, optimizer and scheduler.
 
@@ -154,7 +158,13 @@ def resume(
     return state["epoch"], list(state["history"])
 
 
-def snapshot(model, optimizer, scheduler, epoch: int, history: list[dict]) -> dict[str, Any]:
+def snapshot(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    epoch: int,
+    history: list[dict],
+) -> dict[str, Any]:
     """What a checkpoint holds: everything `resume` needs, after `epoch` epochs."""
     return {
         "model": unwrap(model).state_dict(),

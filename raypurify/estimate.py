@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +34,12 @@ def train_rate(model: torch.nn.Module, classes: int, shape: tuple[int, ...], bat
 
 
 def warn_if_long(
-    what: str, passes: float, build: Callable[[], torch.nn.Module], classes: int, shape, hint: str
+    what: str,
+    passes: float,
+    build: Callable[[], torch.nn.Module],
+    classes: int,
+    shape: Sequence[int],
+    hint: str,
 ) -> float:
     """Estimate `passes` image forward-backward passes of `build()`'s network on this CPU;
     print one line to stderr if that is over `LONG_S`. Returns the estimate in seconds."""

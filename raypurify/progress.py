@@ -23,6 +23,8 @@ from tqdm import tqdm
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
+    from ray.util.queue import Queue
+
 # Which terminal line a thread's bars use (the experiment runner gives each step a slot).
 _SLOT: contextvars.ContextVar[int | None] = contextvars.ContextVar("bar_slot", default=None)
 
@@ -49,7 +51,7 @@ _idle_queues: dict[str, list] = {}  # per Ray job: queue actors of finished bars
 _idle_lock = threading.Lock()
 
 
-def _queue():
+def _queue() -> Queue:
     """A queue actor on the driver's node (it must outlive a worker node that dies mid-job):
     a finished bar's, or a new one."""
     import ray
@@ -65,7 +67,7 @@ def _queue():
     return Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
 
 
-def _release(queue) -> None:
+def _release(queue: Queue) -> None:
     import ray
 
     with _idle_lock:

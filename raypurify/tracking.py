@@ -16,9 +16,16 @@ import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from raypurify.config import flatten
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    import numpy as np
+    from matplotlib.figure import Figure
+    from mlflow.tracking import MlflowClient
 
 PARENT_TAG = "mlflow.parentRunId"
 _MAX_PARAM_CHARS = 6000
@@ -29,13 +36,13 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
-def _client(uri: str):
+def _client(uri: str) -> MlflowClient:
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=uri)
 
 
-def _retry(fn, *args, **kwargs):
+def _retry(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """SQLite allows one writer at a time; retry briefly when several processes log at once."""
     for attempt in range(8):
         try:
@@ -47,7 +54,7 @@ def _retry(fn, *args, **kwargs):
     return None
 
 
-def _experiment_id(client, uri: str, name: str) -> str:
+def _experiment_id(client: MlflowClient, uri: str, name: str) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
@@ -78,7 +85,7 @@ class Run:
     run_id: str
 
     @property
-    def client(self):
+    def client(self) -> MlflowClient:
         return _client(self.uri)
 
     def log_params(self, params: Mapping[str, Any]) -> None:
@@ -113,7 +120,7 @@ class Run:
     def log_dict(self, data: Mapping[str, Any], artifact_file: str) -> None:
         self.client.log_dict(self.run_id, dict(data), artifact_file)
 
-    def log_figure(self, figure, artifact_file: str) -> None:
+    def log_figure(self, figure: Figure, artifact_file: str) -> None:
         """Save a matplotlib figure as an artifact (and close it)."""
         import matplotlib.pyplot as plt
 
@@ -123,7 +130,7 @@ class Run:
             plt.close(figure)
             self.log_artifact(path, _folder(artifact_file))
 
-    def log_png(self, image, artifact_file: str) -> None:
+    def log_png(self, image: np.ndarray, artifact_file: str) -> None:
         """Log a uint8 HWC array (an image grid) as a PNG artifact."""
         from PIL import Image
 
