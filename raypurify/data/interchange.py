@@ -160,7 +160,7 @@ def write_tables(
 
 
 def write_ray(
-    ds,
+    ds: ray.data.Dataset,
     out: str | Path,
     *,
     classes: Sequence[str],

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -24,6 +25,9 @@ from raypurify.data.imageset import ImageSet, balanced_rows
 from raypurify.data.interchange import MANIFEST, read_images
 from raypurify.data.spec import DatasetSpec, Source, subset_of
 from raypurify.errors import DatasetError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 
 def read_offline(file: Path, spec: DatasetSpec | None = None) -> ImageSet:
@@ -61,7 +65,7 @@ def _from_torchvision(name: str, root: Path, split: str, download: bool) -> Imag
     )
 
 
-def _loader(name: str):
+def _loader(name: str) -> Callable[[DatasetSpec], ImageSet]:
     def load(spec: DatasetSpec) -> ImageSet:
         tried = []
         if spec.path:
@@ -103,7 +107,7 @@ def _loader(name: str):
 _TORCHVISION_DIRS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
 
 
-def _checker(name: str):
+def _checker(name: str) -> Callable[[DatasetSpec], None]:
     """Whether `load` will find the split, in the same order, without decoding anything."""
 
     def check(spec: DatasetSpec) -> None:

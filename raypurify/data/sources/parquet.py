@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from raypurify.data.interchange import (
     MANIFEST,
@@ -13,6 +14,9 @@ from raypurify.data.interchange import (
 )
 from raypurify.data.spec import DatasetSpec, Source, Stream, subset_of
 from raypurify.errors import DatasetError
+
+if TYPE_CHECKING:
+    from raypurify.data.imageset import ImageSet
 
 
 def locate(spec: DatasetSpec) -> Path:
@@ -27,7 +31,7 @@ def locate(spec: DatasetSpec) -> Path:
     raise DatasetError(f"{root}: no {MANIFEST} here or in {root / spec.split}")
 
 
-def load(spec: DatasetSpec):
+def load(spec: DatasetSpec) -> ImageSet:
     return subset_of(read_images(locate(spec)), spec)
 
 

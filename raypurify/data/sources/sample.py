@@ -8,14 +8,18 @@ quickstart runs on any machine with no network and no data directory.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from raypurify.data.interchange import read_images
 from raypurify.data.spec import DatasetSpec, Source, subset_of
 
+if TYPE_CHECKING:
+    from raypurify.data.imageset import ImageSet
+
 SAMPLE_DIR = Path(__file__).resolve().parent.parent / "sample" / "cifar10-sample"
 
 
-def load(spec: DatasetSpec):
+def load(spec: DatasetSpec) -> ImageSet:
     return subset_of(read_images(SAMPLE_DIR / spec.split), spec)
 
 

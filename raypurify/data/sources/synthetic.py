@@ -40,7 +40,7 @@ def generate(num_classes: int, rows: int, size: int, seed: int, split: str) -> I
     return ImageSet(images, labels, np.arange(rows), classes, name=f"synthetic/{split}")
 
 
-def load(spec: DatasetSpec):
+def load(spec: DatasetSpec) -> ImageSet:
     rows = spec.rows or DEFAULT_ROWS[spec.split]
     data = generate(spec.classes or 10, rows, spec.size or 32, spec.seed, spec.split)
     return subset_of(data, spec)
