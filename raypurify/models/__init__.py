@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch.nn as nn
 
@@ -36,6 +37,6 @@ ARCHS = Registry(
 )
 
 
-def build_model(arch: str, num_classes: int, image_size: int, **options) -> nn.Module:
+def build_model(arch: str, num_classes: int, image_size: int, **options: Any) -> nn.Module:
     """Build `arch` for `num_classes` classes of `image_size` px images."""
     return ARCHS.get(arch, key="arch").build(num_classes, image_size, **options)

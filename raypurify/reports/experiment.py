@@ -98,7 +98,7 @@ def columns(spec: ExperimentSpec) -> list[str]:
     return [d.column for d in spec.defenses] + extra
 
 
-def lookup(results, row, column, classifier) -> float | None:
+def lookup(results: dict[str, Any], row: str, column: str, classifier: str) -> float | None:
     for c in results["cells"]:
         if (c["row"], c["column"], c["classifier"]) == (row, column, classifier):
             return c["accuracy"]

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+    from numpy.typing import ArrayLike
 
-def confusion_figure(confusion, classes: list[str]):
+
+def confusion_figure(confusion: ArrayLike, classes: list[str]) -> Figure:
     """A row-normalised confusion matrix with counts."""
     c = np.asarray(confusion, dtype=np.float64)
     norm = c / np.maximum(c.sum(1, keepdims=True), 1)
