@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from raypurify.training.config import TrainConfig
-    from raypurify.training.epoch import LossFn
+    from raypurify.training.epoch import LossContext, LossFn
 
 
 class AdversarialOptions(Config):
@@ -58,7 +58,9 @@ def pgd(
 def adversarial_loss(options: AdversarialOptions, train_cfg: TrainConfig) -> LossFn:
     smoothing = train_cfg.optim.label_smoothing
 
-    def loss(model, x, y, ctx):
+    def loss(
+        model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: LossContext
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         model.eval()
         x_adv = pgd(model, x, y, options, ctx.gen, ctx.amp)
         model.train()

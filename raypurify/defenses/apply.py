@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -18,10 +18,13 @@ from raypurify.data.spec import Stream
 from raypurify.defenses.base import Defense
 from raypurify.runtime import init_ray
 
+if TYPE_CHECKING:
+    from raypurify.config import Config
+
 
 def transform_dataset(
     defense: Defense,
-    options,
+    options: Config,
     source: Stream,
     out: str | Path,
     *,

@@ -19,7 +19,7 @@ from raypurify.runtime import autocast
 
 if TYPE_CHECKING:
     from raypurify.training.config import TrainConfig
-    from raypurify.training.epoch import LossFn
+    from raypurify.training.epoch import LossContext, LossFn
 
 
 class CutoutOptions(Config):
@@ -30,7 +30,7 @@ class MixOptions(Config):
     alpha: float = Field(1.0, gt=0)  # Beta(alpha, alpha) mixing weights
 
 
-def _logits(model, x, ctx):
+def _logits(model: torch.nn.Module, x: torch.Tensor, ctx: LossContext) -> torch.Tensor:
     with autocast(x.device, ctx.amp):
         return model(x).float()
 
@@ -50,7 +50,9 @@ def cutout_mask(n: int, h: int, w: int, size: int, gen: torch.Generator) -> torc
 def cutout_loss(options: CutoutOptions, train_cfg: TrainConfig) -> LossFn:
     smoothing = train_cfg.optim.label_smoothing
 
-    def loss(model, x, y, ctx):
+    def loss(
+        model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: LossContext
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         mask = cutout_mask(len(x), x.shape[2], x.shape[3], options.size, ctx.gen).to(x.device)
         logits = _logits(model, x * mask, ctx)
         return F.cross_entropy(logits, y, label_smoothing=smoothing), logits
@@ -67,7 +69,9 @@ def _mix_weight(alpha: float, gen: torch.Generator) -> float:
 def mixup_loss(options: MixOptions, train_cfg: TrainConfig) -> LossFn:
     smoothing = train_cfg.optim.label_smoothing
 
-    def loss(model, x, y, ctx):
+    def loss(
+        model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: LossContext
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         lam = _mix_weight(options.alpha, ctx.gen)
         perm = torch.randperm(len(x), generator=ctx.gen).to(x.device)
         logits = _logits(model, lam * x + (1 - lam) * x[perm], ctx)
@@ -81,7 +85,9 @@ def mixup_loss(options: MixOptions, train_cfg: TrainConfig) -> LossFn:
 def cutmix_loss(options: MixOptions, train_cfg: TrainConfig) -> LossFn:
     smoothing = train_cfg.optim.label_smoothing
 
-    def loss(model, x, y, ctx):
+    def loss(
+        model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: LossContext
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         lam = _mix_weight(options.alpha, ctx.gen)
         n, _, h, w = x.shape
         bh, bw = int(h * (1 - lam) ** 0.5), int(w * (1 - lam) ** 0.5)

@@ -7,11 +7,15 @@ can say `{name: dvae, options: {preset: cpu}}`.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import Field
 
 from raypurify.config import Config
 from raypurify.defenses.base import Defense
+
+if TYPE_CHECKING:
+    from raypurify.tracking import Run
 
 
 class DvaeOptions(Config):
@@ -24,7 +28,13 @@ class VaeOptions(Config):
     overrides: list[str] = Field(default_factory=list)
 
 
-def purify_with(options, data_dir: str | Path, out_dir: str | Path, *, run=None) -> dict:
+def purify_with(
+    options: DvaeOptions | VaeOptions,
+    data_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    run: Run | None = None,
+) -> dict:
     """Run the preset's purification; returns its summary (`output` is the purified set)."""
     from raypurify.defenses.dvae.config import preset
     from raypurify.defenses.dvae.pipeline import purify
@@ -32,7 +42,7 @@ def purify_with(options, data_dir: str | Path, out_dir: str | Path, *, run=None)
     return purify(data_dir, out_dir, preset(options.preset, options.overrides), run=run)
 
 
-def check(options) -> None:
+def check(options: DvaeOptions | VaeOptions) -> None:
     """Validate the preset and overrides without running anything."""
     from raypurify.defenses.dvae.config import preset
 

@@ -15,7 +15,7 @@ from PIL import Image
 from pydantic import Field
 
 from raypurify.config import Config
-from raypurify.defenses.base import Defense
+from raypurify.defenses.base import Defense, NoOptions
 
 # ITU-R 601-2 luma, the weights of PIL's convert("L") and torchvision's Grayscale.
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
@@ -48,7 +48,7 @@ def jpeg(images: np.ndarray, options: JpegOptions) -> np.ndarray:
     return out
 
 
-def grayscale(images: np.ndarray, options=None) -> np.ndarray:
+def grayscale(images: np.ndarray, options: NoOptions | None = None) -> np.ndarray:
     """Luma replicated over the channels (the classifier still sees 3 channels)."""
     if images.shape[-1] == 1:
         return images.copy()

@@ -22,7 +22,7 @@ from raypurify.runtime import autocast
 
 if TYPE_CHECKING:
     from raypurify.training.config import TrainConfig
-    from raypurify.training.epoch import LossFn
+    from raypurify.training.epoch import LossContext, LossFn
 
 
 class UEraserOptions(Config):
@@ -51,7 +51,7 @@ def augment(x: torch.Tensor, options: UEraserOptions, gen: torch.Generator) -> t
     """One UEraser augmentation of a float (N, C, H, W) batch in [0, 1]."""
     n, c, h, w = x.shape
 
-    def uniform(lo_hi):
+    def uniform(lo_hi: tuple[float, float]) -> torch.Tensor:
         lo, hi = lo_hi
         return lo + (hi - lo) * torch.rand(n, generator=gen)
 
@@ -81,7 +81,9 @@ def augment(x: torch.Tensor, options: UEraserOptions, gen: torch.Generator) -> t
 def ueraser_loss(options: UEraserOptions, train_cfg: TrainConfig) -> LossFn:
     smoothing = train_cfg.optim.label_smoothing
 
-    def loss(model, x, y, ctx):
+    def loss(
+        model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: LossContext
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         repeats = options.repeats if ctx.epoch < options.repeat_epochs else 1
         dev = x.device
         copies = torch.cat([augment(x.cpu().float(), options, ctx.gen) for _ in range(repeats)])

@@ -65,7 +65,7 @@ class PurifyConfig(Config):
         return [("stage1", self.stage1), ("stage2", self.stage2)]
 
 
-def _stages(kld1: float, kld2: float, epochs: int, start: int, **extra) -> dict[str, Any]:
+def _stages(kld1: float, kld2: float, epochs: int, start: int, **extra: float) -> dict[str, Any]:
     stage = {"epochs": epochs, "phat_start_epoch": start, **extra}
     return {"stage1": {"kld_limit": kld1, **stage}, "stage2": {"kld_limit": kld2, **stage}}
 

@@ -22,7 +22,7 @@ import ray.data
 import torch
 
 from raypurify.data.interchange import DatasetInfo, read_ray, write_ray
-from raypurify.progress import Progress, add
+from raypurify.progress import BarQueue, Progress, add
 from raypurify.runtime import autocast, torch_threads, use_bf16
 
 from .config import PurifyConfig
@@ -46,7 +46,7 @@ class PassSpec:
 class PurifyPass:
     """Ray Data callable class: one stage model, applied batch by batch."""
 
-    def __init__(self, spec: PassSpec, progress=None):
+    def __init__(self, spec: PassSpec, progress: BarQueue | None = None):
         cfg = spec.purify
         self.dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if self.dev.type == "cpu":
@@ -79,10 +79,10 @@ class PurifyPass:
         ).to(self.dev)
         return mu + eps * torch.exp(0.5 * logvar)
 
-    def _subtract(self, x, y, index):
+    def _subtract(self, x: torch.Tensor, y: torch.Tensor, index: np.ndarray) -> torch.Tensor:
         return torch.clamp(x - self.model.perturbation(self._z(x, index), y).float(), 0, 1)
 
-    def _reconstruct(self, x, index):
+    def _reconstruct(self, x: torch.Tensor, index: np.ndarray) -> torch.Tensor:
         return self.model.reconstruct(self._z(x, index)).float()
 
     @torch.no_grad()
@@ -117,8 +117,13 @@ def to_hwc_uint8(x: torch.Tensor) -> np.ndarray:
 
 
 def _purify_batches(
-    source: DatasetInfo, weights: Path, cfg: PurifyConfig, mode: Mode, gpu: bool, progress
-):
+    source: DatasetInfo,
+    weights: Path,
+    cfg: PurifyConfig,
+    mode: Mode,
+    gpu: bool,
+    progress: Progress,
+) -> ray.data.Dataset:
     spec = PassSpec(str(weights), cfg, len(source.classes), source.shape[0], mode)
     return read_ray(source.path).map_batches(
         PurifyPass,
@@ -130,7 +135,9 @@ def _purify_batches(
     )
 
 
-def perturbations(source: DatasetInfo, weights: Path, cfg: PurifyConfig, gpu: bool):
+def perturbations(
+    source: DatasetInfo, weights: Path, cfg: PurifyConfig, gpu: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """p_hat(x) for every row of `source` (z = mu): (index, label, p_hat NCHW float32),
     sorted by index."""
     cfg = cfg.model_copy(update={"sample": False})

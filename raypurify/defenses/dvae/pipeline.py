@@ -18,7 +18,7 @@ import contextlib
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -42,6 +42,11 @@ from .config import PurifyConfig
 from .passes import Mode, run_pass
 from .stage import images_per_s, train_stage
 
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from raypurify.data.imageset import ImageSet
+
 SUMMARY = "summary.json"
 CONFIG = "config.json"
 
@@ -56,7 +61,11 @@ def check_output(out: Path, cfg: PurifyConfig, info: DatasetInfo, overwrite: boo
 
 
 def prepare_output(
-    out: Path, cfg: PurifyConfig, info: DatasetInfo, overwrite: bool, inputs=()
+    out: Path,
+    cfg: PurifyConfig,
+    info: DatasetInfo,
+    overwrite: bool,
+    inputs: Iterable[str | Path | None] = (),
 ) -> bool:
     """Claim `out` for purifying `info` with `cfg`; True when it already holds that run.
 
@@ -89,7 +98,7 @@ def _legacy_matches(out: Path, cfg: PurifyConfig, info: DatasetInfo) -> bool:
     return stamp == cfg.to_dict() and recorded == info.sha256
 
 
-def check_input(info: DatasetInfo, data) -> None:
+def check_input(info: DatasetInfo, data: ImageSet) -> None:
     present = np.unique(data.labels)
     if len(present) < 2:
         raise DatasetError(
@@ -141,7 +150,10 @@ def purify(
             t0 = time.perf_counter()
             child = parent.child(name, params={"stage": name, **stage.to_dict()})
             with active_run(child):
-                state, split = train_stage(name, data, cfg, stage, out / "checkpoints", run=child)
+                # Only the last stage's passes hand back no data (see _run_passes).
+                state, split = train_stage(
+                    name, cast("ImageSet", data), cfg, stage, out / "checkpoints", run=child
+                )
                 weights = out / f"{name}.pt"
                 save_torch(weights, state["model"])
                 child.log_artifact(weights, "checkpoint")
@@ -174,7 +186,16 @@ def work_split(summary: dict[str, Any]) -> dict[str, float]:
     return {"work_s": work, "overhead_s": summary["wall_s"] - work}
 
 
-def _run_passes(name, source, out, weights, cfg, gpu, summary, run):
+def _run_passes(
+    name: str,
+    source: DatasetInfo,
+    out: Path,
+    weights: Path,
+    cfg: PurifyConfig,
+    gpu: bool,
+    summary: dict[str, Any],
+    run: Run,
+) -> tuple[DatasetInfo, ImageSet | None]:
     """The inference pass(es) after stage `name`; returns (output info, its data or None)."""
     lineage = [source.lineage()]
     mode: Mode

@@ -202,7 +202,15 @@ def stage_worker(job: StageJob, ctx: LoopContext) -> None:
 
 
 @torch.no_grad()
-def log_grids(run: Run, model: DVAE, images, labels, cfg: PurifyConfig, dev, final: bool) -> None:
+def log_grids(
+    run: Run,
+    model: DVAE,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    cfg: PurifyConfig,
+    dev: torch.device,
+    final: bool,
+) -> None:
     """Grids of x, x_hat, p_hat (rescaled) and the stage output for a few images per class."""
     x = images.to(dev).float() / 255.0
     y = labels.to(dev)
