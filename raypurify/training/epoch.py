@@ -39,7 +39,9 @@ LossFn = Callable[
 
 
 def cross_entropy(label_smoothing: float = 0.0) -> LossFn:
-    def loss(model, x, y, ctx):
+    def loss(
+        model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: LossContext
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         with autocast(x.device, ctx.amp):
             logits = model(x)
         return F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing), logits

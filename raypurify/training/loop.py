@@ -45,7 +45,15 @@ from raypurify.training.epoch import (
 )
 
 
-def evaluate(model, images, labels, num_classes, rank, world, cfg) -> dict:
+def evaluate(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    rank: int,
+    world: int,
+    cfg: TrainConfig,
+) -> dict:
     """Each worker predicts a slice of the test set; confusion matrices are summed."""
     rows = slice(rank, None, world)
     amp = use_bf16(cfg.precision, next(model.parameters()).device)

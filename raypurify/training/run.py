@@ -12,7 +12,7 @@ from __future__ import annotations
 import typing
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -29,11 +29,18 @@ from raypurify.tracking import active_run, start_run
 from raypurify.training.classifier import check_compatible, train_classifier
 from raypurify.training.config import TrainConfig, recipe
 
+if TYPE_CHECKING:
+    from raypurify.attacks.base import AttackConfig
+    from raypurify.config import Config
+    from raypurify.data.imageset import ImageSet
+    from raypurify.data.spec import DatasetSpec
+    from raypurify.defenses.base import Defense
+
 # How the run executes, not what it computes: free to change when resuming.
 EXECUTION_KEYS = ("workers", "device", "threads", "data_path", "keep_checkpoints")
 
 
-def identity(spec) -> dict[str, Any]:
+def identity(spec: DatasetSpec) -> dict[str, Any]:
     """What names a dataset's content: a directory's content id, else its source spec."""
     if spec.name == "parquet":
         info = open_dataset(locate(spec))
@@ -68,7 +75,7 @@ def check_options(cfg: TrainConfig, key: str = "arch_options") -> None:
     check_model(cfg.arch, cfg.arch_options, key)
 
 
-def check_attack_options(cfg, key: str) -> None:
+def check_attack_options(cfg: AttackConfig, key: str) -> None:
     """Options an attack passes through to a surrogate model or recipe, checked now."""
     if hasattr(cfg, "surrogate") and hasattr(cfg, "surrogate_options"):
         check_model(cfg.surrogate, cfg.surrogate_options, f"{key}.surrogate_options")
@@ -131,7 +138,14 @@ def run_training(
         return train_classifier(train_set, test_set, cfg, out, run=run)
 
 
-def training_set(chosen, options, train_spec, data: str, out: Path, num_cpus):
+def training_set(
+    chosen: Defense,
+    options: Config,
+    train_spec: DatasetSpec,
+    data: str,
+    out: Path,
+    num_cpus: int | None,
+) -> ImageSet:
     """The training set in memory: defended into `out/defended` first for a transform
     defence (reusing one made from this input by this defence, replacing any other). The
     marker of `out` already ties the run to the input's content; the defended set's own
