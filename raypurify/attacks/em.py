@@ -73,7 +73,9 @@ class EMConfig(EpsConfig):
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
-def _input_grad(model, x: torch.Tensor, delta: torch.Tensor, y: torch.Tensor, amp: bool):
+def _input_grad(
+    model: torch.nn.Module, x: torch.Tensor, delta: torch.Tensor, y: torch.Tensor, amp: bool
+) -> torch.Tensor:
     """d CE(f(clip(x + delta)), y) / d delta."""
     delta = delta.detach().requires_grad_(True)
     adv = torch.clamp(x + delta, 0, 1).contiguous(memory_format=torch.channels_last)
@@ -92,7 +94,7 @@ class MinMin:
         noise = cfg.pgd_steps * rows if cfg.granularity == "sample" else cfg.portion * rows
         return cfg.max_rounds * (cfg.train_steps * cfg.batch_size + noise)
 
-    def __init__(self, cfg: EMConfig, job: MinMinJob, rank: int, world: int, dev):
+    def __init__(self, cfg: EMConfig, job: MinMinJob, rank: int, world: int, dev: torch.device):
         self.cfg, self.rank, self.world, self.dev = cfg, rank, world, dev
         self.amp = use_bf16(cfg.precision, dev)
         arrays = ray.get(job.arrays)
@@ -142,7 +144,7 @@ class MinMin:
             self.opt.step()
         return float(loss)
 
-    def sample_update(self, net) -> torch.Tensor:
+    def sample_update(self, net: torch.nn.Module) -> torch.Tensor:
         """PGD descent, `pgd_steps` steps, on the delta of each of this worker's rows."""
         cfg, update = self.cfg, torch.zeros_like(self.delta)
         for i in range(0, len(self.mine), self.bs):
@@ -155,7 +157,7 @@ class MinMin:
             update[idx] = d - self.delta[idx]
         return update
 
-    def class_update(self, net) -> torch.Tensor:
+    def class_update(self, net: torch.nn.Module) -> torch.Tensor:
         """One step per batch: each class moves by the mean of its images' signed steps."""
         cfg, update = self.cfg, torch.zeros_like(self.delta)
         keep = max(1, int(cfg.portion * len(self.mine)))
@@ -172,7 +174,7 @@ class MinMin:
         return update / self.world  # all-reduced below: the mean over workers
 
     @torch.no_grad()
-    def error(self, net) -> float:
+    def error(self, net: torch.nn.Module) -> float:
         """The surrogate's error on x + delta, over all rows."""
         counts = torch.zeros(2, device=self.dev)
         for i in range(0, len(self.mine), 2 * self.bs):

@@ -171,7 +171,9 @@ def check_labels(labels: np.ndarray, base: ImageSet, where: Path) -> None:
 # Formats
 
 
-def read_perturbation(paths: list[Path], base: ImageSet, cfg: PerturbationImportConfig):
+def read_perturbation(
+    paths: list[Path], base: ImageSet, cfg: PerturbationImportConfig
+) -> np.ndarray:
     path = one_path(paths, "perturbation")
     delta = load_array(path)
     h, w, channels = base.shape
@@ -201,7 +203,7 @@ def read_perturbation(paths: list[Path], base: ImageSet, cfg: PerturbationImport
     return out
 
 
-def read_png_folder(paths: list[Path], base: ImageSet, cfg: ImportConfig):
+def read_png_folder(paths: list[Path], base: ImageSet, cfg: ImportConfig) -> np.ndarray:
     root = one_path(paths, "png")
     files: dict[int, Path] = {}
     for f in sorted(root.rglob("*.png")):
@@ -265,7 +267,7 @@ def images_from_arrays(
     return np.rint(to_unit(picked, units, 0.0, where) * 255).astype(np.uint8)
 
 
-def read_npz(paths: list[Path], base: ImageSet, cfg: ScaledImportConfig):
+def read_npz(paths: list[Path], base: ImageSet, cfg: ScaledImportConfig) -> np.ndarray:
     path = one_path(paths, "npz")
     try:
         with np.load(path, allow_pickle=False) as arrays:
@@ -304,7 +306,7 @@ def ntga_files(paths: list[Path]) -> tuple[Path, Path]:
     return pick("x"), pick("y")
 
 
-def read_ntga(paths: list[Path], base: ImageSet, cfg: ScaledImportConfig):
+def read_ntga(paths: list[Path], base: ImageSet, cfg: ScaledImportConfig) -> np.ndarray:
     x, y = ntga_files(paths)
     return images_from_arrays(load_array(x), load_array(y), base, cfg.units, x, y)
 

@@ -8,12 +8,15 @@ seed gives the same poison on any device.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from pydantic import Field
 
 from raypurify.attacks.base import Attack, AttackJob, EpsConfig, perturb
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 class RandomNoiseConfig(EpsConfig):
@@ -21,7 +24,7 @@ class RandomNoiseConfig(EpsConfig):
     granularity: Literal["sample", "class"] = "sample"
 
 
-def generate(job: AttackJob, cfg: RandomNoiseConfig):
+def generate(job: AttackJob, cfg: RandomNoiseConfig) -> np.ndarray:
     shape = job.rows.shape
     gen = torch.Generator().manual_seed(cfg.seed)
 

@@ -41,7 +41,7 @@ class REMConfig(EMConfig):
 class RobustMinMin(MinMin):
     cfg: REMConfig  # MinMin.__init__ sets it (run_minmin passes REM's config)
 
-    def attack(self, net, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def attack(self, net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """PGD ascent of radius adv_eps around x (the inner max)."""
         cfg = self.cfg
         if cfg.adv_eps == 0:
@@ -66,7 +66,7 @@ class RobustMinMin(MinMin):
         net.train(was_training)
         return adv.contiguous(memory_format=torch.channels_last)
 
-    def sample_update(self, net) -> torch.Tensor:
+    def sample_update(self, net: torch.nn.Module) -> torch.Tensor:
         """Defensive PGD descent on du, through the inner attack, averaged over EOT."""
         cfg, update = self.cfg, torch.zeros_like(self.delta)
         for i in range(0, len(self.mine), self.bs):

@@ -11,6 +11,7 @@ defaults); the CPU protocol passes fewer.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -20,6 +21,9 @@ from raypurify.attacks.base import Attack, AttackJob, EpsConfig, perturb
 from raypurify.attacks.targeted import PGD, craft
 from raypurify.runtime import Precision
 from raypurify.storage import scratch
+
+if TYPE_CHECKING:
+    from raypurify.training.config import TrainConfig
 
 
 class TAPConfig(EpsConfig):
@@ -36,7 +40,9 @@ class TAPConfig(EpsConfig):
     precision: Precision = "auto"
 
 
-def train_surrogate(job: AttackJob, recipe_name: str, overrides: list[str], seed: int, out: Path):
+def train_surrogate(
+    job: AttackJob, recipe_name: str, overrides: list[str], seed: int, out: Path
+) -> tuple[TrainConfig, dict[str, Any]]:
     """A classifier trained on the clean set (Ray Train); returns (its config, the metrics)."""
     from raypurify.training.classifier import train_classifier
     from raypurify.training.config import recipe

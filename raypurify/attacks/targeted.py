@@ -26,7 +26,7 @@ from raypurify.data.imageset import ImageSet
 from raypurify.data.interchange import imageset_to_ray
 from raypurify.distributed import use_gpu
 from raypurify.models import build_model
-from raypurify.progress import Progress, add
+from raypurify.progress import BarQueue, Progress, add
 from raypurify.runtime import Precision, autocast, torch_threads, use_bf16
 from raypurify.training.augment import crop_flip
 
@@ -59,7 +59,7 @@ class Surrogates:
 class Crafter:
     """Ray Data actor: targeted PGD against the surrogates, batch by batch."""
 
-    def __init__(self, surrogates: Surrogates, pgd: PGD, progress=None):
+    def __init__(self, surrogates: Surrogates, pgd: PGD, progress: BarQueue | None = None):
         self.dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if self.dev.type == "cpu":
             torch.set_num_threads(torch_threads())
@@ -74,14 +74,15 @@ class Crafter:
         self.pgd, self.classes, self.progress = pgd, s.classes, progress
         self.amp = use_bf16(pgd.precision, self.dev)
 
-    def loss(self, x: torch.Tensor, target: torch.Tensor, reduction: str = "mean"):
+    def loss(self, x: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         x = x.contiguous(memory_format=torch.channels_last)
         total: torch.Tensor | float = 0.0
         for model in self.models:
             with autocast(self.dev, self.amp):
                 logits = model(x)
             total = total + F.cross_entropy(logits.float(), target, reduction=reduction)
-        return total / len(self.models)
+        # There is at least one surrogate, so the sum is a tensor.
+        return cast(torch.Tensor, total) / len(self.models)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         p = self.pgd

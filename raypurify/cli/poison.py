@@ -92,7 +92,7 @@ def run_attack(args: argparse.Namespace) -> int:
         join_cluster(Path(args.out).parent, args.num_cpus)  # under --out's folder
     config = {"attack": attack.name, "attack_config": cfg.to_dict()}
 
-    def make(run):
+    def make(run: Run) -> tuple[ImageSet, dict[str, float]]:
         return poison(data, attack.name, (), run, settings=cfg.to_dict())
 
     return generate(args, spec, config, make)
@@ -128,7 +128,7 @@ def run_import(args: argparse.Namespace) -> int:
         "budget_check": {**check, "allowed_over": not check["within"]},
     }
 
-    def make(run):
+    def make(run: Run) -> tuple[ImageSet, dict[str, float]]:
         params = {"format": importer.name, "from": list(args.paths), **cfg.to_dict()}
         log_poisoning(run, params, base, poisoned, budget)
         return poisoned, budget
