@@ -13,17 +13,22 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
-from raypurify.data.interchange import open_dataset, read_images, write_images
+from raypurify.data.interchange import DatasetInfo, open_dataset, read_images, write_images
 from raypurify.defenses.dvae.config import PurifyConfig
 from raypurify.defenses.dvae.passes import perturbations
 from raypurify.distributed import use_gpu
 
+if TYPE_CHECKING:
+    from raypurify.experiments.steps import Context, Step
 
-def stage1_perturbations(poison_path: str, purify_dir: str):
+
+def stage1_perturbations(
+    poison_path: str, purify_dir: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(index, labels, p_hat) of the stage-1 model over the poisoned set, by index."""
     pdir = Path(purify_dir)
     cfg = PurifyConfig.model_validate(json.loads((pdir / "config.json").read_text()))
@@ -87,7 +92,7 @@ def detect_poisoned(poison_path: str | Path, purify_dir: str | Path) -> dict[str
 
 def write_clean_plus_phat(
     clean_path: str | Path, poison_path: str | Path, purify_dir: str | Path, out: str | Path
-):
+) -> DatasetInfo:
     """The disentanglement check's training set: clean images + the stage-1 p_hat(x0)."""
     index, _, p_hat = stage1_perturbations(str(poison_path), str(purify_dir))
     data = read_images(clean_path)
@@ -108,18 +113,23 @@ def write_clean_plus_phat(
 # Experiment steps ------------------------------------------------------------------------
 
 
-def detect(step, directory: Path, ctx) -> dict[str, Any]:
+def detect(step: Step, directory: Path, ctx: Context) -> dict[str, Any]:
     poison, purified = step.inputs
-    found = detect_poisoned(poison.result["path"], purified.result["purify_dir"])
+    # Inputs have finished (their result set) before a step runs.
+    found = detect_poisoned(
+        cast(dict[str, Any], poison.result)["path"],
+        cast(dict[str, Any], purified.result)["purify_dir"],
+    )
     return {"row": step.meta["row"], **found}
 
 
-def clean_plus_phat(step, directory: Path, ctx) -> dict[str, Any]:
+def clean_plus_phat(step: Step, directory: Path, ctx: Context) -> dict[str, Any]:
     clean, poison, purified = step.inputs
+    # Inputs have finished (their result set) before a step runs.
     info = write_clean_plus_phat(
-        clean.result["path"],
-        poison.result["path"],
-        purified.result["purify_dir"],
+        cast(dict[str, Any], clean.result)["path"],
+        cast(dict[str, Any], poison.result)["path"],
+        cast(dict[str, Any], purified.result)["purify_dir"],
         directory / "data",
     )
     return {"path": str(info.path), "sha256": info.sha256, "rows": info.rows}

@@ -16,7 +16,7 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import ray
 from tqdm import tqdm
@@ -35,6 +35,10 @@ from raypurify.reports import experiment
 from raypurify.storage import join_cluster
 from raypurify.tracking import active_run, start_run
 from raypurify.training.config import recipe
+
+if TYPE_CHECKING:
+    from raypurify.experiments.steps import RunParent
+    from raypurify.worker_group import WarmGroup
 
 
 def validate(spec: ExperimentSpec) -> None:
@@ -92,7 +96,7 @@ def cpu_budget() -> float:
     return max(1.0, res.get("CPU", 1) - 1)
 
 
-def warm_workers(parallel: int, out: Path):
+def warm_workers(parallel: int, out: Path) -> contextlib.AbstractContextManager[WarmGroup | None]:
     """When steps run one at a time on a local Ray (a 2-core machine, one GPU), one warm
     Ray Train worker group trains them all, so each does not start its own
     (worker_group.py). A cluster's steps start their own runs, as they are sized for it;
@@ -169,7 +173,7 @@ def resolve(step: Step, store: Store, force: Sequence[str] = ()) -> bool:
     return record is not None
 
 
-def execute(step: Step, store: Store, ctx) -> dict[str, Any]:
+def execute(step: Step, store: Store, ctx: RunParent) -> dict[str, Any]:
     """Run a located step's action into its directory and record it as finished."""
     # A located step has its dir.
     cast(Path, step.dir).mkdir(parents=True, exist_ok=True)
@@ -217,7 +221,7 @@ class Scheduler:
         steps: list[Step],
         store: Store,
         ctx: Context,
-        force,
+        force: Sequence[str],
         parallel: int,
         out: Path,
         budget: float = float("inf"),

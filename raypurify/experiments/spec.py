@@ -39,7 +39,7 @@ class DefenseEntry(Config):
     best_of: list[str] = Field(default_factory=list)  # derived: best of these columns
 
     @model_validator(mode="after")
-    def _named_or_derived(self):
+    def _named_or_derived(self) -> DefenseEntry:
         if bool(self.name) == bool(self.best_of):
             raise ValueError("give either name (a defence) or best_of (a derived column)")
         if self.best_of and not self.label:
@@ -80,14 +80,14 @@ class ExperimentSpec(Config):
 
     @field_validator("analyses")
     @classmethod
-    def _known_analyses(cls, value):
+    def _known_analyses(cls, value: list[str]) -> list[str]:
         for a in value:
             if a not in ("disentangle", "detect"):
                 raise ValueError(f"unknown analysis '{a}' (known: disentangle, detect)")
         return value
 
     @model_validator(mode="after")
-    def _unique_names(self):
+    def _unique_names(self) -> ExperimentSpec:
         rows = [a.row for a in self.attacks]
         if len(set(rows)) != len(rows) or "clean" in rows:
             raise ValueError(f"attack rows must be unique and not 'clean': {rows}")

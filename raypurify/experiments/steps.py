@@ -22,7 +22,7 @@ from raypurify.data import registry
 from raypurify.data.imageset import ImageSet
 from raypurify.data.interchange import open_dataset, read_images, write_images
 from raypurify.defenses.apply import transform_dataset
-from raypurify.experiments.spec import ExperimentSpec
+from raypurify.experiments.spec import AttackEntry, ClassifierEntry, ExperimentSpec
 from raypurify.tracking import Run
 from raypurify.training.classifier import train_classifier
 from raypurify.training.config import recipe
@@ -176,7 +176,9 @@ def train_cell(step: Step, directory: Path, ctx: Context) -> dict[str, Any]:
 # Planning
 
 
-def classifier_config(spec: ExperimentSpec, entry, defense_name: str, options: dict) -> dict:
+def classifier_config(
+    spec: ExperimentSpec, entry: ClassifierEntry, defense_name: str, options: dict
+) -> dict:
     preset = [f"arch={entry.arch}"] if entry.arch else []
     cfg = recipe(entry.recipe, [*preset, *entry.overrides, f"seed={spec.seed}"])
     # validate_assignment makes the dict a DefenseRef.
@@ -210,7 +212,7 @@ def after_purification(step: Step) -> bool:
     return step.kind == "purify" or any(after_purification(i) for i in step.inputs)
 
 
-def attack_cpus(entry) -> int:
+def attack_cpus(entry: AttackEntry) -> int:
     """An attack's Train workers (EM) or Data actor pool (TAP, SEP); none for the attacks
     that compute in the driver (LSP, AR, OPS)."""
     cfg = config.validate(ATTACKS.get(entry.name).config, {**entry.options, "ratio": entry.ratio})
@@ -262,12 +264,19 @@ def row_steps(spec: ExperimentSpec, row: str, source: Step) -> list[Step]:
             )
             steps.append(data)
         elif defense.kind == "train":
-            train_defense, train_options = d.name, options.to_dict()
+            train_defense, train_options = cast(str, d.name), options.to_dict()
         steps += train_steps(spec, row, col, data, train_defense, train_options)
     return steps
 
 
-def train_steps(spec, row, col, data, defense="none", options=None) -> list[Step]:
+def train_steps(
+    spec: ExperimentSpec,
+    row: str,
+    col: str,
+    data: Step,
+    defense: str = "none",
+    options: dict[str, Any] | None = None,
+) -> list[Step]:
     out = []
     for c in spec.classifiers:
         cfg = {"train": classifier_config(spec, c, defense, options or {})}

@@ -17,10 +17,13 @@ import json
 import shutil
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from raypurify.atomic import write_bytes, write_json
 from raypurify.errors import RaypurifyError
+
+if TYPE_CHECKING:
+    from raypurify.tracking import Run
 
 RECORD = "step.json"
 ERROR_LOG = "error.log"
@@ -47,7 +50,7 @@ class Store:
         write_json(directory / RECORD, record)
         (directory / ERROR_LOG).unlink(missing_ok=True)  # an earlier attempt's
 
-    def fail(self, directory: Path, error: BaseException, run=None) -> Path:
+    def fail(self, directory: Path, error: BaseException, run: Run | None = None) -> Path:
         """Keep a failed step's full error (the traceback and its causes, Ray's remote
         traceback included) in `error.log`, and in MLflow `run` as errors/<step>.log."""
         text = "".join(traceback.format_exception(error))
