@@ -17,11 +17,15 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import ray
 from ray.tune import Callback
 
 from raypurify.distributed import release_placement_groups
+
+if TYPE_CHECKING:
+    from ray.tune.experiment import Trial
 
 PLACEMENT_GROUPS = ".placement_groups"  # under the sweep's OUT: one log per trial process
 
@@ -69,7 +73,7 @@ class ReleasePlacementGroups(Callback):
         self.every_s = every_s
         self._last = 0.0
 
-    def on_step_begin(self, iteration, trials, **info):
+    def on_step_begin(self, iteration: int, trials: list[Trial], **info: Any) -> None:
         now = time.monotonic()
         if now - self._last >= self.every_s:
             self._last = now

@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 import uuid
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -29,11 +29,19 @@ from raypurify.sweeps.results import STUDY_FILE
 from raypurify.sweeps.space import SweepSpace, classifier_epochs, preset_values
 from raypurify.sweeps.trial import Prepared, TrialSpec, purify_step, run_trial
 
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from ray.tune import Callback, Tuner
+
+    from raypurify.sweeps.trial import TrialContext
+    from raypurify.tracking import Run
+
 STATE = "sweep.json"
 TUNE_DIR = "tune"
 
 
-def make_validation(step: Step, directory: Path, ctx) -> dict[str, Any]:
+def make_validation(step: Step, directory: Path, ctx: TrialContext) -> dict[str, Any]:
     """Clean rows of the training split outside the poisoned subset, class-balanced."""
     from raypurify.data.imageset import balanced_rows
     from raypurify.data.spec import DatasetSpec
@@ -111,7 +119,7 @@ def concurrency_bound(space: SweepSpace, requested: int | str) -> int:
     return int(requested)
 
 
-def prepare(space: SweepSpace, store: Store, parent) -> dict[str, Prepared]:
+def prepare(space: SweepSpace, store: Store, parent: Run) -> dict[str, Prepared]:
     from raypurify.experiments.runner import execute, resolve
     from raypurify.sweeps.trial import TrialContext
 
@@ -212,7 +220,14 @@ def run_sweep(space: SweepSpace, out: str | Path, *, num_cpus: int | None = None
     return summary
 
 
-def new_tuner(space, out: Path, state: dict, trainable, concurrency: int, callbacks: list):
+def new_tuner(
+    space: SweepSpace,
+    out: Path,
+    state: dict,
+    trainable: Callable[..., Any],
+    concurrency: int,
+    callbacks: list[Callback],
+) -> Tuner:
     """A fresh Tuner: TPE seeded, the preset's values first, ASHA on validation epochs."""
     import optuna
     from optuna.storages import JournalStorage

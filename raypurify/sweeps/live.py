@@ -8,11 +8,17 @@ otherwise, so a log file stays readable.
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING, Any
 
 from ray.tune import Callback
 from tqdm import tqdm
 
 from raypurify.sweeps.space import SweepSpace
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from ray.tune.experiment import Trial
 
 REDRAW_S = 60.0
 
@@ -25,10 +31,11 @@ class LiveTable(Callback):
         self._bar = None
         self._drawn = 0.0
 
-    def __getstate__(self):  # Tune stores its callbacks with the experiment; bars do not pickle
+    # Tune stores its callbacks with the experiment; bars do not pickle.
+    def __getstate__(self) -> dict[str, Any]:
         return self.__dict__ | {"_bar": None}
 
-    def _progress(self, trials=()) -> tqdm:
+    def _progress(self, trials: Iterable[Trial] = ()) -> tqdm:
         """The bar, started at the trials a resumed sweep restored as ended."""
         if self._bar is None:
             ended = [t for t in trials if t.status in ("TERMINATED", "ERROR")]
@@ -44,17 +51,26 @@ class LiveTable(Callback):
             tqdm.write(f"up to {self.concurrency} trial(s) at once")
         return self._bar
 
-    def _row(self, trial) -> dict:
+    def _row(self, trial: Trial) -> dict:
         row = self.rows.setdefault(trial.trial_id, {"status": "PENDING", "epoch": 0})
         for name in self.names:
             row[name] = trial.config.get(name)
         return row
 
-    def on_trial_start(self, iteration, trials, trial, **info):
+    def on_trial_start(
+        self, iteration: int, trials: list[Trial], trial: Trial, **info: Any
+    ) -> None:
         self._progress(trials)
         self._row(trial)["status"] = "RUNNING"
 
-    def on_trial_result(self, iteration, trials, trial, result, **info):
+    def on_trial_result(
+        self,
+        iteration: int,
+        trials: list[Trial],
+        trial: Trial,
+        result: dict[str, Any],
+        **info: Any,
+    ) -> None:
         row = self._row(trial)
         row["status"] = "RUNNING"
         row["epoch"] = result.get("epoch", row["epoch"])
@@ -64,13 +80,17 @@ class LiveTable(Callback):
         if time.monotonic() - self._drawn > REDRAW_S:
             self.draw()
 
-    def on_trial_complete(self, iteration, trials, trial, **info):
+    def on_trial_complete(
+        self, iteration: int, trials: list[Trial], trial: Trial, **info: Any
+    ) -> None:
         row = self._row(trial)
         row["status"] = _ended("TERMINATED", row)
         self._progress(_others(trials, trial)).update(1)
         self.draw()
 
-    def on_trial_error(self, iteration, trials, trial, **info):
+    def on_trial_error(
+        self, iteration: int, trials: list[Trial], trial: Trial, **info: Any
+    ) -> None:
         self._row(trial)["status"] = "ERROR"
         self._progress(_others(trials, trial)).update(1)
         self.draw()
@@ -91,7 +111,7 @@ class LiveTable(Callback):
             self._bar.close()
 
 
-def _others(trials, trial) -> list:
+def _others(trials: list[Trial], trial: Trial) -> list[Trial]:
     return [t for t in trials if t is not trial]
 
 
@@ -101,7 +121,7 @@ def _ended(status: str, row: dict) -> str:
     return "DONE" if row.get("objective") is not None else "STOPPED"
 
 
-def _fmt(value) -> str:
+def _fmt(value: object) -> str:
     if value is None:
         return "-"
     return f"{value:.4g}" if isinstance(value, float) else str(value)

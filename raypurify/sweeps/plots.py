@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import matplotlib
 
@@ -13,8 +13,11 @@ import numpy as np  # noqa: E402
 
 from raypurify.sweeps.space import SweepSpace  # noqa: E402
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
-def _save(fig, path: Path) -> None:
+
+def _save(fig: Figure, path: Path) -> None:
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
@@ -48,7 +51,7 @@ def parallel_coordinates(space: SweepSpace, trials: list[dict], path: Path) -> N
     _save(fig, path)
 
 
-def _unit(space: SweepSpace, name: str, value) -> float:
+def _unit(space: SweepSpace, name: str, value: float) -> float:
     rng = space.parameters[name]
     if rng.choices is not None:
         return rng.choices.index(value) / max(1, len(rng.choices) - 1)
@@ -63,7 +66,9 @@ def _span(space: SweepSpace, name: str) -> str:
     return f"[{ends[0]:g}, {ends[-1]:g}]"
 
 
-def importance(space: SweepSpace, study_file: Path, study: str, trials, path: Path) -> None:
+def importance(
+    space: SweepSpace, study_file: Path, study: str, trials: list[dict], path: Path
+) -> None:
     """Optuna's PED-ANOVA importances (what optuna-dashboard shows) from the stored study;
     with too few finished trials for that, the plot says so."""
     fig, ax = plt.subplots(figsize=(5, 0.5 * len(space.parameters) + 1.5))

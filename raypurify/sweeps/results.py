@@ -10,7 +10,7 @@ import csv
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -18,15 +18,22 @@ from raypurify.atomic import write_json
 from raypurify.sweeps.space import SweepSpace, classifier_epochs, overrides_for, preset_values
 from raypurify.sweeps.trial import TRIAL_METRICS
 
+if TYPE_CHECKING:
+    from ray.tune import ResultGrid
+    from ray.tune.experiment import Trial
+
+    from raypurify.tracking import Run
+
 STUDY_FILE = "optuna.journal"  # the Optuna study (journal storage: safe on NFS too)
 PLOTS = ("parallel_coordinates.png", "param_importance.png", "objective_by_trial.png")
 
 
-def collect(space: SweepSpace, grid) -> list[dict[str, Any]]:
+def collect(space: SweepSpace, grid: ResultGrid) -> list[dict[str, Any]]:
     """One row per trial from Tune's results, in the order the trials started."""
     tune_trials = trials_of(grid)
     trials = []
-    for result in grid:
+    # ResultGrid iterates by __getitem__ (it has no __iter__), which mypy does not follow.
+    for result in grid:  # type: ignore[attr-defined]
         m = result.metrics or {}
         trial_id = m.get("trial_id") or _trial_id(result.path)
         if "objective" in m:
@@ -55,7 +62,7 @@ def collect(space: SweepSpace, grid) -> list[dict[str, Any]]:
     return sorted(trials, key=lambda t: t["trial_id"])
 
 
-def trials_of(grid) -> dict:
+def trials_of(grid: ResultGrid) -> dict[str, Trial]:
     """Tune's own Trial of each trial id, for its status (TERMINATED, ERROR, ...) and its
     failure count, as Tune saved them in the experiment's state. Not the in-memory ones:
     an interrupted Tune saves its state and then ends every running trial as TERMINATED,
@@ -65,7 +72,7 @@ def trials_of(grid) -> dict:
     return {t.trial_id: t for t in ExperimentAnalysis(grid.experiment_path).trials}
 
 
-def _trial_id(path) -> str:
+def _trial_id(path: str) -> str:
     """A trial's id from its directory (`<trainable>_<id>_<n>_<params>_<time>`), for a
     trial that failed before it reported anything."""
     match = re.search(r"run_trial_([0-9a-f]+)_", Path(str(path)).name)
@@ -130,7 +137,7 @@ def summarize(space: SweepSpace, trials: list[dict], state: dict, wall_s: float)
     }
 
 
-def _same(a, b) -> bool:
+def _same(a: float | None, b: float) -> bool:
     return a is not None and abs(float(a) - float(b)) <= 1e-9 * max(1.0, abs(float(b)))
 
 
@@ -181,7 +188,7 @@ def write_csv(space: SweepSpace, trials: list[dict], path: Path) -> None:
     tmp.replace(path)
 
 
-def _cell(v) -> str:
+def _cell(v: object) -> str:
     if v is None:
         return "-"
     if isinstance(v, bool):
@@ -257,7 +264,7 @@ def plots(space: SweepSpace, trials: list[dict], out: Path, state: dict) -> None
     objective_by_trial(space, trials, out / PLOTS[2])
 
 
-def log(parent, out: Path, summary: dict) -> None:
+def log(parent: Run, out: Path, summary: dict) -> None:
     """The sweep's tables, plots and best config on its MLflow parent run."""
     for name in ("trials.csv", "results.md", "summary.json", "best.json", *PLOTS):
         if (out / name).exists():

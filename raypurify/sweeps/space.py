@@ -51,7 +51,7 @@ class ParameterRange(Config):
     choices: list[float] | None = None
 
     @model_validator(mode="after")
-    def _well_formed(self):
+    def _well_formed(self) -> ParameterRange:
         if self.choices is not None:
             if self.low is not None or self.high is not None:
                 raise ValueError("give either choices or low/high, not both")
@@ -142,7 +142,7 @@ class SweepSpace(Config):
     seed: int = 0
 
     @model_validator(mode="after")
-    def _known_parameters(self):
+    def _known_parameters(self) -> SweepSpace:
         for where, names in (("parameters", self.parameters), ("fixed", self.fixed)):
             for name in names:
                 if name not in PARAMETERS:

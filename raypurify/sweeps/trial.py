@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, NoReturn, cast
 
 import numpy as np
 import torch
@@ -27,6 +27,9 @@ from raypurify.experiments.steps import Step, make_purified, seeded
 from raypurify.experiments.store import Store
 from raypurify.sweeps.space import SweepSpace, overrides_for
 from raypurify.tracking import Run, active_run
+
+if TYPE_CHECKING:
+    from raypurify.training.config import TrainConfig
 
 # Fields of a trial's result, besides its parameters (the trials table's columns).
 TRIAL_METRICS = ("val_accuracy", "test_accuracy", "label_free", "probe_deep", "probe_linear")
@@ -46,7 +49,8 @@ class Prepared:
         return Step(self.kind, self.name, {}, [], _never, key=self.key, result=self.result)
 
 
-def _never(step, directory, ctx):  # a prepared step is never run by a trial
+# A prepared step is never run by a trial.
+def _never(step: Step, directory: Path, ctx: TrialContext) -> NoReturn:
     raise AssertionError(f"{step.name} should have been prepared before the sweep")
 
 
@@ -164,7 +168,7 @@ def train_on_purified(step: Step, directory: Path, ctx: TrialContext) -> dict[st
     }
 
 
-def trained_model(cfg, directory: Path, data: ImageSet) -> torch.nn.Module:
+def trained_model(cfg: TrainConfig, directory: Path, data: ImageSet) -> torch.nn.Module:
     from raypurify.models import build_model
     from raypurify.training.classifier import MODEL_FILE
 

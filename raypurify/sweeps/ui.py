@@ -25,10 +25,13 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 from urllib.parse import quote
 
 from raypurify.errors import ConfigError, RaypurifyError
+
+if TYPE_CHECKING:
+    from types import FrameType
 
 DEFAULT_PORT = 5000
 SWEEP_FILE = "sweep.json"
@@ -259,7 +262,7 @@ class _Stop(Exception):
     """Raised by the stop signals' handler so that the `finally` stopping the server runs."""
 
 
-def _raise_stop(signum, frame):
+def _raise_stop(signum: int, frame: FrameType | None) -> NoReturn:
     raise _Stop(signal.Signals(signum).name)
 
 
@@ -269,7 +272,7 @@ def serve(
     port: int | None = None,
     sweep_dir: str | Path | None = None,
     backend_store_uri: str | None = None,
-    out=None,
+    out: TextIO | None = None,
 ) -> int:
     """Start the UI, print its URLs, wait for Ctrl-C (or SIGTERM), stop the server.
 
@@ -325,7 +328,7 @@ def serve(
             signal.signal(s, handler)
 
 
-def _print_links(url: str, uri: str, sweep: dict[str, Any] | None, out) -> None:
+def _print_links(url: str, uri: str, sweep: dict[str, Any] | None, out: TextIO) -> None:
     """The sweep's parent run and the comparison of its trials (if any have started)."""
     if sweep is None:
         return
