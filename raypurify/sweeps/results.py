@@ -47,7 +47,7 @@ def collect(space: SweepSpace, grid: ResultGrid) -> list[dict[str, Any]]:
         row = {
             "trial_id": trial_id,
             "status": status,
-            **{name: result.config.get(name) for name in space.parameters},
+            **{name: (result.config or {}).get(name) for name in space.parameters},
             "objective": m.get("objective"),
             **{k: m.get(k) for k in TRIAL_METRICS},
             "epoch": m.get("epoch", 0),
