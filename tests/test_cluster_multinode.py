@@ -109,6 +109,26 @@ def cluster():
         assert not left, f"processes left behind: {left}"
 
 
+# The table's classifier step trained again from its stored config and input: the
+# undisturbed run the killed one is compared with. Args: the train step's step.json, the
+# purify step's step.json, the test set spec (a JSON file), the output directory.
+RETRAIN = """
+import json, sys
+from pathlib import Path
+from raypurify.data import registry
+from raypurify.data.interchange import read_images
+from raypurify.data.spec import DatasetSpec
+from raypurify.training.classifier import train_classifier
+from raypurify.training.config import TrainConfig
+
+step, purified, test, out = (Path(a) for a in sys.argv[1:])
+cfg = TrainConfig.model_validate(json.loads(step.read_text())["config"]["train"])
+data = read_images(json.loads(purified.read_text())["result"]["path"])
+test_set = registry.load(DatasetSpec.model_validate(json.loads(test.read_text())))
+train_classifier(data, test_set, cfg, out)
+"""
+
+
 def train_runs(client, experiment_ids):
     """The classifier runs (the ones whose epochs Ray Train workers log)."""
     runs = client.search_runs(experiment_ids, max_results=500)
@@ -310,3 +330,25 @@ def test_a_table_submitted_to_two_nodes_survives_losing_one(cluster):
     hit = gaps.pop(done + 1, None)
     normal = sorted(gaps.values())[len(gaps) // 2] if gaps else None
     print(f"\nkilled after epoch {done}; the epoch in flight took {hit} s, the others {normal} s")
+
+    # The same outputs as an undisturbed run: the classifier trained again from the same
+    # stored input and config, as a job of its own on the same two nodes, ends with the
+    # same per-epoch losses, accuracy and weights, bit for bit.
+    import torch
+
+    (step,) = out.glob("store/train/*/step.json")
+    (purified,) = out.glob("store/purify/*/step.json")
+    (cluster.shared / "retrain.py").write_text(RETRAIN)
+    (cluster.shared / "test.json").write_text(json.dumps(TINY_TABLE["test"]))
+    reference = cluster.shared / "undisturbed"
+    args = [str(step), str(purified), str(cluster.shared / "test.json"), str(reference)]
+    again = cluster.submit("undisturbed", ["python", str(cluster.shared / "retrain.py"), *args])
+    assert cluster.wait(again, JOB_TIMEOUT) == "SUCCEEDED", cluster.logs(again)[-4000:]
+    undisturbed = json.loads((reference / "metrics.json").read_text())
+    losses = [h["train_loss"] for h in trained["history"]]
+    assert [h["train_loss"] for h in undisturbed["history"]] == losses
+    assert undisturbed["accuracy"] == trained["accuracy"]
+    weights = torch.load(step.parent / "train" / "model.pt", weights_only=True)
+    same = torch.load(reference / "model.pt", weights_only=True)
+    assert weights.keys() == same.keys()
+    assert all(torch.equal(weights[k], same[k]) for k in weights)

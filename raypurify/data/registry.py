@@ -45,7 +45,7 @@ def spec_for(ref: str, **fields: Any) -> DatasetSpec:
     if Path(ref).exists():
         raise DatasetError(f"{ref}: not a dataset directory (no {MANIFEST})")
     raise DatasetError(
-        f"unknown dataset '{ref}': not a directory, nor one of {', '.join(SOURCES.names())}"
+        f"unknown dataset '{ref}': not a directory, nor one of {sorted(SOURCES.names())}"
     )
 
 
