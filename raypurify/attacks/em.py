@@ -94,7 +94,8 @@ class MinMin:
         noise = cfg.pgd_steps * rows if cfg.granularity == "sample" else cfg.portion * rows
         return cfg.max_rounds * (cfg.train_steps * cfg.batch_size + noise)
 
-    def __init__(self, cfg: EMConfig, job: MinMinJob, rank: int, world: int, dev: torch.device):
+    def __init__(self, job: MinMinJob, rank: int, world: int, dev: torch.device):
+        cfg = job.config
         self.cfg, self.rank, self.world, self.dev = cfg, rank, world, dev
         self.amp = use_bf16(cfg.precision, dev)
         arrays = ray.get(job.arrays)
@@ -217,7 +218,7 @@ def minmin_worker(job: MinMinJob, ctx: LoopContext) -> None:
     """Rounds of `job.engine` until its stop rule; the last report carries the noise."""
     cfg = job.config
     rank, world, dev = setup_worker(None)
-    em = job.engine(cfg, job, rank, world, dev)
+    em = job.engine(job, rank, world, dev)
     for rnd in range(cfg.max_rounds):
         t0 = time.perf_counter()
         loss, error = em.round()
@@ -249,7 +250,7 @@ def run_minmin(job: AttackJob, cfg: EMConfig, engine: type[MinMin], desc: str) -
             build_model, cfg.surrogate, classes, h, **cfg.surrogate_options
         )
         warn_if_long(desc, passes, surrogate, classes, (c, h, w), hint=CPU_HINT)
-    loop = MinMinJob(
+    minmin = MinMinJob(
         engine=engine,
         config=cfg,
         arrays=ray.put(pack(job.rows)),
@@ -259,7 +260,7 @@ def run_minmin(job: AttackJob, cfg: EMConfig, engine: type[MinMin], desc: str) -
     with scratch() as tmp:
         state = fit(
             minmin_worker,
-            loop,
+            minmin,
             workers=cfg.workers,
             gpu=gpu,
             storage=Path(tmp),
