@@ -94,6 +94,53 @@ def test_summary_splits_wall_time_into_start_up_and_work(purified):
     assert summary["overhead_s"] == pytest.approx(summary["wall_s"] - summary["work_s"])
 
 
+def run_in_process(weights, cfg, source, mode="subtract"):
+    """`source` through the stage model at `weights`, here in the test's process."""
+    from raypurify.defenses.dvae.passes import PassSpec, purify_task
+
+    spec = PassSpec(str(weights), cfg, source.num_classes, source.shape[0], mode)
+    batch = {"image": source.images, "label": source.labels, "index": source.index}
+    return purify_task(batch, spec, None)["image"]
+
+
+def nearly_equal(a, b):
+    """uint8 images equal but for rounding: thread counts order float sums differently."""
+    diff = np.abs(a.astype(np.int16) - b.astype(np.int16))
+    return diff.max() <= 1 and (diff == 0).mean() > 0.999
+
+
+def test_a_pass_applies_the_stage_model_to_every_row(purified, tiny_set):
+    """P1, written by Ray Data tasks in Ray's worker processes, is clip(x - p_hat(x))
+    under stage 1's weights, row for row."""
+    out, cfg, _ = purified
+    source = sorted_rows(tiny_set)
+    expected = run_in_process(out / "stage1.pt", cfg, source)
+    assert nearly_equal(sorted_rows(out / "p1").images, expected)
+    assert not np.array_equal(expected, source.images)  # the pass did change the rows
+
+
+def test_a_process_reloads_the_model_when_its_weights_file_is_rewritten(
+    purified, tiny_set, tmp_path
+):
+    """Task processes keep their model between passes; rewritten weights (a forced rerun
+    writes the same path) must not be served from that cache."""
+    import os
+    import shutil
+
+    out, cfg, _ = purified
+    source = sorted_rows(tiny_set)
+    weights = tmp_path / "stage.pt"
+    shutil.copy(out / "stage1.pt", weights)
+    first = run_in_process(weights, cfg, source)
+    shutil.copy(out / "stage2.pt", weights)
+    later = weights.stat().st_mtime_ns + 10**9  # coarse file-system clocks
+    os.utime(weights, ns=(later, later))
+    assert np.array_equal(
+        run_in_process(weights, cfg, source), run_in_process(out / "stage2.pt", cfg, source)
+    )
+    assert not np.array_equal(first, run_in_process(weights, cfg, source))
+
+
 def test_each_stage_is_an_mlflow_child_run_with_grids(purified):
     from mlflow.tracking import MlflowClient
 

@@ -55,7 +55,7 @@ class PurifyConfig(Config):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: PositiveInt | None = None  # torch threads per CPU worker or actor
     infer_batch_size: PositiveInt = 256
-    infer_actors: PositiveInt = 1  # Ray Data actor pool size per inference pass
+    infer_actors: PositiveInt = 1  # Ray Data tasks (CPU) or actors (GPU) per inference pass
     seed: int = 0
 
     @property

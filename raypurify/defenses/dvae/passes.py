@@ -1,6 +1,6 @@
-"""Purification inference as Ray Data `map_batches` over an actor pool.
+"""Purification inference as Ray Data `map_batches`.
 
-Each actor loads one trained stage model once and purifies batches of decoded rows:
+Each worker process loads one trained stage model once and purifies batches of decoded rows:
 - "subtract":  x -> clip(x - p_hat(x))                      (P0 -> P1, P1 -> P2)
 - "subtract_reconstruct": x -> x2 = clip(x - p_hat(x)), x3 = x_hat(x2); x2 stays float
   between the two steps and is also returned (as `p2`) so P2 and P3 come from one pass
@@ -8,14 +8,23 @@ Each actor loads one trained stage model once and purifies batches of decoded ro
 - "perturbation": x -> p_hat(x) as floats                    (detection, Table 1 check)
 With `sample`, z is drawn from q(z|x) with noise seeded by (seed, row index), so results
 do not depend on how Ray Data batches the rows; otherwise z = mu.
+
+On CPU a pass runs as Ray Data tasks: they run in Ray's pooled worker processes, which stay
+alive between passes with torch imported, so only a run's first pass pays for a process
+start (an actor pool starts a fresh process, and imports torch, for every pass; seconds
+each on 2 cores, as long as a demo-scale pass's work, bench/demo.py). Each process keeps
+the last model it loaded. On a GPU Ray gives a task a fresh process per call (its
+`max_calls` is 1 for GPU tasks), so there a pass keeps an actor per GPU instead.
 """
 
 from __future__ import annotations
 
+import functools
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 import numpy as np
 import ray.data
@@ -110,6 +119,23 @@ class PurifyPass:
         return out
 
 
+# This process's model for task passes: (the pass and its weights' mtime, the model).
+_loaded: tuple[tuple[PassSpec, int], PurifyPass] | None = None
+
+
+def purify_task(
+    batch: dict[str, np.ndarray], spec: PassSpec, progress: BarQueue | None
+) -> dict[str, np.ndarray]:
+    """A batch through the model of `spec`, loaded once per process (and again when the
+    weights file is rewritten, e.g. by a forced rerun)."""
+    global _loaded
+    key = (spec, os.stat(spec.weights).st_mtime_ns)
+    if _loaded is None or _loaded[0] != key:
+        _loaded = (key, PurifyPass(spec))
+    _loaded[1].progress = progress
+    return _loaded[1](batch)
+
+
 def to_hwc_uint8(x: torch.Tensor) -> np.ndarray:
     """Floats in [0, 1], (N, C, H, W), to uint8 (N, H, W, C) by rounding (not flooring)."""
     x = torch.round(torch.clamp(x.float(), 0, 1) * 255).to(torch.uint8)
@@ -125,13 +151,21 @@ def _purify_batches(
     progress: Progress,
 ) -> ray.data.Dataset:
     spec = PassSpec(str(weights), cfg, len(source.classes), source.shape[0], mode)
-    return read_ray(source.path).map_batches(
-        PurifyPass,
-        fn_constructor_kwargs={"spec": spec, "progress": progress.queue},
-        compute=ray.data.ActorPoolStrategy(size=cfg.infer_actors),
-        batch_size=cfg.infer_batch_size,
-        batch_format="numpy",
-        **cast(dict[str, Any], {"num_gpus": 1} if gpu else {"num_cpus": 1}),
+    ds = read_ray(source.path)
+    common: dict[str, Any] = {"batch_size": cfg.infer_batch_size, "batch_format": "numpy"}
+    if gpu:
+        return ds.map_batches(
+            PurifyPass,
+            fn_constructor_kwargs={"spec": spec, "progress": progress.queue},
+            compute=ray.data.ActorPoolStrategy(size=cfg.infer_actors),
+            num_gpus=1,
+            **common,
+        )
+    return ds.map_batches(
+        functools.partial(purify_task, spec=spec, progress=progress.queue),
+        compute=ray.data.TaskPoolStrategy(size=cfg.infer_actors),
+        num_cpus=1,
+        **common,
     )
 
 
