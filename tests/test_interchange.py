@@ -80,6 +80,35 @@ def cifar1000(cifar10_dir) -> ImageSet:
     return registry.load(DatasetSpec(name="cifar10", subset=1000))
 
 
+def test_the_ray_source_streams_each_file_in_blocks_of_bounded_size(
+    ray_session, tmp_path, monkeypatch
+):
+    """read_ray plans its read tasks from the manifest (no sampling); a file larger than a
+    block is streamed in several blocks that name their file, and every row comes back
+    once."""
+    from raypurify.data import ray_source
+
+    data = small_set(n=30)
+    info = write_images(data, tmp_path / "d", rows_per_file=12)
+    assert len(info.files) == 3
+    per_row = max(f.stat().st_size // 12 for f in info.files[:2])
+    monkeypatch.setattr(ray_source, "BLOCK_BYTES", 5 * per_row)  # about 5 rows a block
+    blocks = list(ray_source.read_rows(info).iter_batches(batch_size=None, batch_format="numpy"))
+    assert len(blocks) >= 6 and max(len(b["index"]) for b in blocks) <= 6
+    index = np.concatenate([b["index"] for b in blocks])
+    assert sorted(index) == sorted(data.index)  # every row, once
+    files = {str(f) for f in info.files}
+    assert {p for b in blocks for p in b["path"]} == files
+    rows = read_ray(info.path).take_all()
+    back = ImageSet(
+        np.stack([r["image"] for r in rows]),
+        np.array([r["label"] for r in rows]),
+        np.array([r["index"] for r in rows]),
+        data.classes,
+    )
+    assert_same(back, data)
+
+
 def test_cifar_subset_is_real_and_balanced(cifar1000):
     assert len(cifar1000) == 1000
     assert cifar1000.shape == (32, 32, 3)

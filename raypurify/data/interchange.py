@@ -338,7 +338,7 @@ def concat(chunks: Sequence[ImageSet], name: str = "dataset") -> ImageSet:
 
 def read_ray(path: str | Path) -> ray.data.Dataset:
     """A Ray Dataset of decoded rows: image (H, W, C) uint8, label, index[, poisoned]."""
-    import ray.data
+    from raypurify.data.ray_source import read_rows
 
     info = open_dataset(path)
     shape, num_classes = info.shape, len(info.classes)
@@ -358,8 +358,7 @@ def read_ray(path: str | Path) -> ray.data.Dataset:
             out["poisoned"] = batch["poisoned"]
         return out
 
-    ds = ray.data.read_parquet([str(f) for f in info.files], include_paths=True)
-    return ds.map_batches(decode, batch_format="numpy", batch_size=1024)
+    return read_rows(info).map_batches(decode, batch_format="numpy", batch_size=1024)
 
 
 def imageset_to_ray(data: ImageSet, rows_per_block: int = 2048) -> ray.data.Dataset:
