@@ -253,6 +253,29 @@ def test_the_plan_counts_the_cpus_each_step_holds():
     assert steps["train/ops/d-vae/fast-resnet"].cpus == 1
 
 
+def test_a_clean_row_of_named_columns_plans_only_those_and_the_table_leaves_the_rest_blank():
+    from raypurify.experiments.steps import plan
+    from raypurify.reports.experiment import markdown
+
+    spec = load_spec("cifar10-mini", ["clean_row=[none, jpeg-10]"])
+    names = {s.name for s in plan(spec)}
+    assert {"train/clean/none/fast-resnet", "train/clean/jpeg-10/fast-resnet"} <= names
+    assert not any(n.startswith(("purify/clean/", "defend/clean/grayscale")) for n in names)
+    assert "purify/ops/d-vae" in names  # attack rows keep every column
+    cells = [{"row": "clean", "column": "none", "classifier": "fast-resnet", "accuracy": 0.5}]
+    table = markdown(spec, {"cells": cells})
+    assert "| clean | 50.00 | - |" in table
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [("[jpeg]", r"clean_row names unknown columns \['jpeg'\]"), ("[]", "clean_row: give true")],
+)
+def test_a_clean_row_naming_no_or_unknown_columns_is_refused(value, message):
+    with pytest.raises(ConfigError, match=message):
+        load_spec("cifar10-mini", [f"clean_row={value}"])
+
+
 def test_the_table_seed_seeds_its_purifiers_and_seed_0_keeps_stored_keys():
     from raypurify.experiments.steps import plan
 

@@ -73,7 +73,10 @@ class ExperimentSpec(Config):
     attacks: list[AttackEntry]
     defenses: list[DefenseEntry]
     classifiers: list[ClassifierEntry] = Field(default_factory=lambda: [ClassifierEntry()])
-    clean_row: bool = True  # also train every defence on the clean set
+    # The clean row: every defence on the clean set (true), none (false), or the columns
+    # named (e.g. [none]: the clean accuracy the attacks are measured against, without
+    # paying for a purification of clean data).
+    clean_row: bool | list[str] = True
     seed: int = 0
     max_parallel: PositiveInt | None = None  # steps at once (default: from the cluster)
     analyses: list[str] = Field(default_factory=list)  # disentangle, detect
@@ -98,4 +101,17 @@ class ExperimentSpec(Config):
             missing = set(d.best_of) - set(cols)
             if missing:
                 raise ValueError(f"best_of names unknown columns {sorted(missing)}")
+        if isinstance(self.clean_row, list):
+            missing = set(self.clean_row) - set(cols)
+            if missing:
+                raise ValueError(f"clean_row names unknown columns {sorted(missing)}")
+            if not self.clean_row:
+                raise ValueError("clean_row: give true, false or the columns to train")
         return self
+
+    def clean_columns(self) -> list[str]:
+        """The columns of the clean row (none without one), in the table's order."""
+        if self.clean_row is True:
+            return [d.column for d in self.defenses]
+        chosen = self.clean_row or []
+        return [d.column for d in self.defenses if d.column in chosen]

@@ -196,7 +196,7 @@ def plan(spec: ExperimentSpec) -> list[Step]:
     clean = Step("data", "data/clean", {"dataset": spec.dataset.to_dict()}, [], make_clean, cpus=0)
     steps = [clean]
     if spec.clean_row:
-        steps += row_steps(spec, "clean", clean)
+        steps += row_steps(spec, "clean", clean, spec.clean_columns())
     for a in spec.attacks:
         cfg = {"attack": a.name, "options": a.options, "ratio": a.ratio, "seed": spec.seed}
         source = Step(
@@ -226,13 +226,16 @@ def seeded(overrides: list[str], seed: int) -> list[str]:
     return [f"seed={seed}", *overrides] if seed else list(overrides)
 
 
-def row_steps(spec: ExperimentSpec, row: str, source: Step) -> list[Step]:
-    """One row of the table: each defence applied to `source`, and a classifier on it."""
+def row_steps(
+    spec: ExperimentSpec, row: str, source: Step, columns: list[str] | None = None
+) -> list[Step]:
+    """One row of the table: each defence (of `columns`, default all) applied to `source`,
+    and a classifier on it."""
     from raypurify.defenses.dvae.config import preset
 
     steps = []
     for d in spec.defenses:
-        if d.best_of:
+        if d.best_of or (columns is not None and d.column not in columns):
             continue
         # A column without best_of names a defence (DefenseEntry's validator).
         defense, options = defenses.options(cast(str, d.name), d.options)

@@ -199,6 +199,8 @@ def write_csv(results: dict[str, Any], path: Path) -> None:
 
 
 def bar_chart(spec: ExperimentSpec, results: dict[str, Any], path: Path) -> None:
+    """Grouped bars, row by row, each labelled with its accuracy; the clean row's first
+    column (no defence) as a dashed line: what every defended bar is trying to reach."""
     from raypurify.reports.plots import plt
 
     cols, row_names = columns(spec), rows(spec)
@@ -206,13 +208,20 @@ def bar_chart(spec: ExperimentSpec, results: dict[str, Any], path: Path) -> None
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(row_names) * len(cols) / 3), 4))
     width = 0.8 / len(cols)
     for j, col in enumerate(cols):
-        vals = [100 * (lookup(results, r, col, c) or 0) for r in row_names]
-        ax.bar(np.arange(len(row_names)) + j * width, vals, width, label=col)
+        cells = [(i, lookup(results, r, col, c)) for i, r in enumerate(row_names)]
+        xs = [i + j * width for i, v in cells if v is not None]
+        vals = [100 * v for _, v in cells if v is not None]
+        bars = ax.bar(xs, vals, width, label=col)
+        ax.bar_label(bars, fmt="%.0f", fontsize=7, padding=1)
+    clean = lookup(results, "clean", cols[0], c) if spec.clean_row else None
+    if clean is not None:
+        ax.axhline(100 * clean, color="0.3", linestyle="--", linewidth=1)
+        ax.text(len(row_names) - 0.5, 100 * clean + 1, f"clean, {cols[0]}", ha="right", fontsize=8)
     ax.set_xticks(np.arange(len(row_names)) + 0.4 - width / 2, row_names)
     ax.set_ylabel("clean test accuracy (%)")
     ax.set_ylim(0, 100)
     ax.set_title(f"{spec.name}: {c}")
-    ax.legend(ncol=min(len(cols), 4), fontsize=8)
+    ax.legend(ncol=min(len(cols), 4), fontsize=8, loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
