@@ -77,7 +77,8 @@ class InterchangeSource(Datasource):
 
 
 def read_rows(info: DatasetInfo) -> ray.data.Dataset:
-    """`info`'s rows, undecoded, with a `path` column, as a Ray Dataset in file order."""
+    """`info`'s rows, undecoded, with a `path` column, as a Ray Dataset (a read task per
+    file; like any Ray Dataset, not ordered unless the DataContext asks for it)."""
     import ray.data
 
     return ray.data.read_datasource(InterchangeSource(info))

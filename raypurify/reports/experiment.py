@@ -199,8 +199,9 @@ def write_csv(results: dict[str, Any], path: Path) -> None:
 
 
 def bar_chart(spec: ExperimentSpec, results: dict[str, Any], path: Path) -> None:
-    """Grouped bars, row by row, each labelled with its accuracy; the clean row's first
-    column (no defence) as a dashed line: what every defended bar is trying to reach."""
+    """Grouped bars, row by row, each labelled with its accuracy (a cell not trained is
+    left out, not drawn at 0); the clean row's first column (in the presets, no defence)
+    as a dashed line: what every defended bar is trying to reach."""
     from raypurify.reports.plots import plt
 
     cols, row_names = columns(spec), rows(spec)
