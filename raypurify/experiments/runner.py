@@ -123,28 +123,30 @@ def run_experiment(
     test = registry.load(spec.test)  # also catches a missing dataset before any work
     out = join_cluster(out, num_cpus)  # on a cluster: shared storage, a tracking server
     out.mkdir(parents=True, exist_ok=True)
-    store = Store(out / "store")
-    steps = plan(spec)
-    parent = start_run(
-        spec.name, out.name, params={"spec": spec.to_dict()}, tags={"kind": "experiment"}
-    )
-    ctx = Context(spec=spec, test=test, parent=parent)
-    start = time.perf_counter()
-    with active_run(parent):
-        parallel = spec.max_parallel or default_parallel()
-        with warm_workers(parallel, out):
+    parallel = spec.max_parallel or default_parallel()
+    # The warm group starts in the background (processes, imports, a process group: tens
+    # of seconds on 2 cores) while MLflow opens its store and the plan is made.
+    with warm_workers(parallel, out):
+        store = Store(out / "store")
+        steps = plan(spec)
+        parent = start_run(
+            spec.name, out.name, params={"spec": spec.to_dict()}, tags={"kind": "experiment"}
+        )
+        ctx = Context(spec=spec, test=test, parent=parent)
+        start = time.perf_counter()
+        with active_run(parent):
             Scheduler(steps, store, ctx, force, parallel, out, cpu_budget()).run()
-        records = [r for s in steps if s.dir and (r := store.record(s.dir))]
-        results = experiment.collect(spec, records)
-        results["wall_s"] = time.perf_counter() - start
-        results["steps"] = {
-            "ran": sum(s.result is not None and not s.cached for s in steps),
-            "reused": sum(s.cached for s in steps),
-        }
-        files = experiment.write(spec, results, out, records)
-        for f in files:
-            parent.log_artifact(f)
-        parent.log_metrics(experiment.summary_metrics(results))
+            records = [r for s in steps if s.dir and (r := store.record(s.dir))]
+            results = experiment.collect(spec, records)
+            results["wall_s"] = time.perf_counter() - start
+            results["steps"] = {
+                "ran": sum(s.result is not None and not s.cached for s in steps),
+                "reused": sum(s.cached for s in steps),
+            }
+            files = experiment.write(spec, results, out, records)
+            for f in files:
+                parent.log_artifact(f)
+            parent.log_metrics(experiment.summary_metrics(results))
     failed = [s for s in steps if s.error]
     if failed:
         names = ", ".join(s.name for s in failed[:5])
