@@ -42,7 +42,7 @@ from raypurify.distributed import (
     unwrap,
     use_gpu,
 )
-from raypurify.estimate import warn_if_long
+from raypurify.estimate import train_rate, warn_if_long
 from raypurify.models import ARCHS, build_model
 from raypurify.runtime import Precision, autocast, use_bf16
 from raypurify.storage import scratch
@@ -249,7 +249,8 @@ def run_minmin(job: AttackJob, cfg: EMConfig, engine: type[MinMin], desc: str) -
         surrogate = functools.partial(
             build_model, cfg.surrogate, classes, h, **cfg.surrogate_options
         )
-        warn_if_long(desc, passes, surrogate, classes, (c, h, w), hint=CPU_HINT)
+        rate = lambda: train_rate(surrogate(), classes, (c, h, w), 16)  # noqa: E731
+        warn_if_long(desc, passes, rate, hint=CPU_HINT)
     minmin = MinMinJob(
         engine=engine,
         config=cfg,

@@ -20,7 +20,8 @@ from raypurify.data.imageset import ImageSet
 from raypurify.data.spec import Stream
 from raypurify.distributed import check_gpus, fit, use_gpu
 from raypurify.errors import DatasetError
-from raypurify.models import ARCHS
+from raypurify.estimate import train_rate, warn_if_long
+from raypurify.models import ARCHS, build_model
 from raypurify.runtime import init_ray
 from raypurify.tracking import Run
 from raypurify.training import data as batches
@@ -43,6 +44,24 @@ def check_compatible(train: ImageSet | Stream, test: ImageSet) -> None:
             f"test set {test.name}: images are {'x'.join(map(str, test.shape))}, the train "
             f"set's are {'x'.join(map(str, train.shape))}"
         )
+
+
+CPU_HINT = "on a CPU use the CPU protocol's recipe (--recipe cpu: ResNet-9, 14 epochs)"
+
+
+def warn_if_slow_on_cpu(train: ImageSet | Stream, cfg: TrainConfig) -> None:
+    """Say once, before it starts, when this training would take hours on this CPU."""
+    rows = len(train) if isinstance(train, ImageSet) else train.rows
+    if rows is None:  # a stream of unknown length: nothing to estimate from
+        return
+    classes, (h, w, c) = len(train.classes), train.shape
+
+    def rate() -> float:
+        model = build_model(cfg.arch, classes, h, **cfg.arch_options)
+        return train_rate(model, classes, (c, h, w), 16)
+
+    key = ("classifier", cfg.arch, repr(sorted(cfg.arch_options.items())), classes, train.shape)
+    warn_if_long(f"train {cfg.arch}", cfg.epochs * rows, rate, CPU_HINT, key)
 
 
 def train_classifier(
@@ -69,6 +88,8 @@ def train_classifier(
     init_ray()
     gpu = use_gpu(cfg.device)
     check_gpus(cfg.workers, gpu)
+    if not gpu:
+        warn_if_slow_on_cpu(train, cfg)
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()

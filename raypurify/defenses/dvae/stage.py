@@ -38,6 +38,7 @@ from raypurify.distributed import (
     use_gpu,
 )
 from raypurify.errors import DatasetError, TrainingError, unreadable_file
+from raypurify.estimate import rate_of, warn_if_long
 from raypurify.reports.images import amplify, class_rows, grid, to_uint8
 from raypurify.runtime import autocast, use_bf16
 from raypurify.tracking import Run
@@ -238,6 +239,32 @@ def grid_sample(data: ImageSet | Stream) -> ImageSet:
     return data.take(class_rows(data.labels, data.num_classes, GRID_PER_CLASS))
 
 
+CPU_HINT = "on a CPU use the CPU protocol's preset (--preset cpu: width 32, 5 epochs a stage)"
+
+
+def warn_if_slow_on_cpu(
+    data: ImageSet | Stream, cfg: PurifyConfig, stage: StageConfig, name: str
+) -> None:
+    """Say once, before it starts, when this stage would take hours on this CPU."""
+    rows = len(data) if isinstance(data, ImageSet) else data.rows
+    if rows is None:  # a stream of unknown length: nothing to estimate from
+        return
+    classes, (h, w, c) = len(data.classes), data.shape
+
+    def rate() -> float:
+        model = build(cfg, classes, h).to(memory_format=torch.channels_last)
+
+        def loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            x_hat, p_hat, mu, logvar = model(x, y)
+            terms = {"kld_limit": stage.kld_limit, "kl_weight": stage.kl_weight}
+            return dvae_loss(x, x_hat, p_hat, mu, logvar, **terms)[0]
+
+        return rate_of(loss, classes, (c, h, w))
+
+    key = ("dvae", cfg.method, repr(cfg.model.to_dict()), stage.kld_limit, classes, data.shape)
+    warn_if_long(f"D-VAE {name}", stage.epochs * rows, rate, CPU_HINT, key)
+
+
 def train_stage(
     name: str,
     data: ImageSet | Stream,
@@ -252,6 +279,9 @@ def train_stage(
     the stage's start-up vs work split (`Fitted.split`).
     """
     start = time.perf_counter()
+    gpu = use_gpu(cfg.device)
+    if not gpu:
+        warn_if_slow_on_cpu(data, cfg, stage, name)
     shipped, datasets = batches.ship(data)
     job = StageJob(
         purify=cfg,
@@ -268,7 +298,7 @@ def train_stage(
         stage_worker,
         job,
         workers=cfg.workers,
-        gpu=use_gpu(cfg.device),
+        gpu=gpu,
         storage=storage,
         name=name,
         epochs=stage.epochs,
