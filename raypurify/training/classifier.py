@@ -46,7 +46,10 @@ def check_compatible(train: ImageSet | Stream, test: ImageSet) -> None:
         )
 
 
-CPU_HINT = "on a CPU use the CPU protocol's recipe (--recipe cpu: ResNet-9, 14 epochs)"
+CPU_HINT = (
+    "on a CPU use the CPU protocol's recipe `cpu` (ResNet-9, 14 epochs): --recipe cpu, or "
+    "--set surrogate_recipe=cpu for a TAP or SEP surrogate"
+)
 
 
 def warn_if_slow_on_cpu(train: ImageSet | Stream, cfg: TrainConfig) -> None:
