@@ -249,7 +249,10 @@ def run_minmin(job: AttackJob, cfg: EMConfig, engine: type[MinMin], desc: str) -
         surrogate = functools.partial(
             build_model, cfg.surrogate, classes, h, **cfg.surrogate_options
         )
-        rate = lambda: train_rate(surrogate(), classes, (c, h, w), 16)  # noqa: E731
+
+        def rate() -> float:
+            return train_rate(surrogate(), classes, (c, h, w), 16)
+
         warn_if_long(desc, passes, rate, hint=CPU_HINT)
     minmin = MinMinJob(
         engine=engine,

@@ -261,7 +261,7 @@ def warn_if_slow_on_cpu(
 
         return rate_of(loss, classes, (c, h, w))
 
-    key = ("dvae", cfg.method, repr(cfg.model.to_dict()), stage.kld_limit, classes, data.shape)
+    key = ("dvae", cfg.method, repr(cfg.model.to_dict()), classes, data.shape)
     warn_if_long(f"D-VAE {name}", stage.epochs * rows, rate, CPU_HINT, key)
 
 
