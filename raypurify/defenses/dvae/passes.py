@@ -119,8 +119,9 @@ class PurifyPass:
         return out
 
 
-# This process's model for task passes: (the pass and its weights' mtime, the model).
-_loaded: tuple[tuple[PassSpec, int], PurifyPass] | None = None
+# This process's model for task passes: (the pass and its weights file's identity, the
+# model). The weights are written to a temp file and renamed, so a rewrite is a new inode.
+_loaded: tuple[tuple[PassSpec, int, int, int], PurifyPass] | None = None
 
 
 def purify_task(
@@ -129,7 +130,8 @@ def purify_task(
     """A batch through the model of `spec`, loaded once per process (and again when the
     weights file is rewritten, e.g. by a forced rerun)."""
     global _loaded
-    key = (spec, os.stat(spec.weights).st_mtime_ns)
+    st = os.stat(spec.weights)
+    key = (spec, st.st_ino, st.st_mtime_ns, st.st_size)
     if _loaded is None or _loaded[0] != key:
         _loaded = (key, PurifyPass(spec))
     _loaded[1].progress = progress
