@@ -11,12 +11,19 @@ setting to use instead. A step of fewer than `MIN_PASSES` passes is not timed at
 
 from __future__ import annotations
 
+import functools
 import sys
 import time
 from collections.abc import Callable, Hashable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+from raypurify.data.imageset import ImageSet
+
+if TYPE_CHECKING:
+    from raypurify.data.spec import Stream
 
 LONG_S = 3600.0  # an hour: far beyond what a demo- or protocol-scale CPU run takes
 # Fewer image passes than this take under an hour even at 1 image/s: nothing to time.
@@ -75,3 +82,21 @@ def warn_if_long(
             file=sys.stderr,
         )
     return seconds
+
+
+def warn_if_long_training(
+    what: str,
+    data: ImageSet | Stream,
+    epochs: int,
+    rate: Callable[[int, tuple[int, int, int]], float],
+    hint: str,
+    key: tuple[Hashable, ...],
+) -> None:
+    """`warn_if_long` for `epochs` over `data`, the network timed by `rate(classes,
+    (c, h, w))` once per `key` and data shape. A stream of unknown length is not estimated."""
+    rows = len(data) if isinstance(data, ImageSet) else data.rows
+    if rows is None:
+        return
+    classes, (h, w, c) = len(data.classes), data.shape
+    measure = functools.partial(rate, classes, (c, h, w))
+    warn_if_long(what, epochs * rows, measure, hint, (*key, classes, data.shape))

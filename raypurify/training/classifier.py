@@ -20,7 +20,7 @@ from raypurify.data.imageset import ImageSet
 from raypurify.data.spec import Stream
 from raypurify.distributed import check_gpus, fit, use_gpu
 from raypurify.errors import DatasetError
-from raypurify.estimate import train_rate, warn_if_long
+from raypurify.estimate import train_rate, warn_if_long_training
 from raypurify.models import ARCHS, build_model
 from raypurify.runtime import init_ray
 from raypurify.tracking import Run
@@ -54,17 +54,13 @@ CPU_HINT = (
 
 def warn_if_slow_on_cpu(train: ImageSet | Stream, cfg: TrainConfig) -> None:
     """Say once, before it starts, when this training would take hours on this CPU."""
-    rows = len(train) if isinstance(train, ImageSet) else train.rows
-    if rows is None:  # a stream of unknown length: nothing to estimate from
-        return
-    classes, (h, w, c) = len(train.classes), train.shape
 
-    def rate() -> float:
-        model = build_model(cfg.arch, classes, h, **cfg.arch_options)
-        return train_rate(model, classes, (c, h, w), 16)
+    def rate(classes: int, shape: tuple[int, int, int]) -> float:
+        model = build_model(cfg.arch, classes, shape[1], **cfg.arch_options)
+        return train_rate(model, classes, shape, 16)
 
-    key = ("classifier", cfg.arch, repr(sorted(cfg.arch_options.items())), classes, train.shape)
-    warn_if_long(f"train {cfg.arch}", cfg.epochs * rows, rate, CPU_HINT, key)
+    key = ("classifier", cfg.arch, repr(sorted(cfg.arch_options.items())))
+    warn_if_long_training(f"train {cfg.arch}", train, cfg.epochs, rate, CPU_HINT, key)
 
 
 def train_classifier(

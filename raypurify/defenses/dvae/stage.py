@@ -38,7 +38,7 @@ from raypurify.distributed import (
     use_gpu,
 )
 from raypurify.errors import DatasetError, TrainingError, unreadable_file
-from raypurify.estimate import rate_of, warn_if_long
+from raypurify.estimate import rate_of, warn_if_long_training
 from raypurify.reports.images import amplify, class_rows, grid, to_uint8
 from raypurify.runtime import autocast, use_bf16
 from raypurify.tracking import Run
@@ -246,23 +246,19 @@ def warn_if_slow_on_cpu(
     data: ImageSet | Stream, cfg: PurifyConfig, stage: StageConfig, name: str
 ) -> None:
     """Say once, before it starts, when this stage would take hours on this CPU."""
-    rows = len(data) if isinstance(data, ImageSet) else data.rows
-    if rows is None:  # a stream of unknown length: nothing to estimate from
-        return
-    classes, (h, w, c) = len(data.classes), data.shape
 
-    def rate() -> float:
-        model = build(cfg, classes, h).to(memory_format=torch.channels_last)
+    def rate(classes: int, shape: tuple[int, int, int]) -> float:
+        model = build(cfg, classes, shape[1]).to(memory_format=torch.channels_last)
 
         def loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             x_hat, p_hat, mu, logvar = model(x, y)
             terms = {"kld_limit": stage.kld_limit, "kl_weight": stage.kl_weight}
             return dvae_loss(x, x_hat, p_hat, mu, logvar, **terms)[0]
 
-        return rate_of(loss, classes, (c, h, w))
+        return rate_of(loss, classes, shape)
 
-    key = ("dvae", cfg.method, repr(cfg.model.to_dict()), classes, data.shape)
-    warn_if_long(f"D-VAE {name}", stage.epochs * rows, rate, CPU_HINT, key)
+    key = ("dvae", cfg.method, repr(cfg.model.to_dict()))
+    warn_if_long_training(f"D-VAE {name}", data, stage.epochs, rate, CPU_HINT, key)
 
 
 def train_stage(
