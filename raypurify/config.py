@@ -108,15 +108,15 @@ def format_validation_error(err: ValidationError, prefix: str = "") -> str:
     """One line: ``key.path: message (got value)`` for each problem, joined with '; '."""
     parts = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
-        if prefix:
-            loc = f"{prefix}.{loc}"
+        loc = ".".join(str(p) for p in [prefix, *e["loc"]] if p != "")
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
+        elif e["type"] == "value_error":  # our validators' own words, which name the field
+            msg = str(e["ctx"]["error"])
         elif "input" in e and not isinstance(e["input"], (dict, list)):
             msg = f"{msg} (got {e['input']!r})"
-        parts.append(f"{loc}: {msg}")
+        parts.append(f"{loc}: {msg}" if loc else msg)
     return "; ".join(parts)
 
 
