@@ -5,11 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from raypurify.defenses.dvae.config import preset
 from raypurify.defenses.dvae.loss import dvae_loss, kl_divergence, psnr
 from raypurify.defenses.dvae.model import DVAE, downsampling_stages
-from raypurify.defenses.dvae.stage import start_from_previous
-from raypurify.errors import ConfigError
 
 
 def trained_parameters(model: torch.nn.Module) -> int:
@@ -60,31 +57,6 @@ def test_zero_started_perturbation_decoder_outputs_nothing_yet_learns():
     assert torch.count_nonzero(p_hat) == 0
     p_hat.sub(torch.rand_like(p_hat)).pow(2).mean().backward()
     assert model.perturbation_decoder[-1].weight.grad.abs().sum() > 0  # not stuck at zero
-
-
-def test_a_stage_started_from_the_previous_keeps_its_fresh_perturbation_decoder():
-    torch.manual_seed(0)
-    previous = DVAE(10, width=16, latent=32).state_dict()  # D_p random, as if it learned
-    torch.manual_seed(1)
-    model = DVAE(10, width=16, latent=32, phat_zero_init=True)
-    fresh = {k: v.clone() for k, v in model.state_dict().items()}
-    start_from_previous(model, previous)
-    for key, value in model.state_dict().items():
-        own = key.startswith(("perturbation_decoder.", "class_embedding."))
-        assert torch.equal(value, fresh[key] if own else previous[key]), key
-    x, y = torch.rand(2, 3, 32, 32), torch.tensor([0, 1])
-    assert torch.count_nonzero(model(x, y, sample=False)[1]) == 0  # p_hat starts at zero
-
-
-def test_only_a_later_stage_may_start_from_the_previous_one():
-    assert preset("cpu", ["stage2.start=previous"]).stage2.start == "previous"
-    with pytest.raises(ConfigError, match="stage1.start: the first stage has no previous"):
-        preset("cpu", ["stage1.start=previous"])
-    with pytest.raises(ConfigError, match="stage2.start: Input should be 'fresh' or 'previous'"):
-        preset("cpu", ["stage2.start=stage0"])
-    # At its default the field is left out of the config's content key: stored results
-    # made before it existed keep their keys.
-    assert "start" not in preset("cpu").to_dict()["stage2"]
 
 
 def test_param_groups_give_each_part_its_learning_rate():

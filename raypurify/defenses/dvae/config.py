@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, PositiveInt, model_validator
+from pydantic import Field, PositiveInt
 
 from raypurify import config
 from raypurify.config import Config
@@ -29,13 +29,8 @@ class ModelConfig(Config):
 
 
 class StageConfig(Config):
-    added_fields = frozenset({"phat_lr_scale", "embedding_lr_scale", "start"})
+    added_fields = frozenset({"phat_lr_scale", "embedding_lr_scale"})
     kld_limit: float = Field(gt=0)  # the rate cap, nats per latent location
-    # "previous": the encoder, posterior and x_hat decoder start from the previous stage's
-    # trained weights instead of at random, so stage 2's reconstruction (P3) gets the
-    # training stage 1 already paid for. D_p and u_y still start fresh: stage 1's D_p
-    # learned the poison that P1 no longer holds, and would subtract it a second time.
-    start: Literal["fresh", "previous"] = "fresh"
     epochs: PositiveInt = 60
     batch_size: PositiveInt = 128
     lr: float = Field(5e-3, gt=0)  # Adam, cosine-annealed over the stage
@@ -62,12 +57,6 @@ class PurifyConfig(Config):
     infer_batch_size: PositiveInt = 256
     infer_actors: PositiveInt = 1  # Ray Data tasks (CPU) or actors (GPU) per inference pass
     seed: int = 0
-
-    @model_validator(mode="after")
-    def _first_stage_starts_fresh(self) -> PurifyConfig:
-        if self.stage1.start != "fresh":
-            raise ValueError("stage1.start: the first stage has no previous stage to start from")
-        return self
 
     @property
     def stages(self) -> list[tuple[str, StageConfig]]:

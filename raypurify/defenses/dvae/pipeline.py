@@ -146,24 +146,16 @@ def purify(
     }
     with active_run(parent) if run is None else contextlib.nullcontext():
         source, data = info, data0
-        previous = None  # the last stage's weights, where the next one starts from them
         for name, stage in cfg.stages:
             t0 = time.perf_counter()
             child = parent.child(name, params={"stage": name, **stage.to_dict()})
             with active_run(child):
                 # Only the last stage's passes hand back no data (see _run_passes).
                 state, split = train_stage(
-                    name,
-                    cast("ImageSet", data),
-                    cfg,
-                    stage,
-                    out / "checkpoints",
-                    run=child,
-                    previous=previous,
+                    name, cast("ImageSet", data), cfg, stage, out / "checkpoints", run=child
                 )
                 weights = out / f"{name}.pt"
                 save_torch(weights, state["model"])
-                previous = state["model"]
                 child.log_artifact(weights, "checkpoint")
             summary["stages"][name] = {
                 "kld_limit": stage.kld_limit,

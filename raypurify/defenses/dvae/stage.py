@@ -91,17 +91,6 @@ class StageJob(LoopJob):
     data: Shipped
     grid_arrays: Any  # object ref: a few images per class for the end-of-stage grids
     storage: str  # where the checkpoints live (named in the non-finite loss error)
-    start_weights: Any = None  # object ref: the previous stage's weights (stage.start)
-
-
-FRESH_EACH_STAGE = ("perturbation_decoder.", "class_embedding.")
-
-
-def start_from_previous(model: DVAE, previous: dict[str, torch.Tensor]) -> None:
-    """Load the previous stage's weights into `model`, all but D_p and u_y, which keep
-    their fresh initialisation (see StageConfig.start)."""
-    fresh = {k: v for k, v in model.state_dict().items() if k.startswith(FRESH_EACH_STAGE)}
-    model.load_state_dict(previous | fresh)  # strict: every stage builds the same network
 
 
 def stage_worker(job: StageJob, ctx: LoopContext) -> None:
@@ -110,8 +99,6 @@ def stage_worker(job: StageJob, ctx: LoopContext) -> None:
     amp = use_bf16(cfg.precision, dev)
     torch.manual_seed(cfg.seed)
     model = build(cfg, job.num_classes, job.image_size)
-    if job.start_weights is not None:
-        start_from_previous(model, ray.get(job.start_weights))
     model = ray.train.torch.prepare_model(model.to(memory_format=torch.channels_last))
     groups = cast(DVAE, unwrap(model)).param_groups(
         stage.lr, stage.phat_lr_scale, stage.embedding_lr_scale
@@ -281,11 +268,8 @@ def train_stage(
     stage: StageConfig,
     storage: Path,
     run: Run | None = None,
-    previous: dict[str, torch.Tensor] | None = None,
 ) -> tuple[dict[str, Any], dict[str, float]]:
-    """Train a D-VAE on `data` for `stage` (resuming from storage/name if present): a fresh
-    one, or with `stage.start == "previous"` one started from `previous`, the weights of the
-    stage before.
+    """Train a fresh D-VAE on `data` for `stage` (resuming from storage/name if present).
 
     Returns the final state (weights under "model", per-epoch metrics under "history") and
     the stage's start-up vs work split (`Fitted.split`).
@@ -304,7 +288,6 @@ def train_stage(
         data=shipped,
         grid_arrays=ray.put(batches.pack(grid_sample(data))),
         storage=str(storage / name),
-        start_weights=start_weights(stage, previous),
         mlflow=run,
     )
     fitted = fit(
@@ -319,15 +302,6 @@ def train_stage(
         datasets=datasets,
     )
     return fitted.state, fitted.split(start)
-
-
-def start_weights(stage: StageConfig, previous: dict[str, torch.Tensor] | None) -> Any:
-    """The object ref a stage's workers start from, or None for a fresh start."""
-    if stage.start == "fresh":
-        return None
-    if previous is None:
-        raise TrainingError("stage.start=previous: no previous stage's weights to start from")
-    return ray.put(previous)
 
 
 def images_per_s(history: list[dict]) -> float:
