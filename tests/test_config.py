@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pydantic
 import pytest
+from pydantic import model_validator
 
 from raypurify import config
 from raypurify.config import Config, apply_overrides, flatten, parse_override
@@ -72,6 +73,28 @@ def test_wrong_types_rejected_with_key_path():
 
     msg = error_of(config.validate, Experiment, {"train": 5})
     assert msg.startswith("config: train: ")
+
+
+class Window(Config):
+    low: int = 0
+    high: int = 1
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Window:
+        if self.low >= self.high:
+            raise ValueError("high: must be above low")
+        return self
+
+
+class Plot(Config):
+    window: Window = Window()
+
+
+def test_a_validators_own_words_name_the_field_without_pydantic_noise():
+    # A whole-config check at the top says only its message; a nested one gets its path.
+    assert error_of(config.validate, Window, {"low": 3}) == "config: high: must be above low"
+    msg = error_of(config.validate, Plot, {"window": {"low": 3}}, source="plot.yaml")
+    assert msg == "plot.yaml: window: high: must be above low"
 
 
 def test_several_problems_are_joined_on_one_line():
