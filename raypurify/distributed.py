@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
-import functools
 import logging
 import os
 import shutil
@@ -43,8 +42,6 @@ if TYPE_CHECKING:
 STATE_FILE = "state.pt"
 NODE_TAG = "raypurify.node.rank"  # + rank: the Ray node id a worker of the run ran on
 
-# Where the runs started in this process log their placement groups (see `placement_groups`).
-_placement_group_log: Path | None = None
 # The warm worker group that hosts this driver's fits, if one is open (worker_group.py).
 _warm_group: WarmGroup | None = None
 
@@ -243,17 +240,12 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return cast(torch.nn.Module, model.module) if hasattr(model, "module") else model
 
 
-def loop_entry(group_log: str | None, config: dict[str, LoopCall]) -> None:
-    """Run the loop of `config["call"]` after two records of where it runs: rank 0 appends
-    its run's placement group id to `group_log` (see `placement_groups`), and every rank
-    tags the step's MLflow run with its Ray node (`raypurify.node.rank<r>`), which shows on
-    a cluster which nodes did the work and that each reached the tracking server."""
+def loop_entry(config: dict[str, LoopCall]) -> None:
+    """Run the loop of `config["call"]` after tagging the step's MLflow run with the Ray
+    node of this worker (`raypurify.node.rank<r>`), which shows on a cluster which nodes
+    did the work and that each reached the tracking server."""
     call = config["call"]
     rank = ray.train.get_context().get_world_rank()
-    group = ray.util.get_current_placement_group()
-    if group_log is not None and rank == 0 and group is not None:
-        with open(group_log, "a") as f:
-            f.write(group.id.hex() + "\n")
     if call.job.mlflow is not None:
         node = ray.get_runtime_context().get_node_id()
         call.job.mlflow.set_tags({f"{NODE_TAG}{rank}": node})
@@ -265,25 +257,6 @@ def loop_entry(group_log: str | None, config: dict[str, LoopCall]) -> None:
 
 
 @contextlib.contextmanager
-def placement_groups(log: Path) -> Iterator[None]:
-    """Log to `log` the placement group of every Ray Train run started meanwhile.
-
-    A run's group belongs to the Ray job, not to the run's controller: when a sweep trial
-    is stopped by ASHA or its process dies, the controller dies with it, and Ray Train's
-    own cleaner, which asks the dashboard's State API whether the controller lives, cannot
-    tell on a Ray without a dashboard. The group then keeps its CPUs until the job ends,
-    and later trials wait for them forever. `release_placement_groups(log)` frees them.
-    """
-    global _placement_group_log
-    log.parent.mkdir(parents=True, exist_ok=True)
-    previous, _placement_group_log = _placement_group_log, log
-    try:
-        yield
-    finally:
-        _placement_group_log = previous
-
-
-@contextlib.contextmanager
 def serving(group: WarmGroup) -> Iterator[None]:
     """Within this block `fit` hands the fits `group` can host to it (worker_group.py)."""
     global _warm_group
@@ -292,23 +265,6 @@ def serving(group: WarmGroup) -> Iterator[None]:
         yield
     finally:
         _warm_group = previous
-
-
-def release_placement_groups(log: Path) -> int:
-    """Remove the placement groups listed in `log` that still hold resources (the runs that
-    made them are over), delete the log, and return how many were removed."""
-    from ray.util.placement_group import PlacementGroup
-
-    if not log.exists():
-        return 0
-    removed = 0
-    for line in set(log.read_text().split()):
-        group = PlacementGroup(ray.PlacementGroupID.from_hex(line))
-        if ray.util.placement_group_table(group).get("state", "REMOVED") != "REMOVED":
-            ray.util.remove_placement_group(group)
-            removed += 1
-    log.unlink()
-    return removed
 
 
 def use_gpu(device: str) -> bool:
@@ -439,10 +395,8 @@ def fit(
                 # hosted: group is not None
                 metrics = cast("WarmGroup", group).run(Job(call, str(storage), name, keep))
             else:
-                # A Path is always true: a str or None.
-                log = cast("str | None", _placement_group_log and str(_placement_group_log))
                 trainer = TorchTrainer(
-                    functools.partial(loop_entry, log),
+                    loop_entry,
                     train_loop_config={"call": call},
                     datasets=datasets,
                     scaling_config=ray.train.ScalingConfig(

@@ -1,12 +1,13 @@
-"""The two private Ray names raypurify relies on, kept here and nowhere else.
+"""The three private Ray names raypurify relies on, kept here and nowhere else.
 
-Ray has no public switch for either. tests/test_ray_private.py fails as soon as a Ray
-upgrade moves or renames one, instead of every worker logging each report or a local Ray
-listening on every interface.
+Ray has no public switch or query for any. tests/test_ray_private.py fails as soon as a
+Ray upgrade moves or renames one, instead of every worker logging each report, a local Ray
+listening on every interface, or a stopped sweep trial's CPUs staying reserved.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import logging
 
@@ -31,3 +32,42 @@ def disable_clustering() -> None:
     if not hasattr(ray_constants, "ENABLE_RAY_CLUSTER"):
         raise RuntimeError("Ray moved ray_constants.ENABLE_RAY_CLUSTER: update ray_private.py")
     ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupRecord:
+    """What Ray's control store (GCS) keeps about a placement group and its public
+    `placement_group_table` leaves out: which job and which actor created it, and whether
+    that actor has died (False while it lives; True for a group a driver created)."""
+
+    group_id: str  # hex
+    removed: bool
+    job_id: str  # hex
+    creator_actor: str | None  # hex; None for a group a driver created
+    creator_dead: bool
+
+
+def placement_group_records() -> list[GroupRecord]:
+    """Every placement group of the connected Ray, read from the control store directly
+    (the State API that would say the same needs the dashboard, which a local Ray here
+    runs without)."""
+    from ray._private.state import state
+    from ray.core.generated import gcs_pb2
+
+    if not hasattr(state, "_connect_and_get_accessor"):
+        raise RuntimeError("Ray moved GlobalState._connect_and_get_accessor: update ray_private.py")
+    table = gcs_pb2.PlacementGroupTableData  # type: ignore[attr-defined]  # generated, no stubs
+    records = []
+    for raw in state._connect_and_get_accessor().get_placement_group_table():
+        data = table.FromString(raw)
+        actor = data.creator_actor_id.hex()
+        records.append(
+            GroupRecord(
+                group_id=data.placement_group_id.hex(),
+                removed=data.state == table.REMOVED,
+                job_id=data.creator_job_id.hex(),
+                creator_actor=None if set(actor) <= {"f"} else actor,
+                creator_dead=data.creator_actor_dead,
+            )
+        )
+    return records

@@ -115,7 +115,7 @@ def _serve(config: dict[str, Any]) -> None:
         hosted = distributed.HostedJob(Path(job.storage), job.name, job.keep)
         try:
             with distributed.hosting(hosted):
-                distributed.loop_entry(None, {"call": job.call})
+                distributed.loop_entry({"call": job.call})
         except Exception as e:
             ray.get(board.finish.remote(seq, ("error", _portable(e))))
             if world > 1:  # the other ranks may wait in a collective: restart the group

@@ -1,5 +1,5 @@
-"""Ray Train glue: the placement group log, the node tags, the refusals before Ray waits
-forever, the loops' imports."""
+"""Ray Train glue: the node tags, the run's own group removed, the refusals before Ray
+waits forever, the loops' imports."""
 
 from __future__ import annotations
 
@@ -10,13 +10,7 @@ import pytest
 import ray
 import ray.train
 
-from raypurify.distributed import (
-    LoopJob,
-    check_cpus,
-    fit,
-    placement_groups,
-    release_placement_groups,
-)
+from raypurify.distributed import LoopJob, check_cpus, fit
 
 
 def test_a_bad_max_failures_is_refused_naming_the_variable(monkeypatch):
@@ -41,15 +35,12 @@ def test_the_loops_ray_workers_import_do_not_pull_in_torchvision():
     assert out.stdout.strip() == "False"
 
 
-def test_a_run_logs_its_placement_group_and_node_and_a_leftover_group_is_released(
-    ray_session, tmp_path, mlflow_uri
-):
-    """A sweep trial stopped mid-run leaves its Ray Train placement group reserved (Ray's
-    own cleaner needs the dashboard); the trial logs it and the driver releases it. Each
-    worker tags the run's MLflow run with its node (on a cluster: who did the work)."""
-    from ray.util import placement_group, placement_group_table
-
+def test_a_run_tags_its_node_and_leaves_no_group_behind(ray_session, tmp_path, mlflow_uri):
+    """Each worker tags the run's MLflow run with its node (on a cluster: who did the work);
+    a run that ends removes its own placement group (only a killed controller's stays, see
+    tests/test_sweep_cleanup.py)."""
     from raypurify.distributed import NODE_TAG
+    from raypurify.sweeps.cleanup import groups_made_by_actors
     from raypurify.tracking import start_run
 
     def one_epoch(job: LoopJob, ctx) -> None:  # nested: pickled by value for the workers
@@ -57,31 +48,21 @@ def test_a_run_logs_its_placement_group_and_node_and_a_leftover_group_is_release
 
         report_and_checkpoint({"epoch": 1}, {"epoch": 1}, ray.train.get_context().get_world_rank())
 
-    log = tmp_path / "groups" / "trial.txt"
+    before = groups_made_by_actors()
     run = start_run("nodes", "run")
-    with placement_groups(log):
-        fit(
-            one_epoch,
-            LoopJob(mlflow=run),
-            workers=1,
-            gpu=False,
-            storage=tmp_path,
-            name="run",
-            epochs=1,
-            desc="t",
-        )
-    (finished,) = log.read_text().split()
-    assert placement_group_table()[finished]["state"] == "REMOVED"  # Ray Train removed it
+    fit(
+        one_epoch,
+        LoopJob(mlflow=run),
+        workers=1,
+        gpu=False,
+        storage=tmp_path,
+        name="run",
+        epochs=1,
+        desc="t",
+    )
+    assert groups_made_by_actors() <= before
     tags = run.client.get_run(run.run_id).data.tags
     assert tags[f"{NODE_TAG}0"] == ray.get_runtime_context().get_node_id()
-
-    left = placement_group([{"CPU": 1}])  # what a killed run's controller leaves behind
-    ray.get(left.ready())
-    with log.open("a") as f:
-        f.write(left.id.hex() + "\n")
-    assert release_placement_groups(log) == 1
-    assert placement_group_table(left)["state"] == "REMOVED" and not log.exists()
-    assert release_placement_groups(log) == 0  # nothing logged: nothing to do
 
 
 def test_more_workers_than_the_local_ray_has_cpus_are_refused(ray_session):

@@ -1,75 +1,77 @@
-"""Free what a stopped trial's Ray Train runs still hold: their placement groups.
+"""Free the placement groups that stopped trials' Ray Train runs leave reserved.
 
-Each trial process logs the placement group of every Ray Train run it starts
-(`distributed.placement_groups`) to a file named after the placement group Tune runs that
-process in. Tune removes that group only once the process has stopped (finished, stopped
-by ASHA, killed, or interrupted), so its removal is the sign that nothing will use, or
-create, the logged groups any more; this callback then removes them. Without it a stopped
-trial's CPUs stay reserved until the sweep ends and the trials after it wait forever on a
-small machine (see `distributed.placement_groups` for why Ray leaves them).
+A Ray Train run's placement group is created by the run's controller actor but belongs to
+the Ray job: when ASHA stops a sweep trial or its process dies, the controller dies with
+it, yet Ray removes the group only when the job ends (Ray Train's own cleaner asks the
+dashboard's State API, which a local Ray here runs without). Its CPUs stay reserved and,
+on a small machine, the trials after it wait forever.
 
-Freeing them at Tune's trial-end events instead would be too early: Tune reports a trial
-complete before it stops the process, and a Ray Train run whose workers lose their group
-while its controller lives starts a new group, which then outlives both.
+Ray's control store records, for each group, the actor that created it and whether that
+actor has died. Nothing but its creator places work in a Ray Train group, so a group whose
+creator is dead will never be used again: those of this job are what gets removed, every
+few seconds while the sweep runs and once more after its last trial. A live controller's
+group is never touched, whatever Tune has reported about its trial (a Ray Train run whose
+group is removed under a live controller starts another).
 """
 
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import ray
 from ray.tune import Callback
 
-from raypurify.distributed import release_placement_groups
+from raypurify.ray_private import GroupRecord, placement_group_records
 
 if TYPE_CHECKING:
     from ray.tune.experiment import Trial
 
-PLACEMENT_GROUPS = ".placement_groups"  # under the sweep's OUT: one log per trial process
+
+def _made_by_actors_of_this_job() -> list[GroupRecord]:
+    """This job's groups that an actor (a Ray Train controller, say) created, not removed."""
+    job = ray.get_runtime_context().get_job_id()
+    return [
+        g
+        for g in placement_group_records()
+        if g.job_id == job and g.creator_actor is not None and not g.removed
+    ]
 
 
-def placement_group_log(out: Path) -> Path:
-    """The log of the trial process this runs in, named by its own (Tune's) group."""
-    own = ray.util.get_current_placement_group()
-    if own is None:
-        raise RuntimeError("a sweep trial runs outside a placement group: Tune changed")
-    return Path(out) / PLACEMENT_GROUPS / f"{own.id.hex()}.txt"
-
-
-def _removed(group_hex: str) -> bool:
-    """Whether that group is gone; a log named otherwise (an older sweep's, by trial id)
-    is from a process that has stopped."""
+def release_orphaned() -> int:
+    """Remove this job's groups whose creating actor has died; how many were removed."""
     from ray.util.placement_group import PlacementGroup
 
-    if len(group_hex) != 2 * ray.PlacementGroupID.size():
-        return True
-    group = PlacementGroup(ray.PlacementGroupID.from_hex(group_hex))
-    return ray.util.placement_group_table(group).get("state", "REMOVED") == "REMOVED"
+    orphaned = [g for g in _made_by_actors_of_this_job() if g.creator_dead]
+    for g in orphaned:
+        ray.util.remove_placement_group(PlacementGroup(ray.PlacementGroupID.from_hex(g.group_id)))
+    return len(orphaned)
 
 
-def release_stopped(out: Path) -> int:
-    """Release the groups logged by every trial process that has stopped (its own group is
-    removed; on a resumed sweep, every process of the earlier Ray); how many were removed."""
-    logs = sorted((Path(out) / PLACEMENT_GROUPS).glob("*.txt"))
-    return sum(release_placement_groups(log) for log in logs if _removed(log.stem))
+def groups_made_by_actors() -> set[str]:
+    """The ids of this job's actor-made groups in place now (before a sweep starts)."""
+    return {g.group_id for g in _made_by_actors_of_this_job()}
 
 
-def release_all(out: Path) -> int:
-    """Release every logged group once the sweep's trials have all ended, and the folder."""
-    directory = Path(out) / PLACEMENT_GROUPS
-    removed = sum(release_placement_groups(log) for log in sorted(directory.glob("*.txt")))
-    if directory.is_dir() and not any(directory.iterdir()):
-        directory.rmdir()
+def release_after_trials(before: set[str], timeout_s: float = 30.0) -> int:
+    """Once Tune has stopped every trial process: wait for the actors those processes
+    owned (their Ray Train controllers) to die, which Ray propagates a moment later, and
+    remove their groups. Groups in `before` (the caller's own, from before the sweep)
+    are not waited for; one whose creator still lives after `timeout_s` is left."""
+    removed = release_orphaned()
+    deadline = time.monotonic() + timeout_s
+    while any(g.group_id not in before for g in _made_by_actors_of_this_job()):
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+        removed += release_orphaned()
     return removed
 
 
 class ReleasePlacementGroups(Callback):
-    """Every `every_s` of Tune's loop, free what stopped trial processes left reserved."""
+    """Every `every_s` of Tune's loop, free the groups that stopped trials left reserved."""
 
-    def __init__(self, out: Path, every_s: float = 2.0):
-        self.out = Path(out)
+    def __init__(self, every_s: float = 2.0):
         self.every_s = every_s
         self._last = 0.0
 
@@ -77,4 +79,4 @@ class ReleasePlacementGroups(Callback):
         now = time.monotonic()
         if now - self._last >= self.every_s:
             self._last = now
-            release_stopped(self.out)
+            release_orphaned()

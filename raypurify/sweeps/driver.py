@@ -161,7 +161,11 @@ def run_sweep(space: SweepSpace, out: str | Path, *, num_cpus: int | None = None
 
     from raypurify.storage import join_cluster
     from raypurify.sweeps import results
-    from raypurify.sweeps.cleanup import ReleasePlacementGroups, release_all
+    from raypurify.sweeps.cleanup import (
+        ReleasePlacementGroups,
+        groups_made_by_actors,
+        release_after_trials,
+    )
     from raypurify.sweeps.live import LiveTable
     from raypurify.sweeps.tracking import parent_run, reconcile
     from raypurify.tracking import tracking_uri
@@ -195,7 +199,8 @@ def run_sweep(space: SweepSpace, out: str | Path, *, num_cpus: int | None = None
             tune.with_parameters(run_trial, spec=spec), {"cpu": 0, "memory": 2**20}
         )
         live = LiveTable(space, concurrency)
-        release = ReleasePlacementGroups(out)
+        release = ReleasePlacementGroups()
+        before = groups_made_by_actors()
         tune_path = out / TUNE_DIR
         if tune.Tuner.can_restore(str(tune_path)):
             print(f"resuming the sweep in {out}", flush=True)
@@ -207,7 +212,7 @@ def run_sweep(space: SweepSpace, out: str | Path, *, num_cpus: int | None = None
         try:
             grid = tuner.fit()
         finally:
-            release_all(out)
+            release_after_trials(before)
         live.close()
     except BaseException:
         parent.finish("FAILED")

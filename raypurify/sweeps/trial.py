@@ -219,9 +219,7 @@ def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
     the store, and report the final scores to Tune."""
     from ray import tune
 
-    from raypurify.distributed import placement_groups
     from raypurify.experiments.runner import execute, resolve
-    from raypurify.sweeps.cleanup import placement_group_log
     from raypurify.sweeps.tracking import trial_run
 
     space = spec.space
@@ -233,9 +231,8 @@ def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
     t0 = time.perf_counter()
     purified = purify_step(space, params, spec.poison.as_input())
     train = classifier_step(space, purified, spec.validation.as_input())
-    log = placement_group_log(Path(spec.store).parent)
     # FAILED if a step raises; a trial ASHA kills is closed by the driver
-    with active_run(run), placement_groups(log):
+    with active_run(run):
         for step in (purified, train):
             if not resolve(step, store):
                 step.result = execute(step, store, ctx)
