@@ -175,8 +175,10 @@ class Cluster:
                 continue
             tree = _descendants(p.pid)
             _signal(p.pid, signal.SIGTERM)
+            # a head that has run jobs does not exit on SIGTERM within 30 s (measured):
+            # a short grace, then the tree is killed
             with contextlib.suppress(subprocess.TimeoutExpired):
-                p.wait(30)
+                p.wait(5)
             for pid in [p.pid, *tree, *_descendants(p.pid)]:
                 _signal(pid, signal.SIGKILL)
             with contextlib.suppress(subprocess.TimeoutExpired):
