@@ -2,8 +2,10 @@
 
 Every benchmark writes bench/results/<name>.json (rows plus the machine and command that
 produced them) and bench/results/<name>.md (the same rows as a table), and prints the table.
-On a machine with a GPU the benchmarks time the GPU and write <name>-gpu.{json,md}, so CPU
-and GPU figures sit side by side.
+On a machine with a GPU the benchmarks time the GPU and write <name>-gpu.{json,md}; on a
+CPU with AMX, <name>-amx; on one with AVX2 but no AVX-512, <name>-avx2 (the CPU kinds differ
+about 3x, and the CPU model name does not tell them apart): figures of each kind sit side
+by side, and a run on one kind never overwrites another's.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ def machine() -> dict[str, Any]:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {
         "cpu": cpu,
+        "cpu_kind": cpu_kind(),
         "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "gpu": gpu,
         "python": platform.python_version(),
@@ -44,6 +47,23 @@ def machine() -> dict[str, Any]:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
     }
+
+
+def cpu_kind() -> str:
+    """What decides this CPU's speed and precision: `amx`, `avx512-bf16`, `avx512`, `avx2`
+    (or `other`), from what torch's kernels detect."""
+    import torch
+
+    caps: dict[str, bool] = getattr(torch.cpu, "get_capabilities", dict)()
+    for flag, kind in (
+        ("amx_bf16", "amx"),
+        ("avx512_bf16", "avx512-bf16"),
+        ("avx512f", "avx512"),
+        ("avx2", "avx2"),
+    ):
+        if caps.get(flag):
+            return kind
+    return "other"
 
 
 def synchronized(dev) -> float:
@@ -83,11 +103,14 @@ def write_results(
     info = machine()
     if info["gpu"]:
         name = f"{name}-gpu"
+    elif info["cpu_kind"] in ("amx", "avx2"):
+        name = f"{name}-{info['cpu_kind']}"
     md = [f"# {name}", "", table(rows, columns), ""]
     if notes:
         md += [notes, ""]
     md.append(
-        f"Machine: {info['cpu']}, {info['cores']} cores, GPU {info['gpu'] or 'none'}; "
+        f"Machine: {info['cpu']} ({info['cpu_kind']}), {info['cores']} cores, "
+        f"GPU {info['gpu'] or 'none'}; "
         f"torch {info['torch']}, ray {info['ray']}; {info['date']}."
     )
     md.append(f"Command: `{info['command']}`")
