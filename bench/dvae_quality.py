@@ -7,6 +7,7 @@ gradient clipping, channels_last fp32) on CIFAR-10 rows and reports the PSNR of 
 (z = mu) on held-out rows after each epoch budget, with the training wall time.
 
     python bench/dvae_quality.py [--rows 2000] [--epochs 3 6 12]
+    python bench/dvae_quality.py --scale cpu    # the cpu preset's net on 10k rows, 5 epochs
 
 Needs the offline CIFAR-10 copy (RAYPURIFY_DATA_DIR). Results: bench/results/dvae_quality.*
 """
@@ -31,10 +32,19 @@ from raypurify.defenses.dvae.model import DVAE  # noqa: E402
 
 # (label, width, latent, batch, lr): the demo preset's stage, and the same net with the
 # cpu preset's smaller batch and a doubled learning rate.
-CONFIGS = [
-    ("demo stage (w16, batch 64, lr 5e-3)", 16, 64, 64, 5e-3),
-    ("w16, batch 32, lr 1e-2", 16, 64, 32, 1e-2),
-]
+# At --scale cpu: the cpu preset's stage (the CPU protocol's 10k rows) at its own learning
+# rate and at twice it.
+CONFIGS = {
+    "demo": [
+        ("demo stage (w16, batch 64, lr 5e-3)", 16, 64, 64, 5e-3),
+        ("w16, batch 32, lr 1e-2", 16, 64, 32, 1e-2),
+    ],
+    "cpu": [
+        ("cpu stage (w32, batch 32, lr 5e-3)", 32, 64, 32, 5e-3),
+        ("w32, batch 32, lr 1e-2", 32, 64, 32, 1e-2),
+    ],
+}
+DEFAULTS = {"demo": (2000, 500, [3, 6, 12]), "cpu": (10000, 1000, [5])}
 KLD, KL_WEIGHT = 10.0, 0.01  # the cpu preset's stage 2
 
 
@@ -69,16 +79,21 @@ def train(x, y, held, width, latent, batch, lr, epochs) -> tuple[float, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rows", type=int, default=2000)
-    ap.add_argument("--held", type=int, default=500)
-    ap.add_argument("--epochs", type=int, nargs="+", default=[3, 6, 12])
+    ap.add_argument("--scale", choices=sorted(CONFIGS), default="demo")
+    ap.add_argument("--rows", type=int, help="training rows (demo: 2000, cpu: 10000)")
+    ap.add_argument("--held", type=int, help="held-out rows (demo: 500, cpu: 1000)")
+    ap.add_argument("--epochs", type=int, nargs="+", help="budgets (demo: 3 6 12, cpu: 5)")
     args = ap.parse_args()
+    rows_default, held_default, epochs_default = DEFAULTS[args.scale]
+    args.rows = args.rows or rows_default
+    args.held = args.held or held_default
+    args.epochs = args.epochs or epochs_default
     data = load(DatasetSpec(name="cifar10", subset=args.rows + args.held, seed=0))
     images = torch.from_numpy(data.images).permute(0, 3, 1, 2).float() / 255
     labels = torch.from_numpy(data.labels)
     x, y, held = images[: args.rows], labels[: args.rows], images[args.rows :]
     rows = []
-    for label, width, latent, batch, lr in CONFIGS:
+    for label, width, latent, batch, lr in CONFIGS[args.scale]:
         for epochs in args.epochs:
             seconds, quality = train(x, y, held, width, latent, batch, lr, epochs)
             rows.append(
@@ -92,7 +107,7 @@ def main() -> None:
             )
             print(rows[-1], flush=True)
     write_results(
-        "dvae_quality",
+        "dvae_quality" if args.scale == "demo" else f"dvae_quality-{args.scale}",
         rows,
         ["stage", "rows", "epochs", "train_s", "psnr_x_hat_db"],
         "PSNR of x_hat (z = mu) against the held-out rows, stage-2 rate cap (kld 10); "
