@@ -168,8 +168,8 @@ def sweep(tmp_path_factory, ray_session):
             assert main(["sweep", str(space_file), "--out", str(out), *settings, "--resume"]) == 0
         finally:
             killer.stop.set()
-        reserved = [  # with what they hold: Tune's trial groups hold memory, Train's CPUs
-            (group, info["bundles"])
+        reserved = [
+            left(group, info["bundles"])
             for group, info in placement_group_table().items()
             if group not in before and info["state"] != "REMOVED"
         ]
@@ -187,6 +187,24 @@ def sweep(tmp_path_factory, ray_session):
             os.environ.pop("MLFLOW_TRACKING_URI", None)
         else:
             os.environ["MLFLOW_TRACKING_URI"] = old
+
+
+def left(group: str, bundles: dict) -> dict:
+    """A group left reserved, with what tells whose it is: what it holds (Tune's trial
+    groups hold memory, Train's CPUs) and the actor that made it (class, state, pid)."""
+    from ray._private.state import state
+
+    from raypurify.ray_private import placement_group_records
+
+    record = next((g for g in placement_group_records() if g.group_id == group), None)
+    creator = record and record.creator_actor and state.actor_table(record.creator_actor)
+    return {
+        "group": group,
+        "bundles": bundles,
+        "creator": creator
+        and {k: creator.get(k) for k in ("ActorClassName", "State", "Pid", "DeathCause")},
+        "creator_dead": record and record.creator_dead,
+    }
 
 
 def trials(out: Path) -> list[dict]:
