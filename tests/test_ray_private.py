@@ -26,3 +26,21 @@ def test_turning_clustering_off_keeps_a_local_ray_on_loopback():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "127.0.0.1"
+
+
+def test_the_control_store_names_each_groups_job_and_creator(ray_session):
+    """`placement_group_records` reads what the public table leaves out: a group the
+    driver made belongs to this job, has no creating actor, and reads removed once it is."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from raypurify.ray_private import placement_group_records
+
+    group = placement_group([{"memory": 1}])
+    ray.get(group.ready())
+    (record,) = [g for g in placement_group_records() if g.group_id == group.id.hex()]
+    assert record.job_id == ray.get_runtime_context().get_job_id()
+    assert record.creator_actor is None and not record.removed
+    remove_placement_group(group)
+    (record,) = [g for g in placement_group_records() if g.group_id == group.id.hex()]
+    assert record.removed
