@@ -30,28 +30,31 @@ from raypurify.data.spec import DatasetSpec  # noqa: E402
 from raypurify.defenses.dvae.loss import dvae_loss, psnr  # noqa: E402
 from raypurify.defenses.dvae.model import DVAE  # noqa: E402
 
-# (label, width, latent, batch, lr): the demo preset's stage, and the same net with the
-# cpu preset's smaller batch and a doubled learning rate.
+# (label, width, latent, batch, lr, decoder norm): the demo's stage, the same net with a
+# smaller batch and a doubled learning rate, and with batch-norm decoders.
 # At --scale cpu: the cpu preset's stage (the CPU protocol's 10k rows) at its own learning
-# rate and at twice it.
+# rate, at twice it, and with batch-norm decoders.
 CONFIGS = {
     "demo": [
-        ("demo stage (w16, batch 64, lr 5e-3)", 16, 64, 64, 5e-3),
-        ("w16, batch 32, lr 1e-2", 16, 64, 32, 1e-2),
+        ("demo stage (w16, batch 64, lr 5e-3)", 16, 64, 64, 5e-3, "instance"),
+        ("w16, batch 32, lr 1e-2", 16, 64, 32, 1e-2, "instance"),
+        ("w16, batch 64, lr 5e-3, batch-norm decoders", 16, 64, 64, 5e-3, "batch"),
     ],
     "cpu": [
-        ("cpu stage (w32, batch 32, lr 5e-3)", 32, 64, 32, 5e-3),
-        ("w32, batch 32, lr 1e-2", 32, 64, 32, 1e-2),
+        ("cpu stage (w32, batch 32, lr 5e-3)", 32, 64, 32, 5e-3, "instance"),
+        ("w32, batch 32, lr 1e-2", 32, 64, 32, 1e-2, "instance"),
+        ("w32, batch 32, lr 5e-3, batch-norm decoders", 32, 64, 32, 5e-3, "batch"),
     ],
 }
 DEFAULTS = {"demo": (2000, 500, [3, 6, 12]), "cpu": (10000, 1000, [5])}
 KLD, KL_WEIGHT = 10.0, 0.01  # the cpu preset's stage 2
 
 
-def train(x, y, held, width, latent, batch, lr, epochs) -> tuple[float, float]:
+def train(x, y, held, width, latent, batch, lr, norm, epochs) -> tuple[float, float]:
     """(training seconds, held-out PSNR of x_hat) after `epochs` epochs from seed 0."""
     torch.manual_seed(0)
-    model = DVAE(10, 32, width, latent, phat_zero_init=True).to(memory_format=torch.channels_last)
+    model = DVAE(10, 32, width, latent, phat_zero_init=True, decoder_norm=norm)
+    model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     steps = epochs * (len(x) // batch)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -93,9 +96,9 @@ def main() -> None:
     labels = torch.from_numpy(data.labels)
     x, y, held = images[: args.rows], labels[: args.rows], images[args.rows :]
     rows = []
-    for label, width, latent, batch, lr in CONFIGS[args.scale]:
+    for label, *net in CONFIGS[args.scale]:
         for epochs in args.epochs:
-            seconds, quality = train(x, y, held, width, latent, batch, lr, epochs)
+            seconds, quality = train(x, y, held, *net, epochs)
             rows.append(
                 {
                     "stage": label,

@@ -59,6 +59,25 @@ def test_zero_started_perturbation_decoder_outputs_nothing_yet_learns():
     assert model.perturbation_decoder[-1].weight.grad.abs().sum() > 0  # not stuck at zero
 
 
+def test_batch_norm_decoders_are_built_on_request_and_purify_batch_independently():
+    norms = {
+        kind: {type(m) for m in DVAE(10, width=16, latent=32, decoder_norm=kind).modules()}
+        for kind in ("instance", "batch")
+    }
+    assert torch.nn.GroupNorm in norms["instance"]  # the authors' instance norm
+    assert torch.nn.GroupNorm not in norms["batch"]
+    torch.manual_seed(0)
+    model = DVAE(10, width=16, latent=32, decoder_norm="batch")
+    x, y = torch.rand(8, 3, 32, 32), torch.arange(8)
+    model(x, y)[0].mean().backward()  # a training step moves the running statistics
+    model.eval()
+    with torch.no_grad():  # purification: an image's output must not depend on its batch
+        together = model(x, y, sample=False)
+        alone = model(x[:1], y[:1], sample=False)
+    assert torch.allclose(together[0][:1], alone[0], atol=1e-6)
+    assert torch.allclose(together[1][:1], alone[1], atol=1e-6)
+
+
 def test_param_groups_give_each_part_its_learning_rate():
     model = DVAE(10, width=16, latent=32)
     groups = model.param_groups(1e-3, phat_scale=0.5, embedding_scale=4.0)

@@ -18,14 +18,19 @@ from raypurify.config import Config
 from raypurify.errors import ConfigError
 from raypurify.runtime import Precision
 
+from .model import DecoderNorm
+
 
 class ModelConfig(Config):
-    added_fields = frozenset({"phat_zero_init"})
+    added_fields = frozenset({"phat_zero_init", "decoder_norm"})
     width: PositiveInt = 64  # encoder/decoder channels (the latent grid has 2 * width)
     latent: PositiveInt = 256  # latent channels per grid location
     # Start D_p's output layer at zero, so p_hat starts at "no poison" instead of noise of
     # energy 0.95, about 2,300 times the OPS poison's (the authors' init leaves it random).
     phat_zero_init: bool = False
+    # The decoders' normalisation: the authors' instance norm, or batch norm, which keeps
+    # each image's colour and brightness and so reconstructs far sooner (model.norm_layer).
+    decoder_norm: DecoderNorm = "instance"
 
 
 class StageConfig(Config):

@@ -60,6 +60,7 @@ def build(cfg: PurifyConfig, num_classes: int, image_size: int) -> DVAE:
         latent=cfg.model.latent,
         perturbation_decoder=cfg.method == "dvae",
         phat_zero_init=cfg.model.phat_zero_init,
+        decoder_norm=cfg.model.decoder_norm,
     )
 
 
