@@ -2,7 +2,7 @@
 
     python scripts/make_cifar10_sample.py [--data ../shared/data/cifar10]
 
-Draws a class-balanced subset (1,000 train, 500 test; seed 0) and writes it in the
+Draws a class-balanced subset (2,500 train, 1,000 test; seed 0) and writes it in the
 interchange format under raypurify/data/sample/cifar10-sample/{train,test}, keeping the
 original JPEG bytes (re-encoding as PNG would nearly triple the size).
 """
@@ -20,7 +20,7 @@ from raypurify.data.imageset import balanced_rows
 from raypurify.data.interchange import schema, write_tables
 from raypurify.data.sources.sample import SAMPLE_DIR
 
-SIZES = {"train": 1000, "test": 500}
+SIZES = {"train": 2500, "test": 1000}
 
 
 def main() -> None:

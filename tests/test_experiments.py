@@ -20,6 +20,8 @@ from raypurify.experiments.runner import run_experiment
 
 TINY = [
     "dataset.subset=200",
+    "attacks.0.options.max_rounds=2",
+    "attacks.0.options.surrogate_options.width=8",
     "test.subset=100",
     "defenses.2.options.overrides=[model.width=8, model.latent=16, stage1.epochs=1, "
     "stage2.epochs=1, stage1.batch_size=32, stage2.batch_size=32]",
@@ -28,7 +30,7 @@ TINY = [
     # on one warm worker group (worker_group.py), the path a user's demo takes.
     "max_parallel=1",
 ]
-ROWS, COLUMNS = ["clean", "lsp"], ["none", "jpeg", "dvae"]
+ROWS, COLUMNS = ["clean", "em-class"], ["none", "jpeg", "dvae"]
 
 
 def table(out: Path) -> dict[tuple[str, str], float]:
@@ -62,7 +64,7 @@ def test_every_cell_is_in_the_table_and_the_plots_exist(demo):
         assert name in md
     for png in ("accuracy.png", "images.png"):
         assert (out / png).stat().st_size > 1000
-    assert results["budgets"]["lsp"]["l2_max"] <= 1.0
+    assert results["budgets"]["em-class"]["linf_255"] <= 8.0 + 1e-6
 
 
 def test_the_trace_covers_every_defence_output_of_every_row(demo):
@@ -71,7 +73,7 @@ def test_the_trace_covers_every_defence_output_of_every_row(demo):
     outputs = ["jpeg", "dvae P1", "dvae P2", "dvae P3"]
     assert set(found) == {(r, o) for r in ROWS for o in outputs}
     assert all(found[("clean", o)]["kept"] is None for o in outputs)
-    assert all(np.isfinite(found[("lsp", o)]["kept"]) for o in outputs)
+    assert all(np.isfinite(found[("em-class", o)]["kept"]) for o in outputs)
     assert all(5.0 < e["psnr"] < 60.0 for e in found.values())
     assert "Purification trace" in (out / "results.md").read_text()
 
@@ -147,8 +149,8 @@ def test_report_with_a_spec_tabulates_finished_cells_without_running_any(demo, t
 def test_killed_run_resumes_to_the_same_table(demo):
     out, _ = demo
     reference = table(out)
-    # Re-run the LSP row's cells in a separate process, and kill it once one is done again.
-    args = ["-m", "raypurify", "run", "demo", "--out", str(out), "--force", "train/lsp/*"]
+    # Re-run the EM row's cells in a separate process, and kill it once one is done again.
+    args = ["-m", "raypurify", "run", "demo", "--out", str(out), "--force", "train/em-class/*"]
     for o in TINY:
         args += ["--set", o]
     started = time.time()

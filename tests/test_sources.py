@@ -156,10 +156,10 @@ def test_cifar10_not_found_lists_where_it_looked(tmp_path, monkeypatch):
 def test_cifar10_sample_is_bundled_and_balanced():
     train = load(name="cifar10-sample")
     test = load(name="cifar10-sample", split="test")
-    assert len(train) == 1000 and len(test) == 500
+    assert len(train) == 2500 and len(test) == 1000
     assert train.classes == CIFAR_CLASSES
-    assert np.array_equal(train.class_counts(), [100] * 10)
-    assert np.array_equal(test.class_counts(), [50] * 10)
+    assert np.array_equal(train.class_counts(), [250] * 10)
+    assert np.array_equal(test.class_counts(), [100] * 10)
     assert train.shape == (32, 32, 3)
     small = load(name="cifar10-sample", subset=30)
     assert np.array_equal(small.class_counts(), [3] * 10)
