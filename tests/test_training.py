@@ -204,7 +204,7 @@ def test_train_cli_with_jpeg_defence_writes_metrics_defended_set_and_mlflow_run(
     assert printed.startswith(f"accuracy {metrics['accuracy']:.2%} after 1 epochs")
     assert printed.endswith(f"-> {out}/metrics.json")
     assert metrics["config"]["defense"] == {"name": "jpeg", "options": {"quality": 20}}
-    assert metrics["train_rows"] == 200 and metrics["test_rows"] == 500
+    assert metrics["train_rows"] == 200 and metrics["test_rows"] == 1000  # the bundled test split
     assert (out / MODEL_FILE).exists()
 
     # The defended training set, in the interchange format, is what was trained on.
