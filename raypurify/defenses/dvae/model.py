@@ -60,8 +60,8 @@ def norm_layer(kind: DecoderNorm, channels: int) -> nn.Module:
     and runs about twice as fast). It takes each image's own mean and scale out of every
     channel at 32 px, so the colour and brightness of the whole image must be rebuilt by
     the last convolutions, which a short run does not learn. `batch` (BatchNorm) keeps them:
-    on held-out training images it reconstructs as sharply in 3 epochs as `instance` does
-    in about 50 (docs/dvae.md#presets).
+    after 3 epochs on 2,000 training images it reconstructs held-out ones at 21.8 dB
+    against 18.1 dB with `instance` (docs/dvae.md, "The decoder norm").
     """
     if kind == "batch":
         return nn.BatchNorm2d(channels)
