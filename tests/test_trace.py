@@ -82,3 +82,5 @@ def test_trace_follows_the_poison_through_each_output_in_the_store(tmp_path):
     table = "\n".join(markdown(list(found.values()), ["clean", "x"]))
     assert "on 60 training rows" in table
     assert "| x | 0.50 / " in table and "| clean | " in table
+    untraced = "\n".join(markdown([found[("x", "dvae P1")]], ["clean", "x"]))
+    assert "| x | 0.50 / " in untraced and "| clean |" not in untraced  # nothing to show

@@ -99,11 +99,13 @@ def trace(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def markdown(entries: list[dict[str, Any]], rows: list[str]) -> list[str]:
-    """The trace as a table: rows as in the results table, a column per defence output."""
+    """The trace as a table: rows as in the results table (those with a defence output: a
+    clean row of no defence but `none` has nothing to trace), a column per output."""
     if not entries:
         return []
     outputs = list(dict.fromkeys(e["output"] for e in entries))
     cell = {(e["row"], e["output"]): e for e in entries}
+    traced = {e["row"] for e in entries}
     out = [
         f"Purification trace on {entries[0]['rows']:,} training rows against their clean "
         "originals: poison kept (1 = untouched, 0 = removed) / PSNR in dB. A diagnostic; it "
@@ -112,7 +114,7 @@ def markdown(entries: list[dict[str, Any]], rows: list[str]) -> list[str]:
         "| attack | " + " | ".join(outputs) + " |",
         "|---|" + "---:|" * len(outputs),
     ]
-    for row in rows:
+    for row in (r for r in rows if r in traced):
         vals = []
         for o in outputs:
             e = cell.get((row, o))
