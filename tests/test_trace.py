@@ -7,7 +7,7 @@ import pytest
 
 from raypurify.data.imageset import ImageSet
 from raypurify.data.interchange import write_images
-from raypurify.experiments.trace import markdown, poison_kept, psnr, trace
+from raypurify.experiments.trace import class_share, markdown, poison_kept, psnr, trace
 
 
 def images(seed: int, n: int = 60) -> np.ndarray:
@@ -22,6 +22,22 @@ def test_poison_kept_measures_the_share_of_the_poison_left():
     assert poison_kept(clean, clean + delta, clean + delta // 2) == pytest.approx(0.5)
     assert poison_kept(clean, clean + delta, clean - delta) == pytest.approx(-1.0)
     assert poison_kept(clean, clean, clean + delta) is None  # no poison: nothing to keep
+
+
+def test_class_share_is_the_part_of_the_poison_in_its_class_means():
+    rng = np.random.default_rng(3)
+    clean = images(0, n=3000).astype(np.int16)
+    labels = np.arange(len(clean)) % 3
+    pattern = rng.choice([-8, 8], (3, *clean.shape[1:]))  # one pattern per class
+    noise = rng.choice([-8, 8], clean.shape)  # a fresh pattern per image
+    assert class_share(clean, clean + pattern[labels], labels) == pytest.approx(1.0)
+    # per-image noise: its class means are noise over 1,000 rows, energy share ~ 1/1000
+    assert class_share(clean, clean + noise, labels) == pytest.approx(1e-3, abs=5e-4)
+    # half of each: the class-wise half holds half the energy
+    assert class_share(clean, clean + pattern[labels] + noise, labels) == pytest.approx(
+        0.5, abs=0.01
+    )
+    assert class_share(clean, clean, labels) is None
 
 
 def test_psnr_is_none_for_identical_images_and_falls_with_the_error():
@@ -43,7 +59,8 @@ def test_trace_follows_the_poison_through_each_output_in_the_store(tmp_path):
     """A poison removed by half at P1 and fully at P3; a transform that keeps it; rows shuffled
     on disk, so matching must go by the `index` column."""
     clean = images(0)
-    delta = np.random.default_rng(1).choice([-8, 8], clean.shape).astype(np.int16)
+    delta = np.random.default_rng(1).choice([-8, 8], (3, *clean.shape[1:]))[np.arange(60) % 3]
+    delta = delta.astype(np.int16)  # one pattern per class (labels are index % 3)
 
     def write(pixels, name, order=None):
         order = np.arange(len(clean)) if order is None else order
@@ -79,8 +96,10 @@ def test_trace_follows_the_poison_through_each_output_in_the_store(tmp_path):
     assert found[("x", "dvae P3")]["psnr"] is None  # P3 is the clean set itself
     assert found[("x", "none")]["kept"] == pytest.approx(1.0)
     assert found[("clean", "none")]["kept"] is None
+    assert found[("x", "none")]["class_share"] == pytest.approx(1.0)  # labels read by index
+    assert found[("clean", "none")]["class_share"] is None
     table = "\n".join(markdown(list(found.values()), ["clean", "x"]))
     assert "on 60 training rows" in table
-    assert "| x | 0.50 / " in table and "| clean | " in table
+    assert "| x | 1.00 | 0.50 / " in table and "| clean | - | " in table
     untraced = "\n".join(markdown([found[("x", "dvae P1")]], ["clean", "x"]))
-    assert "| x | 0.50 / " in untraced and "| clean |" not in untraced  # nothing to show
+    assert "| x | 1.00 | 0.50 / " in untraced and "| clean |" not in untraced

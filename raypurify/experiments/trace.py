@@ -10,6 +10,14 @@ originals x, given the poisoned rows x0 = x + delta:
 Read along D-VAE's P1 -> P2 -> P3 this shows which stage removes a poison: the stage-1
 subtraction of p_hat (paper Algorithm 1) or the stage-2 reconstruction.
 
+Each attack row also gets its poison's class-wise share: the part of delta's energy in
+its per-class mean. Stage 1's D_p sees only the rate-capped z and the class embedding u_y,
+and whatever of the poison z does carry the reconstruction decoder uses first (it lowers
+both squared errors of Eq. 14, p_hat only the second), so what stage 1 can subtract is
+about the class-conditional part. A poison with a share near 0 (a fresh pattern per
+image) passes stage 1 and is left to stage 2's rate cap. Over a sample of n rows per
+class, noise with no class part still shows a share of about 1/n.
+
 These are diagnostics of an experiment, which holds the clean images a defender does not:
 they explain a table and must never be used to choose a setting.
 """
@@ -44,6 +52,30 @@ def poison_kept(clean: np.ndarray, poisoned: np.ndarray, out: np.ndarray) -> flo
     return float(np.sum((out.astype(np.float64) - clean) * delta) / energy)
 
 
+def class_share(clean: np.ndarray, poisoned: np.ndarray, labels: np.ndarray) -> float | None:
+    """The share of delta = poisoned - clean's energy in its per-class means; None
+    without poison."""
+    delta = poisoned.astype(np.float64) - clean
+    energy = float(np.sum(delta * delta))
+    if energy == 0:
+        return None
+    in_means = 0.0
+    for c in np.unique(labels):
+        rows = delta[labels == c]
+        in_means += len(rows) * float(np.sum(rows.mean(0) ** 2))
+    return in_means / energy
+
+
+def labels_by_index(path: str | Path, wanted: np.ndarray) -> np.ndarray:
+    """The labels of the rows whose `index` is in `wanted`, in that order."""
+    info = open_dataset(path)
+    found: dict[int, int] = {}
+    for f in info.files:
+        t = pq.read_table(f, columns=["label", "index"])
+        found.update(zip(t["index"].to_pylist(), t["label"].to_pylist(), strict=True))
+    return np.array([found[int(i)] for i in wanted])
+
+
 def sample_rows(path: str | Path, n: int = SAMPLE, seed: int = 0) -> np.ndarray:
     """A seeded sample of a dataset's row indexes, sorted."""
     info = open_dataset(path)
@@ -71,7 +103,9 @@ def trace(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     clean_path = by_name["data/clean"]["result"]["path"]
     ids = sample_rows(clean_path)
     clean = images_by_index(clean_path, ids)
+    labels = labels_by_index(clean_path, ids)
     sources: dict[str, np.ndarray] = {"clean": clean}
+    shares: dict[str, float | None] = {"clean": None}
     entries = []
     for r in records:
         if r["kind"] not in ("defend", "purify") or not r.get("result"):
@@ -82,6 +116,7 @@ def trace(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             if poison is None:
                 continue
             sources[row] = images_by_index(poison["result"]["path"], ids)
+            shares[row] = class_share(clean, sources[row], labels)
         for label, path in defence_outputs(r):
             if tuple(open_dataset(path).shape) != clean.shape[1:]:
                 continue  # grayscale and resizing defences change the image space
@@ -93,6 +128,7 @@ def trace(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     "rows": len(ids),
                     "psnr": psnr(clean, out),
                     "kept": poison_kept(clean, sources[row], out),
+                    "class_share": shares[row],
                 }
             )
     return entries
@@ -108,14 +144,16 @@ def markdown(entries: list[dict[str, Any]], rows: list[str]) -> list[str]:
     traced = {e["row"] for e in entries}
     out = [
         f"Purification trace on {entries[0]['rows']:,} training rows against their clean "
-        "originals: poison kept (1 = untouched, 0 = removed) / PSNR in dB. A diagnostic; it "
-        "needs the clean images and chooses nothing:",
+        "originals: poison kept (1 = untouched, 0 = removed) / PSNR in dB, and the share of "
+        "the poison that is class-wise (in its per-class mean; stage 1 can subtract about "
+        "that much). A diagnostic; it needs the clean images and chooses nothing:",
         "",
-        "| attack | " + " | ".join(outputs) + " |",
-        "|---|" + "---:|" * len(outputs),
+        "| attack | class-wise share | " + " | ".join(outputs) + " |",
+        "|---|---:|" + "---:|" * len(outputs),
     ]
+    share = {e["row"]: e.get("class_share") for e in entries}
     for row in (r for r in rows if r in traced):
-        vals = []
+        vals = ["-" if share[row] is None else f"{share[row]:.2f}"]
         for o in outputs:
             e = cell.get((row, o))
             if e is None:
