@@ -11,12 +11,13 @@ Read along D-VAE's P1 -> P2 -> P3 this shows which stage removes a poison: the s
 subtraction of p_hat (paper Algorithm 1) or the stage-2 reconstruction.
 
 Each attack row also gets its poison's class-wise share: the part of delta's energy in
-its per-class mean. Stage 1's D_p sees only the rate-capped z and the class embedding u_y,
-and whatever of the poison z does carry the reconstruction decoder uses first (it lowers
-both squared errors of Eq. 14, p_hat only the second), so what stage 1 can subtract is
-about the class-conditional part. A poison with a share near 0 (a fresh pattern per
-image) passes stage 1 and is left to stage 2's rate cap. Over a sample of n rows per
-class, noise with no class part still shows a share of about 1/n.
+its per-class mean. Stage 1's D_p sees the same rate-capped z as the reconstruction
+decoder plus the class embedding u_y, and whatever of the poison z carries the
+reconstruction decoder takes first (that lowers both squared errors of Eq. 14, p_hat only
+the second). So p_hat holds what the label explains of the poison beyond the blurred
+image, and the per-class mean is the simplest such part: a poison whose share is near 0
+(a fresh pattern per image) mostly passes stage 1 and is left to stage 2's rate cap. Over
+a sample of n rows per class, noise with no class part still shows a share of about 1/n.
 
 These are diagnostics of an experiment, which holds the clean images a defender does not:
 they explain a table and must never be used to choose a setting.
