@@ -32,8 +32,11 @@ TINY = [
     # The whole clean row (the demo trains only its no-defence cell): a purification of
     # clean data is a path these tests cover.
     "clean_row=true",
+    # The paper's Table 1 as a column: clean images + the stage-1 p_hat, on both rows (the
+    # clean row's is the control).
+    "analyses=[disentangle]",
 ]
-ROWS, COLUMNS = ["clean", "em-class"], ["none", "jpeg", "dvae"]
+ROWS, COLUMNS = ["clean", "em-class"], ["none", "jpeg", "dvae", "clean+p_hat"]
 
 
 def table(out: Path) -> dict[tuple[str, str], float]:
@@ -270,6 +273,22 @@ def test_a_clean_row_of_named_columns_plans_only_those_and_the_table_leaves_the_
     cells = [{"row": "clean", "column": "none", "classifier": "fast-resnet", "accuracy": 0.5}]
     table = markdown(spec, {"cells": cells})
     assert "| clean | 50.00 | - |" in table
+
+
+def test_the_analyses_plan_a_clean_control_for_the_disentanglement_check_only():
+    from raypurify.experiments.steps import plan
+
+    steps = {s.name: s for s in plan(load_spec("cifar10-mini", ["analyses=[disentangle, detect]"]))}
+    assert {"disentangle/tap", "detect/tap", "train/tap/clean+p_hat/fast-resnet"} <= set(steps)
+    control = steps["disentangle/clean"]  # clean + the p_hat of a stage 1 trained on clean data
+    assert [i.name for i in control.inputs] == ["data/clean", "data/clean", "purify/clean/d-vae"]
+    assert "train/clean/clean+p_hat/fast-resnet" in steps
+    assert "detect/clean" not in steps  # nothing poisoned to detect
+    without = {
+        s.name
+        for s in plan(load_spec("cifar10-mini", ["analyses=[disentangle]", "clean_row=[none]"]))
+    }
+    assert "disentangle/tap" in without and "disentangle/clean" not in without  # no P for it
 
 
 @pytest.mark.parametrize(

@@ -295,25 +295,34 @@ DISENTANGLE_COLUMN = "clean+p_hat"
 
 
 def analysis_steps(spec: ExperimentSpec, steps: list[Step]) -> list[Step]:
-    """Detection and the disentanglement check, for every attack row with a D-VAE column."""
+    """Detection and the disentanglement check, for every attack row with a D-VAE column.
+
+    The disentanglement check also runs on the clean row when it has the D-VAE column: a
+    stage 1 trained on clean data learns a p_hat too (what the label explains of the
+    blurred residual), so clean + that p_hat is the control that says how much of an
+    attack row's collapse is the poison's.
+    """
     from raypurify.experiments import analyses
 
     dvae = [d.column for d in spec.defenses if d.name == "dvae"]
     if not spec.analyses or not dvae:
         return []
     by_name = {s.name: s for s in steps}
+    sources = [(a.row, by_name[f"poison/{a.row}"]) for a in spec.attacks]
+    if "disentangle" in spec.analyses and dvae[0] in spec.clean_columns():
+        sources.insert(0, ("clean", by_name["data/clean"]))
     out = []
-    for a in spec.attacks:
-        poison, purify = by_name[f"poison/{a.row}"], by_name[f"purify/{a.row}/{dvae[0]}"]
-        meta = {"row": a.row, "column": dvae[0]}
+    for row, source in sources:
+        purify = by_name[f"purify/{row}/{dvae[0]}"]
+        meta = {"row": row, "column": dvae[0]}
         pass_cpus = purify.config["resolved"]["infer_actors"]  # both run a stage-1 p_hat pass
-        if "detect" in spec.analyses:
+        if "detect" in spec.analyses and row != "clean":
             out.append(
                 Step(
                     "detect",
-                    f"detect/{a.row}",
+                    f"detect/{row}",
                     {"column": dvae[0]},
-                    [poison, purify],
+                    [source, purify],
                     analyses.detect,
                     meta,
                     pass_cpus,
@@ -322,12 +331,12 @@ def analysis_steps(spec: ExperimentSpec, steps: list[Step]) -> list[Step]:
         if "disentangle" in spec.analyses:
             data = Step(
                 "disentangle",
-                f"disentangle/{a.row}",
+                f"disentangle/{row}",
                 {"column": dvae[0]},
-                [by_name["data/clean"], poison, purify],
+                [by_name["data/clean"], source, purify],
                 analyses.clean_plus_phat,
                 meta,
                 pass_cpus,
             )
-            out += [data, *train_steps(spec, a.row, DISENTANGLE_COLUMN, data)]
+            out += [data, *train_steps(spec, row, DISENTANGLE_COLUMN, data)]
     return out
