@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
@@ -29,6 +30,14 @@ if TYPE_CHECKING:
 
 PARENT_TAG = "mlflow.parentRunId"
 _MAX_PARAM_CHARS = 6000
+_NOT_IN_A_NAME = re.compile(r"[^\w\-. :/]")  # MLflow refuses a metric or param name with any
+
+
+def key(name: str) -> str:
+    """`name` as MLflow takes a metric or param name: a column label such as
+    `clean+p_hat` or `d-vae (k=3)` puts its other characters into names, which MLflow
+    refuses, failing the whole batch; they become `_`."""
+    return _NOT_IN_A_NAME.sub("_", name)
 
 
 def tracking_uri() -> str:
@@ -92,7 +101,7 @@ class Run:
         from mlflow.entities import Param
 
         flat = flatten(params)
-        items = [Param(k[:250], str(v)[:_MAX_PARAM_CHARS]) for k, v in sorted(flat.items())]
+        items = [Param(key(k)[:250], str(v)[:_MAX_PARAM_CHARS]) for k, v in sorted(flat.items())]
         for i in range(0, len(items), 100):
             _retry(self.client.log_batch, self.run_id, params=items[i : i + 100])
 
@@ -100,7 +109,7 @@ class Run:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
+        items = [Metric(key(k), float(v), now, step or 0) for k, v in metrics.items()]
         _retry(self.client.log_batch, self.run_id, metrics=items)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:

@@ -36,6 +36,7 @@ def check_params_metrics_artifacts(mlflow_uri, tmp_path):
     run.log_metrics({"loss": 2.0, "acc": 0.1}, step=0)
     run.log_metrics({"loss": 1.5}, step=1)
     run.log_metrics({"loss": 1.25}, step=2)
+    run.log_metrics({"mean_clean+p_hat_fast-resnet": 0.5})  # a column label MLflow refuses
     run.log_params({"extra": {"deep": {"key": [1, 2]}}})
     run.set_tags({"purifier": "dvae"})
 
@@ -67,7 +68,7 @@ def check_params_metrics_artifacts(mlflow_uri, tmp_path):
     assert got.data.tags["stage"] == "purify"
     assert got.data.tags["purifier"] == "dvae"
     assert PARENT_TAG not in got.data.tags
-    assert got.data.metrics == {"loss": 1.25, "acc": 0.1}
+    assert got.data.metrics == {"loss": 1.25, "acc": 0.1, "mean_clean_p_hat_fast-resnet": 0.5}
     history = client.get_metric_history(run.run_id, "loss")
     assert sorted((m.step, m.value) for m in history) == [(0, 2.0), (1, 1.5), (2, 1.25)]
 
