@@ -40,6 +40,21 @@ def test_class_share_is_the_part_of_the_poison_in_its_class_means():
     assert class_share(clean, clean, labels) is None
 
 
+def test_the_parts_of_a_poison_are_kept_apart():
+    """An output that removed a poison's class-wise part and kept the rest: the split says so
+    where the overall figure only says 'most of it'."""
+    from raypurify.experiments.trace import class_parts, share_kept
+
+    rng = np.random.default_rng(4)
+    labels = np.arange(600) % 3
+    delta = rng.choice([-8.0, 8.0], (3, 8, 8, 3))[labels] + rng.normal(0, 8, (600, 8, 8, 3))
+    means, rest = class_parts(delta, labels)
+    assert np.allclose(means + rest, delta)
+    assert share_kept(rest, means) == pytest.approx(0.0, abs=1e-9)  # orthogonal parts
+    assert share_kept(rest, rest) == pytest.approx(1.0)
+    assert share_kept(np.zeros_like(delta), np.zeros_like(delta)) is None
+
+
 def test_psnr_is_none_for_identical_images_and_falls_with_the_error():
     clean = images(0)
     assert psnr(clean, clean) is None
@@ -97,9 +112,12 @@ def test_trace_follows_the_poison_through_each_output_in_the_store(tmp_path):
     assert found[("x", "none")]["kept"] == pytest.approx(1.0)
     assert found[("clean", "none")]["kept"] is None
     assert found[("x", "none")]["class_share"] == pytest.approx(1.0)  # labels read by index
+    assert found[("x", "dvae P1")]["kept_classwise"] == pytest.approx(0.5)
+    assert found[("x", "dvae P1")]["kept_rest"] is None  # a class-wise poison has no rest
     assert found[("clean", "none")]["class_share"] is None
     table = "\n".join(markdown(list(found.values()), ["clean", "x"]))
     assert "on 60 training rows" in table
     assert "| x | 1.00 | 0.50 / " in table and "| clean | - | " in table
+    assert "| x | dvae P1 | 1.00 | 0.50 | - |" in table  # stage 1 by part
     untraced = "\n".join(markdown([found[("x", "dvae P1")]], ["clean", "x"]))
     assert "| x | 1.00 | 0.50 / " in untraced and "| clean |" not in untraced

@@ -44,13 +44,25 @@ def psnr(clean: np.ndarray, out: np.ndarray) -> float | None:
     return None if mse == 0 else float(10 * np.log10(255.0**2 / mse))
 
 
+def share_kept(change: np.ndarray, part: np.ndarray) -> float | None:
+    """<change, part> / <part, part>: how much of `part` a change from the clean images
+    holds (1 = all of it, 0 = none); None for an empty part."""
+    energy = float(np.sum(part * part))
+    return None if energy == 0 else float(np.sum(change * part) / energy)
+
+
 def poison_kept(clean: np.ndarray, poisoned: np.ndarray, out: np.ndarray) -> float | None:
     """<out - clean, delta> / <delta, delta>, delta = poisoned - clean; None without poison."""
     delta = poisoned.astype(np.float64) - clean
-    energy = float(np.sum(delta * delta))
-    if energy == 0:
-        return None
-    return float(np.sum((out.astype(np.float64) - clean) * delta) / energy)
+    return share_kept(out.astype(np.float64) - clean, delta)
+
+
+def class_parts(delta: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """delta split into its class-wise part (each row's class mean) and the rest."""
+    means = np.zeros_like(delta, dtype=np.float64)
+    for c in np.unique(labels):
+        means[labels == c] = delta[labels == c].mean(0)
+    return means, delta - means
 
 
 def class_share(clean: np.ndarray, poisoned: np.ndarray, labels: np.ndarray) -> float | None:
@@ -60,11 +72,8 @@ def class_share(clean: np.ndarray, poisoned: np.ndarray, labels: np.ndarray) -> 
     energy = float(np.sum(delta * delta))
     if energy == 0:
         return None
-    in_means = 0.0
-    for c in np.unique(labels):
-        rows = delta[labels == c]
-        in_means += len(rows) * float(np.sum(rows.mean(0) ** 2))
-    return in_means / energy
+    means, _ = class_parts(delta, labels)
+    return float(np.sum(means * means)) / energy
 
 
 def labels_by_index(path: str | Path, wanted: np.ndarray) -> np.ndarray:
@@ -107,6 +116,7 @@ def trace(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     labels = labels_by_index(clean_path, ids)
     sources: dict[str, np.ndarray] = {"clean": clean}
     shares: dict[str, float | None] = {"clean": None}
+    parts: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     entries = []
     for r in records:
         if r["kind"] not in ("defend", "purify") or not r.get("result"):
@@ -118,20 +128,24 @@ def trace(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 continue
             sources[row] = images_by_index(poison["result"]["path"], ids)
             shares[row] = class_share(clean, sources[row], labels)
+            parts[row] = class_parts(sources[row].astype(np.float64) - clean, labels)
         for label, path in defence_outputs(r):
             if tuple(open_dataset(path).shape) != clean.shape[1:]:
                 continue  # grayscale and resizing defences change the image space
             out = images_by_index(path, ids)
-            entries.append(
-                {
-                    "row": row,
-                    "output": label,
-                    "rows": len(ids),
-                    "psnr": psnr(clean, out),
-                    "kept": poison_kept(clean, sources[row], out),
-                    "class_share": shares[row],
-                }
-            )
+            entry = {
+                "row": row,
+                "output": label,
+                "rows": len(ids),
+                "psnr": psnr(clean, out),
+                "kept": poison_kept(clean, sources[row], out),
+                "class_share": shares[row],
+            }
+            if row in parts:  # how much of each part of the poison the output kept
+                change = out.astype(np.float64) - clean
+                entry["kept_classwise"] = share_kept(change, parts[row][0])
+                entry["kept_rest"] = share_kept(change, parts[row][1])
+            entries.append(entry)
     return entries
 
 
@@ -146,8 +160,8 @@ def markdown(entries: list[dict[str, Any]], rows: list[str]) -> list[str]:
     out = [
         f"Purification trace on {entries[0]['rows']:,} training rows against their clean "
         "originals: poison kept (1 = untouched, 0 = removed) / PSNR in dB, and the share of "
-        "the poison that is class-wise (in its per-class mean; stage 1 can subtract about "
-        "that much). A diagnostic; it needs the clean images and chooses nothing:",
+        "the poison that is class-wise (in its per-class mean, which stage 1's class "
+        "embedding can hold). A diagnostic; it needs the clean images and chooses nothing:",
         "",
         "| attack | class-wise share | " + " | ".join(outputs) + " |",
         "|---|---:|" + "---:|" * len(outputs),
@@ -164,4 +178,25 @@ def markdown(entries: list[dict[str, Any]], rows: list[str]) -> list[str]:
             db = "inf" if e["psnr"] is None else f"{e['psnr']:.1f}"
             vals.append(f"{kept} / {db}")
         out.append(f"| {row} | " + " | ".join(vals) + " |")
+    return [*out, "", *stage1_parts(entries, rows)]
+
+
+def stage1_parts(entries: list[dict[str, Any]], rows: list[str]) -> list[str]:
+    """What D-VAE's stage 1 (P1) kept of each part of each poison: its class-wise part and
+    the rest (what differs from image to image)."""
+    found = [e for e in entries if e["output"].endswith(" P1") and "kept_rest" in e]
+    if not found:
+        return []
+    out = [
+        "Stage 1 by part of the poison (kept, 1 = untouched): the class-wise part (each "
+        "image's class mean) and the rest (what differs from image to image):",
+        "",
+        "| attack | output | class-wise share | class-wise part kept | the rest kept |",
+        "|---|---|---:|---:|---:|",
+    ]
+    order = {r: i for i, r in enumerate(rows)}
+    for e in sorted(found, key=lambda e: order.get(e["row"], len(order))):
+        vals = [e["class_share"], e["kept_classwise"], e["kept_rest"]]
+        cells = " | ".join("-" if v is None else f"{v:.2f}" for v in vals)
+        out.append(f"| {e['row']} | {e['output']} | {cells} |")
     return [*out, ""]
