@@ -145,7 +145,8 @@ def test_report_with_a_spec_tabulates_finished_cells_without_running_any(demo, t
     header = next(
         line for line in (out / "results.md").read_text().splitlines() if "| attack" in line
     )
-    assert header.split("|")[1:-1][-1].strip() == "grayscale"
+    columns = [c.strip() for c in header.split("|")[1:-1]]
+    assert columns[-2:] == ["grayscale", "clean+p_hat"]  # the analysis after every defence
     assert (
         main(["report", str(out), "--spec", "demo", *(a for o in TINY for a in ("--set", o))]) == 0
     )
