@@ -51,12 +51,6 @@ def share_kept(change: np.ndarray, part: np.ndarray) -> float | None:
     return None if energy == 0 else float(np.sum(change * part) / energy)
 
 
-def poison_kept(clean: np.ndarray, poisoned: np.ndarray, out: np.ndarray) -> float | None:
-    """<out - clean, delta> / <delta, delta>, delta = poisoned - clean; None without poison."""
-    delta = poisoned.astype(np.float64) - clean
-    return share_kept(out.astype(np.float64) - clean, delta)
-
-
 def class_parts(delta: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """delta split into its class-wise part (each row's class mean) and the rest."""
     means = np.zeros_like(delta, dtype=np.float64)
@@ -65,15 +59,11 @@ def class_parts(delta: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.n
     return means, delta - means
 
 
-def class_share(clean: np.ndarray, poisoned: np.ndarray, labels: np.ndarray) -> float | None:
-    """The share of delta = poisoned - clean's energy in its per-class means; None
-    without poison."""
-    delta = poisoned.astype(np.float64) - clean
-    energy = float(np.sum(delta * delta))
-    if energy == 0:
-        return None
-    means, _ = class_parts(delta, labels)
-    return float(np.sum(means * means)) / energy
+def energy_share(part: np.ndarray, whole: np.ndarray) -> float | None:
+    """The share of `whole`'s energy in `part`, one of its orthogonal parts; None when
+    `whole` is empty."""
+    energy = float(np.sum(whole * whole))
+    return None if energy == 0 else float(np.sum(part * part)) / energy
 
 
 def labels_by_index(path: str | Path, wanted: np.ndarray) -> np.ndarray:
@@ -114,37 +104,34 @@ def trace(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     ids = sample_rows(clean_path)
     clean = images_by_index(clean_path, ids)
     labels = labels_by_index(clean_path, ids)
-    sources: dict[str, np.ndarray] = {"clean": clean}
-    shares: dict[str, float | None] = {"clean": None}
-    parts: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    # Each poisoned row's delta = x0 - x, with its class-wise part and the rest, read once.
+    poisons: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
     entries = []
     for r in records:
         if r["kind"] not in ("defend", "purify") or not r.get("result"):
             continue
         row = r["meta"]["row"]
-        if row not in sources:
+        if row != "clean" and row not in poisons:
             poison = by_name.get(f"poison/{row}")
             if poison is None:
                 continue
-            sources[row] = images_by_index(poison["result"]["path"], ids)
-            shares[row] = class_share(clean, sources[row], labels)
-            parts[row] = class_parts(sources[row].astype(np.float64) - clean, labels)
+            delta = images_by_index(poison["result"]["path"], ids).astype(np.float64) - clean
+            poisons[row] = (delta, *class_parts(delta, labels))
         for label, path in defence_outputs(r):
             if tuple(open_dataset(path).shape) != clean.shape[1:]:
                 continue  # grayscale and resizing defences change the image space
             out = images_by_index(path, ids)
-            entry = {
-                "row": row,
-                "output": label,
-                "rows": len(ids),
-                "psnr": psnr(clean, out),
-                "kept": poison_kept(clean, sources[row], out),
-                "class_share": shares[row],
-            }
-            if row in parts:  # how much of each part of the poison the output kept
+            entry = {"row": row, "output": label, "rows": len(ids), "psnr": psnr(clean, out)}
+            entry.update(kept=None, class_share=None)  # the clean row has no poison
+            if row in poisons:  # how much of the poison, and of each part, the output kept
+                delta, means, rest = poisons[row]
                 change = out.astype(np.float64) - clean
-                entry["kept_classwise"] = share_kept(change, parts[row][0])
-                entry["kept_rest"] = share_kept(change, parts[row][1])
+                entry.update(
+                    kept=share_kept(change, delta),
+                    class_share=energy_share(means, delta),
+                    kept_classwise=share_kept(change, means),
+                    kept_rest=share_kept(change, rest),
+                )
             entries.append(entry)
     return entries
 
