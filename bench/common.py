@@ -45,6 +45,8 @@ def machine() -> dict[str, Any]:
         "torch": torch.__version__,
         "ray": ray.__version__,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        # What the project's `precision: auto` is forced to, if anything (fp32, bf16).
+        "precision": os.environ.get("RAYPURIFY_PRECISION"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
     }
 
@@ -105,12 +107,14 @@ def write_results(
         name = f"{name}-gpu"
     elif info["cpu_kind"] in ("amx", "avx2"):
         name = f"{name}-{info['cpu_kind']}"
+    if info["precision"]:  # a forced precision is kept apart from the machine's `auto`
+        name = f"{name}-{info['precision']}"
     md = [f"# {name}", "", table(rows, columns), ""]
     if notes:
         md += [notes, ""]
     md.append(
         f"Machine: {info['cpu']} ({info['cpu_kind']}), {info['cores']} cores, "
-        f"GPU {info['gpu'] or 'none'}; "
+        f"GPU {info['gpu'] or 'none'}; precision {info['precision'] or 'auto'}; "
         f"torch {info['torch']}, ray {info['ray']}; {info['date']}."
     )
     md.append(f"Command: `{info['command']}`")
