@@ -10,6 +10,11 @@ Data path, an empty store) and reports, from the step records:
     python bench/demo.py                 # the demo preset, seed 0
     python bench/demo.py --seeds 0 1 2   # the story over three seeds (accuracies too)
     python bench/demo.py --compare       # with and without the warm worker group
+    python bench/demo.py --isa avx2      # torch and oneDNN limited to AVX2 kernels, fp32
+
+`--isa avx2` runs the code paths of an AVX2-only CPU (the AMD kind CI may draw) on this
+one: what the instruction set alone costs, not that machine's time (its cores, clocks and
+caches differ; an AVX2 machine runs the benchmark natively).
 
 Results: bench/results/demo.{json,md}.
 """
@@ -74,7 +79,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--compare", action="store_true", help="also without the warm group")
+    parser.add_argument(
+        "--isa", choices=["native", "avx2"], default="native", help="kernels to use (see above)"
+    )
     args = parser.parse_args()
+    name, notes = "demo", ""
+    if args.isa == "avx2":  # inherited by the demo's process and its Ray workers
+        os.environ |= {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+        os.environ.setdefault("RAYPURIFY_PRECISION", "fp32")  # `auto` on an AVX2 CPU
+        name = "demo-as-avx2"
+        notes = "Kernels limited to AVX2: ATEN_CPU_CAPABILITY=avx2, ONEDNN_MAX_CPU_ISA=AVX2."
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for warm in (True, False) if args.compare else (True,):
@@ -90,7 +104,7 @@ def main() -> None:
                 rows += step_rows(out, seed, group)
     columns = ["group", "seed", "step", "wall_s", "work_s", "startup_s", "rest_s", "rest_pct"]
     columns += ["steady_img_s", "accuracy"]
-    write_results("demo", rows, columns)
+    write_results(name, rows, columns, notes)
 
 
 if __name__ == "__main__":
