@@ -30,8 +30,9 @@ from raypurify.data.spec import DatasetSpec  # noqa: E402
 from raypurify.defenses.dvae.loss import dvae_loss, psnr  # noqa: E402
 from raypurify.defenses.dvae.model import DVAE  # noqa: E402
 
-# (label, width, latent, batch, lr, decoder norm): the demo's stage, the same net with a
-# smaller batch and a doubled learning rate, and with batch-norm decoders.
+# (label, width, latent, batch, lr, decoder norm): the earlier demo stage, the same net with
+# a smaller batch and a doubled learning rate, with batch-norm decoders, and the demo's stage
+# now (batch-norm decoders, the cpu preset's batches of 32).
 # At --scale cpu: the cpu preset's stage (the CPU protocol's 10k rows) at its own learning
 # rate, at twice it, and with batch-norm decoders.
 CONFIGS = {
@@ -39,6 +40,7 @@ CONFIGS = {
         ("demo stage (w16, batch 64, lr 5e-3)", 16, 64, 64, 5e-3, "instance"),
         ("w16, batch 32, lr 1e-2", 16, 64, 32, 1e-2, "instance"),
         ("w16, batch 64, lr 5e-3, batch-norm decoders", 16, 64, 64, 5e-3, "batch"),
+        ("w16, batch 32, lr 5e-3, batch-norm decoders", 16, 64, 32, 5e-3, "batch"),
     ],
     "cpu": [
         ("cpu stage (w32, batch 32, lr 5e-3)", 32, 64, 32, 5e-3, "instance"),
