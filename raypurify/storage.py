@@ -5,9 +5,9 @@ datasets) lives under the `--out` the user gives: that is the storage root. On o
 any path works. On a cluster the driver and the Ray workers run on different nodes, and
 each writes its part (a worker its checkpoint, the driver the step record that names it)
 straight into that root, so it must be the same directory on every node: NFS, a shared
-PVC, a bucket mounted with gcsfuse or s3fs. A path on the driver's own disk "works" until
-a worker on another node writes its checkpoint to *its* disk and the driver finds nothing,
-an hour into a run. So every entry point that writes joins Ray through `join_cluster(out)`,
+PVC, a bucket mounted so that it renames (below). A path on the driver's own disk
+"works" until a worker on another node writes its checkpoint to *its* disk and the
+driver finds nothing, an hour into a run. So every entry point that writes joins Ray through `join_cluster(out)`,
 which calls `check_shared(out, "--out")` and `check_tracking` right after joining:
 with more than one alive node it refuses, in one line, a relative path (it resolves against
 each process's working directory, which under `ray job submit` is a per-job copy on the
@@ -21,6 +21,13 @@ directories. `check_tracking(uri)` does the same for MLflow: workers log from th
 processes, so on several nodes a SQLite file (each worker's own) is refused in favour of a
 tracking server.
 
+Every output is written under a temporary name and renamed into place (atomic.py), so
+the root must also rename files and non-empty directories. Some bucket mounts cannot:
+Mountpoint for S3 does not rename on general-purpose buckets, and gcsfuse renames a
+directory of a flat bucket only up to its `--rename-dir-limit` (0 unless set).
+`renames_work` tries both in the root before a multi-node job starts, so such a mount is
+refused in one line instead of failing when the first finished step is moved into place.
+
 Nodes that join later (an autoscaler adding workers) are not checked: they come from the
 same node template, which is where the shared mount belongs.
 """
@@ -29,6 +36,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator
@@ -39,6 +47,7 @@ from typing import cast
 from raypurify.errors import ConfigError
 
 MARKER_PREFIX = ".raypurify-shared-check-"
+RENAME_PREFIX = ".raypurify-rename-check-"
 SCRATCH = ".scratch"  # under the storage root: temporary work Ray workers write on a cluster
 # A marker written on one NFS client can take a moment to appear on another (attribute
 # caches); a node is declared blind only after this many seconds of looking.
@@ -152,7 +161,34 @@ def visible_everywhere(directory: Path, what: str) -> Path:
             "give a path on storage every node mounts (NFS, a shared volume), not the "
             "driver's disk"
         )
+    renames_work(directory, what)
     return directory
+
+
+def renames_work(directory: Path, what: str) -> None:
+    """Check that `directory` renames a file and a non-empty directory (every output is
+    staged and renamed into place); a one-line ConfigError naming `what` otherwise. The
+    probe is a hidden folder of its own, removed afterwards."""
+    probe = directory / f"{RENAME_PREFIX}{secrets.token_hex(4)}"
+    staged, done = probe / "staged", probe / "done"
+    kind = "a file"
+    try:
+        staged.mkdir(parents=True)
+        (staged / "part.tmp").write_bytes(b"raypurify")
+        os.replace(staged / "part.tmp", staged / "part")
+        kind = "a directory"
+        os.replace(staged, done)
+        if (done / "part").read_bytes() != b"raypurify":
+            raise OSError(f"the renamed directory reads back wrong under {probe}")
+    except OSError as e:
+        raise ConfigError(
+            f"{what}: {directory} cannot rename {kind} ({e.strerror or e}); outputs are "
+            "written under a temporary name and renamed into place, so give NFS or a "
+            "shared volume (a bucket mounted with gcsfuse needs --rename-dir-limit; "
+            "Mountpoint for S3 does not rename)"
+        ) from None
+    finally:
+        shutil.rmtree(probe, ignore_errors=True)
 
 
 def check_tracking(uri: str) -> str:

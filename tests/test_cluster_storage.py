@@ -5,6 +5,7 @@ real two-node cluster in test_cluster_multinode.py."""
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -96,6 +97,39 @@ def test_visible_everywhere_creates_the_root(local_ray, tmp_path):
     root = tmp_path / "a" / "b"
     assert storage.visible_everywhere(root, "--out") == root
     assert root.is_dir() and not list(root.iterdir())
+
+
+def mount_without(kind: str, monkeypatch) -> None:
+    """Make os.replace fail as a bucket mount does: EXDEV for a directory (gcsfuse at its
+    default --rename-dir-limit of 0), ENOTSUP for anything (Mountpoint for S3)."""
+    real = os.replace
+
+    def replace(src, dst):
+        if kind == "anything" or Path(src).is_dir():
+            err = errno.ENOTSUP if kind == "anything" else errno.EXDEV
+            raise OSError(err, os.strerror(err))
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+
+
+@pytest.mark.parametrize(("kind", "what"), [("directory", "a directory"), ("anything", "a file")])
+def test_a_root_that_cannot_rename_is_refused_in_one_line(
+    local_ray, tmp_path, monkeypatch, kind, what
+):
+    """The check runs after the visibility probe, and leaves nothing in the root."""
+    mount_without(kind, monkeypatch)
+    with pytest.raises(ConfigError) as e:
+        storage.visible_everywhere(tmp_path, "--out")
+    msg = str(e.value)
+    assert msg.startswith(f"--out: {tmp_path} cannot rename {what} (") and "\n" not in msg
+    assert "--rename-dir-limit" in msg
+    assert not list(tmp_path.iterdir())
+
+
+def test_renames_work_on_a_local_disk(tmp_path):
+    storage.renames_work(tmp_path, "--out")
+    assert not list(tmp_path.iterdir())
 
 
 def test_scratch_on_one_node_is_a_system_temp_dir_removed_after(local_ray, tmp_path):
