@@ -10,9 +10,9 @@ __version__ = "0.1.0"
 os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "2")
 
 # Ray Train's controller polls its workers every 2 s and starts a preemption watcher (for
-# spot nodes being drained); each run then spends seconds noticing start and finish. On a
-# local Ray started from here (the variables reach it through the environment; a cluster's
-# nodes keep their own) poll every 0.25 s and skip the watcher, so a short fit is not
-# mostly waiting (bench/demo.py measures each step's start-up).
+# spot nodes being drained); each run then spends seconds noticing start and finish. Poll
+# every 0.25 s and skip the watcher, so a short fit is not mostly waiting (bench/demo.py
+# measures each step's start-up). Ray Train passes both variables from the driver to its
+# controller and workers, on a cluster too; set them to override.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
