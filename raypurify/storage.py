@@ -8,10 +8,10 @@ straight into that root, so it must be the same directory on every node: NFS, a 
 PVC, a bucket mounted so that it renames (below). A path on the driver's own disk
 "works" until a worker on another node writes its checkpoint to *its* disk and the
 driver finds nothing, an hour into a run. So every entry point that writes joins Ray
-through `join_cluster(out)`, which calls `check_shared(out, "--out")` and `check_tracking` right after joining:
-with more than one alive node it refuses, in one line, a relative path (it resolves against
-each process's working directory, which under `ray job submit` is a per-job copy on the
-head) and a path that some node cannot see. Visibility is tested, not guessed from the
+through `join_cluster(out)`, which calls `check_shared(out, "--out")` and
+`check_tracking` right after joining: with more than one alive node it refuses, in one
+line, a relative path (it resolves against each process's working directory, which under
+`ray job submit` is a per-job copy on the head) and a path that some node cannot see. Visibility is tested, not guessed from the
 path: the driver writes a marker file with a random token into the directory and a tiny
 zero-CPU task pinned to each alive node reads it back.
 
