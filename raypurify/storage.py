@@ -11,9 +11,10 @@ driver finds nothing, an hour into a run. So every entry point that writes joins
 through `join_cluster(out)`, which calls `check_shared(out, "--out")` and
 `check_tracking` right after joining: with more than one alive node it refuses, in one
 line, a relative path (it resolves against each process's working directory, which under
-`ray job submit` is a per-job copy on the head) and a path that some node cannot see. Visibility is tested, not guessed from the
-path: the driver writes a marker file with a random token into the directory and a tiny
-zero-CPU task pinned to each alive node reads it back.
+`ray job submit` is a per-job copy on the head) and a path that some node cannot see.
+Visibility is tested, not guessed from the path: the driver writes a marker file with a
+random token into the directory and a tiny zero-CPU task pinned to each alive node reads
+it back.
 
 URIs (s3://, gs://) are refused with a hint to mount them: Ray Train and Tune accept them
 through pyarrow's filesystems, but the step store and the interchange datasets are plain
