@@ -5,7 +5,7 @@ this package and join a process group before their first batch: seconds per step
 cores, as long as a demo-scale step's whole training (bench/demo.py measures it). Inside
 `warm_group(...)`, every `distributed.fit` the group can host runs as a *job* of one
 long-lived TorchTrainer run instead. Its workers take jobs from a board actor and call
-the same loop with the same job; `distributed.report_and_checkpoint` and `restore` see the
+the same loop with the same job; `workers.report_and_checkpoint` and `restore` see the
 job and write each epoch's checkpoint where the step's own run would keep it, so a step
 resumes the same way whichever path trained it. A worker or node that dies restarts the
 group (Ray Train's failure config) and the job in flight resumes from its last checkpoint.
@@ -31,6 +31,7 @@ from ray.train.torch import TorchTrainer
 
 from raypurify import distributed
 from raypurify.errors import TrainingError
+from raypurify.workers import HostedJob, LoopCall, hosting, loop_entry
 
 # What a hosted worker holds: no CPU (a bundle cannot be all zeros, hence one byte of
 # memory), so the Ray Data passes between training steps find every CPU they need (even
@@ -43,7 +44,7 @@ IDLE_RESOURCES = {"CPU": 0, "memory": 1}
 class Job:
     """One `fit` as the group runs it: the loop with its job, and where its run lives."""
 
-    call: distributed.LoopCall
+    call: LoopCall
     storage: str
     name: str
     keep: int | None
@@ -112,10 +113,10 @@ def _serve(config: dict[str, Any]) -> None:
     after = -1
     while (taken := ray.get(board.take.remote(after))) is not None:
         seq, job = taken
-        hosted = distributed.HostedJob(Path(job.storage), job.name, job.keep)
+        hosted = HostedJob(Path(job.storage), job.name, job.keep)
         try:
-            with distributed.hosting(hosted):
-                distributed.loop_entry({"call": job.call})
+            with hosting(hosted):
+                loop_entry({"call": job.call})
         except Exception as e:
             ray.get(board.finish.remote(seq, ("error", _portable(e))))
             if world > 1:  # the other ranks may wait in a collective: restart the group

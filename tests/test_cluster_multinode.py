@@ -147,7 +147,7 @@ def all_runs(client):
 
 def worker_nodes(run) -> set[str]:
     """The Ray nodes whose Train workers tagged `run` (each one reached the server)."""
-    from raypurify.distributed import NODE_TAG
+    from raypurify.workers import NODE_TAG
 
     return {v for k, v in run.data.tags.items() if k.startswith(NODE_TAG)}
 

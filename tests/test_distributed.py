@@ -10,7 +10,8 @@ import pytest
 import ray
 import ray.train
 
-from raypurify.distributed import LoopJob, check_cpus, fit
+from raypurify.distributed import check_cpus, fit
+from raypurify.workers import LoopJob
 
 
 def test_a_bad_max_failures_is_refused_naming_the_variable(monkeypatch):
@@ -39,12 +40,12 @@ def test_a_run_tags_its_node_and_leaves_no_group_behind(ray_session, tmp_path, m
     """Each worker tags the run's MLflow run with its node (on a cluster: who did the work);
     a run that ends removes its own placement group (only a killed controller's stays, see
     tests/test_sweep_cleanup.py)."""
-    from raypurify.distributed import NODE_TAG
     from raypurify.sweeps.cleanup import groups_made_by_actors
     from raypurify.tracking import start_run
+    from raypurify.workers import NODE_TAG
 
     def one_epoch(job: LoopJob, ctx) -> None:  # nested: pickled by value for the workers
-        from raypurify.distributed import report_and_checkpoint
+        from raypurify.workers import report_and_checkpoint
 
         report_and_checkpoint({"epoch": 1}, {"epoch": 1}, ray.train.get_context().get_world_rank())
 

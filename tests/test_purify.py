@@ -16,8 +16,8 @@ from raypurify.data.spec import DatasetSpec
 from raypurify.defenses.dvae.config import preset
 from raypurify.defenses.dvae.pipeline import purify
 from raypurify.defenses.dvae.stage import train_stage
-from raypurify.distributed import saved_state
 from raypurify.errors import DatasetError, RaypurifyError, TrainingError
+from raypurify.workers import saved_state
 
 TINY = [
     "model.width=8",

@@ -16,12 +16,12 @@ from raypurify.data.interchange import open_dataset, read_images, write_images
 from raypurify.data.registry import load
 from raypurify.data.spec import DatasetSpec
 from raypurify.defenses.squeeze import JpegOptions, jpeg
-from raypurify.distributed import saved_state
 from raypurify.errors import ConfigError, DatasetError
 from raypurify.models import build_model
 from raypurify.training.classifier import METRICS_FILE, MODEL_FILE, train_classifier
 from raypurify.training.config import recipe
 from raypurify.training.epoch import predict
+from raypurify.workers import saved_state
 
 # The `cpu` recipe shrunk to seconds: 600 synthetic 16 px images of 4 classes.
 TINY = ["arch_options.width=8", "batch_size=32", "epochs=4", "eval_subset=null"]

@@ -10,9 +10,10 @@ import pytest
 import ray
 import ray.train
 
-from raypurify.distributed import LoopContext, LoopJob, checkpoint_dirs, fit, saved_state
+from raypurify.distributed import fit
 from raypurify.errors import TrainingError
 from raypurify.worker_group import warm_group
+from raypurify.workers import LoopContext, LoopJob, checkpoint_dirs, saved_state
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -32,8 +33,8 @@ def epochs_loop(job: EpochsJob, ctx: LoopContext) -> None:
 
     import ray.train
 
-    from raypurify.distributed import report_and_checkpoint, restore
     from raypurify.errors import TrainingError
+    from raypurify.workers import report_and_checkpoint, restore
 
     if job.fail:
         raise TrainingError(job.fail)

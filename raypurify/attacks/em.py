@@ -32,20 +32,19 @@ import torch.nn.functional as F
 from pydantic import Field, PositiveInt
 
 from raypurify.attacks.base import Attack, AttackJob, EpsConfig, perturb
-from raypurify.distributed import (
-    LoopContext,
-    LoopJob,
-    end_epoch,
-    fit,
-    per_worker_batch,
-    setup_worker,
-    unwrap,
-    use_gpu,
-)
+from raypurify.distributed import fit, use_gpu
 from raypurify.estimate import train_rate, warn_if_long
 from raypurify.models import ARCHS, build_model
 from raypurify.runtime import Precision, autocast, use_bf16
 from raypurify.storage import scratch
+from raypurify.workers import (
+    LoopContext,
+    LoopJob,
+    end_epoch,
+    per_worker_batch,
+    setup_worker,
+    unwrap,
+)
 
 # What to use instead of the authors' GPU settings on a CPU (the CPU protocol's EM rows).
 CPU_HINT = (

@@ -20,9 +20,9 @@ from pydantic import Field, PositiveInt
 from raypurify.attacks.base import Attack, AttackJob, EpsConfig, perturb
 from raypurify.attacks.tap import train_surrogate
 from raypurify.attacks.targeted import PGD, craft
-from raypurify.distributed import STATE_FILE, checkpoint_dirs
 from raypurify.runtime import Precision
 from raypurify.storage import scratch
+from raypurify.workers import STATE_FILE, checkpoint_dirs
 
 
 class SEPConfig(EpsConfig):

@@ -18,18 +18,6 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from raypurify.distributed import (
-    LoopContext,
-    LoopJob,
-    end_epoch,
-    epoch_seed,
-    per_worker_batch,
-    report_and_checkpoint,
-    resume,
-    setup_worker,
-    snapshot,
-    unwrap,
-)
 from raypurify.errors import TrainingError
 from raypurify.models import build_model
 from raypurify.runtime import use_bf16
@@ -42,6 +30,18 @@ from raypurify.training.epoch import (
     lr_schedule,
     predict,
     train_epoch,
+)
+from raypurify.workers import (
+    LoopContext,
+    LoopJob,
+    end_epoch,
+    epoch_seed,
+    per_worker_batch,
+    report_and_checkpoint,
+    resume,
+    setup_worker,
+    snapshot,
+    unwrap,
 )
 
 

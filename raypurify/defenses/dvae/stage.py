@@ -24,19 +24,7 @@ import torch.distributed as dist
 
 from raypurify.data.imageset import ImageSet
 from raypurify.data.spec import Stream
-from raypurify.distributed import (
-    LoopContext,
-    LoopJob,
-    end_epoch,
-    epoch_seed,
-    fit,
-    per_worker_batch,
-    resume,
-    setup_worker,
-    snapshot,
-    unwrap,
-    use_gpu,
-)
+from raypurify.distributed import fit, use_gpu
 from raypurify.errors import DatasetError, TrainingError, unreadable_file
 from raypurify.estimate import rate_of, warn_if_long_training
 from raypurify.reports.images import amplify, class_rows, grid, to_uint8
@@ -44,6 +32,17 @@ from raypurify.runtime import autocast, use_bf16
 from raypurify.tracking import Run
 from raypurify.training import data as batches
 from raypurify.training.data import Shipped
+from raypurify.workers import (
+    LoopContext,
+    LoopJob,
+    end_epoch,
+    epoch_seed,
+    per_worker_batch,
+    resume,
+    setup_worker,
+    snapshot,
+    unwrap,
+)
 
 from .config import PurifyConfig, StageConfig
 from .loss import dvae_loss, psnr
