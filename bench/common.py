@@ -3,9 +3,10 @@
 Every benchmark writes bench/results/<name>.json (rows plus the machine and command that
 produced them) and bench/results/<name>.md (the same rows as a table), and prints the table.
 On a machine with a GPU the benchmarks time the GPU and write <name>-gpu.{json,md}; on a
-CPU with AMX, <name>-amx; on one with AVX2 but no AVX-512, <name>-avx2 (the CPU kinds differ
-about 3x, and the CPU model name does not tell them apart): figures of each kind sit side
-by side, and a run on one kind never overwrites another's.
+CPU with AMX, <name>-amx; on one with AVX2 but no AVX-512, <name>-avx2; on an AMD CPU with
+AVX-512, <name>-amd-avx512; on an Intel one with AVX-512 but no AMX, plain <name> (the
+kinds differ up to 3x, and the model name alone does not tell them apart): figures of each
+kind sit side by side, and a run on one kind never overwrites another's.
 """
 
 from __future__ import annotations
@@ -107,6 +108,8 @@ def write_results(
         name = f"{name}-gpu"
     elif info["cpu_kind"] in ("amx", "avx2"):
         name = f"{name}-{info['cpu_kind']}"
+    elif info["cpu_kind"].startswith("avx512") and info["cpu"].startswith("AMD"):
+        name = f"{name}-amd-avx512"
     if info["precision"]:  # a forced precision is kept apart from the machine's `auto`
         name = f"{name}-{info['precision']}"
     md = [f"# {name}", "", table(rows, columns), ""]

@@ -1,7 +1,7 @@
 """D-VAE throughput at 32 px: training steps, Ray Train stages, purification passes.
 
 1. Train-step images/s in-process (no Ray): paper width (64) and the cpu preset's width,
-   fp32 vs bf16 autocast, batch 128 and 256.
+   fp32 vs bf16 autocast, batch 128 and 256 (and the cpu preset's own batch).
 2. Ray Train: one epoch of a stage over the 10k CIFAR-10 subset with 1 and 2 workers (bf16).
 3. Purification inference through Ray Data, all three passes (P0 -> P1, P1 -> P2 + P3),
    counted per input image.
@@ -72,10 +72,13 @@ def main() -> None:
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     cpu = preset("cpu")
     rows = []
-    nets = {"paper": (64, 256), "cpu": (cpu.model.width, cpu.model.latent)}
-    for name, (width, latent) in nets.items():
+    nets = {  # each net at 128 and 256, and the cpu net also at its preset's own batch
+        "paper": (64, 256, (128, 256)),
+        "cpu": (cpu.model.width, cpu.model.latent, (cpu.stage1.batch_size, 128, 256)),
+    }
+    for name, (width, latent, batches) in nets.items():
         for precision in ("fp32", "bf16"):
-            for batch in (128, 256):
+            for batch in batches:
                 ips = step_throughput(width, precision, batch, args.steps, latent)
                 rows.append(
                     {

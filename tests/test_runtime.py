@@ -1,11 +1,15 @@
-"""Precision chosen at run time: bf16 on a CPU only where it has AMX (elsewhere oneDNN's bf16
-is slower than fp32, or emulated), and RAYPURIFY_PRECISION decides "auto" when set."""
+"""Precision chosen at run time: bf16 on a CPU only where it measured faster than fp32 (AMX,
+or AVX-512-BF16 on AMD; on Intel without AMX oneDNN's bf16 is slower, on AVX2 emulated),
+and RAYPURIFY_PRECISION decides "auto" when set."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
 
+from raypurify import runtime
 from raypurify.errors import ConfigError
 from raypurify.runtime import use_bf16
 
@@ -13,14 +17,30 @@ CPU = torch.device("cpu")
 
 
 @pytest.mark.parametrize(
-    ("capabilities", "expected"),
-    [({"amx_bf16": True, "avx512_bf16": True}, True), ({"avx512_bf16": True}, False), ({}, False)],
+    ("capabilities", "vendor", "expected"),
+    [
+        ({"amx_bf16": True, "avx512_bf16": True}, "GenuineIntel", True),
+        ({"avx512_bf16": True}, "GenuineIntel", False),
+        ({"avx512_bf16": True}, "AuthenticAMD", True),
+        ({"avx2": True}, "AuthenticAMD", False),
+        ({}, "", False),
+    ],
 )
-def test_auto_picks_bf16_on_a_cpu_only_with_amx(monkeypatch, capabilities, expected):
+def test_auto_picks_bf16_on_a_cpu_only_where_it_measured_faster(
+    monkeypatch, capabilities, vendor, expected
+):
     monkeypatch.delenv("RAYPURIFY_PRECISION", raising=False)
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: capabilities, raising=False)
+    monkeypatch.setattr(runtime, "cpu_vendor", lambda: vendor)
     assert use_bf16("auto", CPU) is expected
     assert use_bf16("bf16", CPU) is True and use_bf16("fp32", CPU) is False
+
+
+def test_the_cpu_vendor_is_read_from_this_machine():
+    cpuinfo = Path("/proc/cpuinfo")
+    names = cpuinfo.read_text() if cpuinfo.exists() else ""
+    vendor = runtime.cpu_vendor()
+    assert (vendor in names) if vendor else ("vendor_id" not in names)
 
 
 def test_the_environment_decides_auto_and_a_bad_value_is_refused(monkeypatch):

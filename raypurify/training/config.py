@@ -41,7 +41,7 @@ class TrainConfig(Config):
     batch_size: PositiveInt = 128  # global batch, split across workers
     optim: OptimConfig = Field(default_factory=OptimConfig)
     augment: bool = True  # random crop (pad 4) + horizontal flip
-    precision: Precision = "auto"  # bf16 autocast on CUDA and AMX CPUs (see runtime)
+    precision: Precision = "auto"  # bf16 autocast where it is faster (runtime.use_bf16)
     workers: PositiveInt = 1  # Ray Train workers (DDP)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: GPU when the cluster has one
     threads: PositiveInt | None = None  # torch threads per CPU worker (default: cores/workers)

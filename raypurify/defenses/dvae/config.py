@@ -55,7 +55,7 @@ class PurifyConfig(Config):
     stage1: StageConfig = Field(default_factory=lambda: StageConfig(kld_limit=1.0))
     stage2: StageConfig = Field(default_factory=lambda: StageConfig(kld_limit=3.0))
     sample: bool = False  # sample z at inference (the authors') instead of z = mu
-    precision: Precision = "auto"  # bf16 autocast on CUDA and AMX CPUs (see runtime)
+    precision: Precision = "auto"  # bf16 autocast where it is faster (runtime.use_bf16)
     workers: PositiveInt = 1  # Ray Train workers per stage (DDP)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: PositiveInt | None = None  # torch threads per CPU worker or actor
