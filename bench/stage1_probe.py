@@ -8,7 +8,8 @@ other poisoned rows. Against the clean originals it reports the share of the poi
 keeps (1 = all of it, 0 = none), of its class-wise part (each image's class mean) and of
 the rest, and P1's PSNR: the purification trace's measures (experiments/trace.py). The
 cosine schedule runs over all EPOCHS, so a 5-epoch evaluation is mid-schedule, not a
-5-epoch stage.
+5-epoch stage. It trains in the preset's precision (`auto`: bf16 where that is faster,
+runtime.use_bf16; RAYPURIFY_PRECISION=fp32 forces fp32) and measures in fp32.
 
     python bench/stage1_probe.py --poison STORE/poison/tap-*/data --clean STORE/data/clean-*/data
 
@@ -34,6 +35,9 @@ from raypurify.defenses.dvae.config import preset  # noqa: E402
 from raypurify.defenses.dvae.loss import dvae_loss  # noqa: E402
 from raypurify.defenses.dvae.stage import build  # noqa: E402
 from raypurify.experiments.trace import class_parts, psnr, share_kept  # noqa: E402
+from raypurify.runtime import autocast, use_bf16  # noqa: E402
+
+CPU = torch.device("cpu")
 
 
 def as_input(images: np.ndarray) -> torch.Tensor:
@@ -86,6 +90,7 @@ def main() -> None:
     train, held = order[: args.rows], order[args.rows : args.rows + args.held]
     x, y = as_input(poisoned.images[train]), torch.from_numpy(poisoned.labels[train])
 
+    amp = use_bf16(cfg.precision, CPU)  # as the pipeline's stage: `auto` decides
     torch.manual_seed(cfg.seed)
     model = build(cfg, poisoned.num_classes, x.shape[-1]).to(memory_format=torch.channels_last)
     groups = model.param_groups(stage.lr, stage.phat_lr_scale, stage.embedding_lr_scale)
@@ -102,7 +107,8 @@ def main() -> None:
         for i in range(0, len(train) - batch + 1, batch):
             b = perm[i : i + batch]
             xb = x[b].contiguous(memory_format=torch.channels_last)
-            x_hat, p_hat, mu, logvar = model(xb, y[b])
+            with autocast(CPU, amp):
+                x_hat, p_hat, mu, logvar = model(xb, y[b])
             loss, _ = dvae_loss(
                 xb,
                 x_hat,
@@ -129,7 +135,8 @@ def main() -> None:
         f"Poison {args.poison}: class-wise share of its energy on the training rows "
         f"{float((share[0] ** 2).sum() / ((share[0] + share[1]) ** 2).sum()):.3f}. "
         f"Stage 1 of the {args.preset} preset (overrides: {args.set or 'none'}), "
-        f"{args.rows} training rows, cosine over {args.epochs} epochs, in process, fp32."
+        f"{args.rows} training rows, cosine over {args.epochs} epochs, in process, "
+        f"{'bf16' if amp else 'fp32'}."
     )
     columns = ["epoch", "rows", "kept", "class_part_kept", "rest_kept", "p1_db", "train_s"]
     attack = Path(args.poison).resolve().parent.name.rsplit("-", 1)[0]  # the store's step

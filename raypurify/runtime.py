@@ -98,7 +98,7 @@ def use_bf16(precision: str, dev: torch.device) -> bool:
 
     Measured on the 2-core kinds this project runs on (docs/RESULTS.md, "Precision on each
     CPU kind"): with AMX bf16 trains 1.3-2.7x faster; on an AMD EPYC with AVX-512-BF16
-    (Zen 4) 1.3-1.8x faster; on an Intel Xeon with AVX-512-BF16 but no AMX 30-40 % slower;
+    (Zen 4) 1.2-1.8x faster; on an Intel Xeon with AVX-512-BF16 but no AMX 30-40 % slower;
     with AVX2 alone bf16 is emulated. `precision: bf16` forces autocast anywhere.
     RAYPURIFY_PRECISION (fp32 or bf16) decides "auto" instead, so a test suite computes the
     same on every CPU kind.
