@@ -80,6 +80,9 @@ def main() -> None:
     ap.add_argument("--evals", default="5,10,20,40", help="epochs after which to measure P1")
     ap.add_argument("--preset", default="cpu", help="the purification preset to train")
     ap.add_argument("--set", action="append", default=[], help="override the preset")
+    ap.add_argument(
+        "--label", help="the result file's variant name (default: the preset; none for cpu)"
+    )
     args = ap.parse_args()
     cfg = preset(args.preset, args.set)
     stage = cfg.stage1
@@ -140,7 +143,9 @@ def main() -> None:
     )
     columns = ["epoch", "rows", "kept", "class_part_kept", "rest_kept", "p1_db", "train_s"]
     attack = Path(args.poison).resolve().parent.name.rsplit("-", 1)[0]  # the store's step
-    tag = "" if args.preset == "cpu" else f"-{args.preset}"
+    default = "" if args.preset == "cpu" else args.preset
+    label = default if args.label is None else args.label
+    tag = f"-{label}" if label else ""
     write_results(f"stage1_probe-{attack}{tag}", rows, columns, notes)
 
 
