@@ -13,7 +13,9 @@ runtime.use_bf16; RAYPURIFY_PRECISION=fp32 forces fp32) and measures in fp32.
 
     python bench/stage1_probe.py --poison STORE/poison/tap-*/data --clean STORE/data/clean-*/data
 
-Results: bench/results/stage1_probe-<attack>[-<preset>][-<cpu kind>].{json,md}.
+Results: bench/results/stage1_probe-<attack>[-<label>][-<cpu kind>].{json,md}, the label
+being `--label` or the preset's name (none for `cpu`); train_s counts from the first epoch,
+earlier evaluations included.
 """
 
 from __future__ import annotations
