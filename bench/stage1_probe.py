@@ -37,9 +37,9 @@ from raypurify.defenses.dvae.config import preset  # noqa: E402
 from raypurify.defenses.dvae.loss import dvae_loss  # noqa: E402
 from raypurify.defenses.dvae.stage import build  # noqa: E402
 from raypurify.experiments.trace import class_parts, psnr, share_kept  # noqa: E402
-from raypurify.runtime import autocast, use_bf16  # noqa: E402
+from raypurify.runtime import autocast, device, use_bf16  # noqa: E402
 
-CPU = torch.device("cpu")
+DEV = device()  # the GPU when there is one
 
 
 def as_input(images: np.ndarray) -> torch.Tensor:
@@ -54,11 +54,11 @@ def p1_measures(model, poisoned: np.ndarray, clean: np.ndarray, labels: np.ndarr
     parts = []
     with torch.no_grad():
         for i in range(0, len(labels), 256):
-            x = as_input(poisoned[i : i + 256])
+            x = as_input(poisoned[i : i + 256]).to(DEV)
             mu, _ = model.encode(x)
-            p_hat = model.perturbation(mu, torch.from_numpy(labels[i : i + 256])).float()
+            p_hat = model.perturbation(mu, torch.from_numpy(labels[i : i + 256]).to(DEV)).float()
             p1 = torch.round(torch.clamp(x - p_hat, 0, 1) * 255)
-            parts.append(p1.permute(0, 2, 3, 1).numpy())
+            parts.append(p1.permute(0, 2, 3, 1).cpu().numpy())
     model.train()
     p1 = np.concatenate(parts)
     delta = poisoned.astype(np.float64) - clean
@@ -93,11 +93,13 @@ def main() -> None:
     originals = clean.images[by_index[np.searchsorted(clean.index[by_index], poisoned.index)]]
     order = np.random.default_rng(0).permutation(len(poisoned))
     train, held = order[: args.rows], order[args.rows : args.rows + args.held]
-    x, y = as_input(poisoned.images[train]), torch.from_numpy(poisoned.labels[train])
+    x = as_input(poisoned.images[train]).to(DEV)
+    y = torch.from_numpy(poisoned.labels[train]).to(DEV)
 
-    amp = use_bf16(cfg.precision, CPU)  # as the pipeline's stage: `auto` decides
+    amp = use_bf16(cfg.precision, DEV)  # as the pipeline's stage: `auto` decides
     torch.manual_seed(cfg.seed)
-    model = build(cfg, poisoned.num_classes, x.shape[-1]).to(memory_format=torch.channels_last)
+    model = build(cfg, poisoned.num_classes, x.shape[-1])
+    model = model.to(DEV, memory_format=torch.channels_last)  # type: ignore[call-overload]
     groups = model.param_groups(stage.lr, stage.phat_lr_scale, stage.embedding_lr_scale)
     opt = torch.optim.Adam(groups, lr=stage.lr, weight_decay=stage.weight_decay)
     batch, evals = stage.batch_size, {int(e) for e in args.evals.split(",")}
@@ -108,11 +110,11 @@ def main() -> None:
     rows, start = [], time.perf_counter()
     for epoch in range(args.epochs):
         hinge = stage.phat_weight if epoch >= stage.phat_start_epoch else 0.0
-        perm = torch.randperm(len(train))
+        perm = torch.randperm(len(train), device=DEV)
         for i in range(0, len(train) - batch + 1, batch):
             b = perm[i : i + batch]
             xb = x[b].contiguous(memory_format=torch.channels_last)
-            with autocast(CPU, amp):
+            with autocast(DEV, amp):
                 x_hat, p_hat, mu, logvar = model(xb, y[b])
             loss, _ = dvae_loss(
                 xb,
@@ -135,13 +137,15 @@ def main() -> None:
             for name, r in (("training rows", train), ("held-out rows", held)):
                 m = p1_measures(model, poisoned.images[r], originals[r], poisoned.labels[r])
                 rows.append({"epoch": epoch + 1, "rows": name, **m, "train_s": seconds})
-    share = class_parts(poisoned.images[train].astype(np.float64) - originals[train], y.numpy())
+    share = class_parts(
+        poisoned.images[train].astype(np.float64) - originals[train], y.cpu().numpy()
+    )
     notes = (
         f"Poison {args.poison}: class-wise share of its energy on the training rows "
         f"{float((share[0] ** 2).sum() / ((share[0] + share[1]) ** 2).sum()):.3f}. "
         f"Stage 1 of the {args.preset} preset (overrides: {args.set or 'none'}), "
         f"{args.rows} training rows, cosine over {args.epochs} epochs, in process, "
-        f"{'bf16' if amp else 'fp32'}."
+        f"{'bf16' if amp else 'fp32'}, on {DEV.type}."
     )
     columns = ["epoch", "rows", "kept", "class_part_kept", "rest_kept", "p1_db", "train_s"]
     attack = Path(args.poison).resolve().parent.name.rsplit("-", 1)[0]  # the store's step

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -126,3 +127,28 @@ def test_loss_terms_follow_eq_14():
     expected = terms["rec"] + 0.01 * 1.0 + max(float(terms["p_energy"]), 0.002)
     assert float(loss) == pytest.approx(float(expected), rel=1e-6)
     assert float(psnr(x, x)) > 90
+
+
+@pytest.mark.parametrize("draw_name", ["row_normal", "block_normal"])
+def test_sampled_noise_depends_on_the_row_not_its_batch(draw_name):
+    """A sampled pass's z noise: the same row index gets the same noise whichever batch it
+    arrives in (Ray Data batches as it likes), different rows get different noise, and the
+    draws are N(0, 1). block_normal is the GPU draw, run here on the CPU device."""
+    from raypurify.defenses.dvae import passes
+
+    draw = getattr(passes, draw_name)
+    cpu, shape = torch.device("cpu"), (4, 3, 3)
+    rows = np.arange(200, 900)  # crosses NOISE_BLOCK boundaries
+    whole = draw(7, rows, shape, cpu)
+    split = torch.cat([draw(7, part, shape, cpu) for part in np.array_split(rows[::-1], 5)])
+    assert torch.equal(whole, split.flip(0))
+    assert not torch.equal(whole[0], whole[1])
+    assert not torch.equal(whole, draw(8, rows, shape, cpu))  # the seed matters
+    assert abs(whole.mean().item()) < 0.05 and abs(whole.std().item() - 1) < 0.05
+
+
+def test_gpu_actors_share_the_gpus_they_outnumber():
+    from raypurify.defenses.dvae.passes import gpu_share
+
+    assert gpu_share(1, gpus=1) == 1.0 and gpu_share(4, gpus=8) == 1.0
+    assert gpu_share(2, gpus=1) == 0.5 and gpu_share(3, gpus=2) == pytest.approx(2 / 3)

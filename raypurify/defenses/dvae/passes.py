@@ -7,14 +7,19 @@ Each worker process loads one trained stage model once and purifies batches of d
 - "reconstruct": x -> x_hat(x)                              (the plain VAE)
 - "perturbation": x -> p_hat(x) as floats                    (detection, Table 1 check)
 With `sample`, z is drawn from q(z|x) with noise seeded by (seed, row index), so results
-do not depend on how Ray Data batches the rows; otherwise z = mu.
+do not depend on how Ray Data batches the rows; otherwise z = mu. On CPU each row has its
+own generator; on a GPU one generator per block of NOISE_BLOCK consecutive indices draws
+on the device (a generator per row is a Python loop of launches, which held a sampled pass
+to a few hundred images/s), so the noise differs between CPU and GPU, not between batchings.
 
 On CPU a pass runs as Ray Data tasks: they run in Ray's pooled worker processes, which stay
 alive between passes with torch imported, so only a run's first pass pays for a process
 start (an actor pool starts a fresh process, and imports torch, for every pass; seconds
 each on 2 cores, as long as a demo-scale pass's work, bench/demo.py). Each process keeps
 the last model it loaded. On a GPU Ray gives a task a fresh process per call (its
-`max_calls` is 1 for GPU tasks), so there a pass keeps an actor per GPU instead.
+`max_calls` is 1 for GPU tasks), so there a pass keeps actors instead: `infer_actors` of
+them share the cluster's GPUs (two on one GPU overlap one's Ray Data hand-off with the
+other's compute).
 """
 
 from __future__ import annotations
@@ -77,15 +82,8 @@ class PurifyPass:
         mu, logvar = mu.float(), logvar.float()
         if not self.sample:
             return mu
-        eps = torch.stack(
-            [
-                torch.randn(
-                    mu.shape[1:],
-                    generator=torch.Generator().manual_seed(self.seed * 1_000_003 + int(i)),
-                )
-                for i in index
-            ]
-        ).to(self.dev)
+        draw = row_normal if self.dev.type == "cpu" else block_normal
+        eps = draw(self.seed, index, tuple(mu.shape[1:]), self.dev)
         return mu + eps * torch.exp(0.5 * logvar)
 
     def _subtract(self, x: torch.Tensor, y: torch.Tensor, index: np.ndarray) -> torch.Tensor:
@@ -95,28 +93,61 @@ class PurifyPass:
         return self.model.reconstruct(self._z(x, index)).float()
 
     @torch.no_grad()
+    def compute(
+        self, x: torch.Tensor, y: torch.Tensor, index: np.ndarray
+    ) -> dict[str, torch.Tensor]:
+        """The pass on device tensors (x in [0, 1], NCHW): its outputs as float tensors."""
+        with autocast(self.dev, self.amp):
+            if self.mode == "perturbation":  # p_hat itself, for the analyses
+                return {"p_hat": self.model.perturbation(self._z(x, index), y).float()}
+            if self.mode == "subtract":
+                return {"image": self._subtract(x, y, index)}
+            if self.mode == "reconstruct":
+                return {"image": self._reconstruct(x, index)}
+            x2 = self._subtract(x, y, index)
+            x3 = self._reconstruct(x2.contiguous(memory_format=torch.channels_last), index)
+            return {"image": x3, "p2": x2}
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         x = torch.from_numpy(np.array(batch["image"])).to(self.dev)
         x = (x.permute(0, 3, 1, 2).float() / 255.0).contiguous(memory_format=torch.channels_last)
         y = torch.from_numpy(np.array(batch["label"], dtype=np.int64)).to(self.dev)
         index = np.asarray(batch["index"])
-        out = dict(batch)
-        with autocast(self.dev, self.amp):
-            if self.mode == "perturbation":  # p_hat itself, for the analyses
-                p_hat = self.model.perturbation(self._z(x, index), y).float()
-                add(self.progress, len(index))
-                return {"index": index, "label": batch["label"], "p_hat": p_hat.cpu().numpy()}
-            if self.mode == "subtract":
-                result = self._subtract(x, y, index)
-            elif self.mode == "reconstruct":
-                result = self._reconstruct(x, index)
-            else:
-                x2 = self._subtract(x, y, index)
-                result = self._reconstruct(x2.contiguous(memory_format=torch.channels_last), index)
-                out["p2"] = to_hwc_uint8(x2)
-        out["image"] = to_hwc_uint8(result)
+        result = self.compute(x, y, index)
         add(self.progress, len(index))
-        return out
+        if self.mode == "perturbation":
+            return {"index": index, "label": batch["label"], "p_hat": result["p_hat"].cpu().numpy()}
+        return dict(batch) | {name: to_hwc_uint8(t) for name, t in result.items()}
+
+
+NOISE_BLOCK = 256
+
+
+def row_normal(
+    seed: int, index: np.ndarray, shape: tuple[int, ...], dev: torch.device
+) -> torch.Tensor:
+    """N(0, 1) noise of `shape` per row, from a generator seeded by (seed, the row's index)."""
+    rows = [
+        torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + int(i)))
+        for i in index
+    ]
+    return torch.stack(rows).to(dev)
+
+
+def block_normal(
+    seed: int, index: np.ndarray, shape: tuple[int, ...], dev: torch.device
+) -> torch.Tensor:
+    """N(0, 1) noise of `shape` per row, drawn on `dev`: row i is row i % NOISE_BLOCK of one
+    draw seeded by (seed, i // NOISE_BLOCK), so a row's noise does not depend on its batch."""
+    idx = torch.from_numpy(np.array(index, dtype=np.int64))  # a copy: Ray may hand views
+    block = idx // NOISE_BLOCK
+    out = torch.empty((len(idx), *shape), device=dev)
+    for b in block.unique().tolist():
+        gen = torch.Generator(device=dev).manual_seed(seed * 1_000_003 + b)
+        draw = torch.randn((NOISE_BLOCK, *shape), generator=gen, device=dev)
+        rows = (block == b).nonzero().squeeze(1)
+        out[rows.to(dev)] = draw[(idx[rows] % NOISE_BLOCK).to(dev)]
+    return out
 
 
 # This process's model for task passes: (the pass and its weights file's identity, the
@@ -144,6 +175,12 @@ def to_hwc_uint8(x: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
+def gpu_share(actors: int, gpus: float) -> float:
+    """Each of `actors` GPU actors' share of a GPU: a whole one while there are GPUs enough,
+    else the `gpus` split evenly (0.5 for two actors on one GPU)."""
+    return 1.0 if gpus >= actors else max(gpus, 1) / actors
+
+
 def _purify_batches(
     source: DatasetInfo,
     weights: Path,
@@ -160,7 +197,7 @@ def _purify_batches(
             PurifyPass,
             fn_constructor_kwargs={"spec": spec, "progress": progress.queue},
             compute=ray.data.ActorPoolStrategy(size=cfg.infer_actors),
-            num_gpus=1,
+            num_gpus=gpu_share(cfg.infer_actors, ray.cluster_resources().get("GPU", 0)),
             **common,
         )
     return ds.map_batches(
