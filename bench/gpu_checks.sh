@@ -9,7 +9,7 @@
 # SMALL=1 shrinks every size for a dry run on a CPU.
 set -u
 export PYTHONUNBUFFERED=1
-OUT=${OUT:-$(mktemp -d)}
+OUT=${OUT:-$(mktemp -d)}; mkdir -p "$OUT"
 if [ -n "${SMALL:-}" ]; then
   R=2000 PR=1500 HELD=500 EP=2 EV=1,2 FE=1
 else
@@ -17,11 +17,12 @@ else
 fi
 python3 -c "import torch, ray; print('torch', torch.__version__, 'ray', ray.__version__, 'cuda', torch.cuda.is_available())"
 echo "== 1: passes"; date
-timeout 190 python3 bench/dvae_throughput.py --parts passes --rows $R --pass-nets paper \
-  --pass-variants 256:1:0,2048:1:0,2048:2:0,2048:1:1 --label passes 2>&1 | grep -v "img/s\]" | tee "$OUT/passes.log" \
-  | grep -E "^\{|Error|Traceback|^\|"
+timeout 240 python3 bench/dvae_throughput.py --parts passes --rows $R --pass-nets paper \
+  --pass-variants 256:1:0,2048:1:0,2048:2:0,2048:1:1 --label passes 2>&1 | grep -a -v "img/s\]" | tee "$OUT/passes.log" \
+  | grep -a -E "^\{|Error|Traceback|^\|"
 echo "== 2: AR poison + paper stage-1 probe"; date
 probe=$(mktemp -d)
+trap 'rm -rf "$probe"' EXIT  # the poisoned and clean sets written for part 2
 timeout 220 sh -c "python3 - $R $probe <<'PY'
 import sys
 from pathlib import Path
@@ -40,9 +41,9 @@ print('AR poison', len(clean), 'rows', budget, flush=True)
 PY
 python3 bench/stage1_probe.py --poison $probe/ar/data --clean $probe/clean/data --rows $PR \
   --held $HELD --epochs $EP --evals $EV --preset paper --set precision=fp32 --label paper" 2>&1 \
-  | grep -v "img/s\]" | tee "$OUT/probe.log" | tail -20
+  | grep -a -v "img/s\]" | tee "$OUT/probe.log" | tail -20
 echo "== 3: paper preset end to end, $FE epochs per stage"; date
 timeout 110 python3 bench/dvae_throughput.py --parts none --rows $R --full --full-preset paper \
-  --full-set stage1.epochs=$FE --full-set stage2.epochs=$FE --label paper-e2e 2>&1 | grep -v "img/s\]" \
-  | tee "$OUT/full.log" | grep -E "^\{|Error|Traceback"
+  --full-set stage1.epochs=$FE --full-set stage2.epochs=$FE --label paper-e2e 2>&1 | grep -a -v "img/s\]" \
+  | tee "$OUT/full.log" | grep -a -E "^\{|Error|Traceback"
 date; echo "logs in $OUT"
