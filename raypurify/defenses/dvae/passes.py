@@ -9,8 +9,9 @@ Each worker process loads one trained stage model once and purifies batches of d
 With `sample`, z is drawn from q(z|x) with noise seeded by (seed, row index), so results
 do not depend on how Ray Data batches the rows; otherwise z = mu. On CPU each row has its
 own generator; on a GPU one generator per block of NOISE_BLOCK consecutive indices draws
-on the device (a generator per row is a Python loop of launches, which held a sampled pass
-to a few hundred images/s), so the noise differs between CPU and GPU, not between batchings.
+on the device (a generator per row is a Python loop on the CPU: about 1,800 rows/s for the
+paper net's latent, one process, which would cap a GPU's sampled pass at 900-1,800 images/s),
+so the noise differs between CPU and GPU, not between batchings.
 
 On CPU a pass runs as Ray Data tasks: they run in Ray's pooled worker processes, which stay
 alive between passes with torch imported, so only a run's first pass pays for a process
