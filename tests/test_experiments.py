@@ -133,6 +133,22 @@ def test_rerun_skips_every_finished_step(demo):
     assert again["cells"] == results["cells"]
 
 
+def test_a_rerun_with_nothing_to_run_starts_no_worker_group(demo, monkeypatch):
+    """Steps one at a time on a local Ray train in a warm group (worker_group.py); a rerun
+    whose steps are all finished only rebuilds the report, and must not start one."""
+    import raypurify.worker_group
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a warm worker group was started for a finished run")
+
+    monkeypatch.setattr(raypurify.worker_group, "warm_group", refuse)
+    out, results = demo
+    again = run_experiment(load_spec("demo", [*TINY, "max_parallel=1"]), out)
+    assert again["steps"]["ran"] == 0 and again["cells"] == results["cells"]
+    with pytest.raises(AssertionError, match="warm worker group"):  # a step to run: it would
+        run_experiment(load_spec("demo", [*TINY, "max_parallel=1", "seed=5"]), out)
+
+
 def test_report_with_a_spec_tabulates_finished_cells_without_running_any(demo, tmp_path):
     out, _ = demo
     reference, before = table(out), records(out)

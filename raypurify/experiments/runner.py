@@ -96,15 +96,18 @@ def cpu_budget() -> float:
     return max(1.0, res.get("CPU", 1) - 1)
 
 
-def warm_workers(parallel: int, out: Path) -> contextlib.AbstractContextManager[WarmGroup | None]:
+def warm_workers(
+    parallel: int, out: Path, pending: bool = True
+) -> contextlib.AbstractContextManager[WarmGroup | None]:
     """When steps run one at a time on a local Ray (a 2-core machine, one GPU), one warm
     Ray Train worker group trains them all, so each does not start its own
     (worker_group.py). A cluster's steps start their own runs, as they are sized for it;
+    a run with no step `pending` (a rerun that only rebuilds the report) starts no group;
     RAYPURIFY_WARM_GROUP=0 turns the group off (to compare, or to rule it out)."""
     switch = os.environ.get("RAYPURIFY_WARM_GROUP", "1")
     if switch not in ("0", "1"):
         raise ConfigError(f"RAYPURIFY_WARM_GROUP: {switch!r} is not 0 or 1")
-    if parallel > 1 or os.environ.get("RAY_ADDRESS") or switch == "0":
+    if not pending or parallel > 1 or os.environ.get("RAY_ADDRESS") or switch == "0":
         return contextlib.nullcontext()
     from raypurify.worker_group import warm_group
 
@@ -126,7 +129,8 @@ def run_experiment(
     parallel = spec.max_parallel or default_parallel()
     # The warm group starts in the background (processes, imports, a process group: tens
     # of seconds on 2 cores) while MLflow opens its store and the plan is made.
-    with warm_workers(parallel, out):
+    pending = bool(force) or len(finished_steps(spec, out)) < len(plan(spec))
+    with warm_workers(parallel, out, pending):
         store = Store(out / "store")
         steps = plan(spec)
         parent = start_run(
