@@ -151,4 +151,7 @@ def test_gpu_actors_share_the_gpus_they_outnumber():
     from raypurify.defenses.dvae.passes import gpu_share
 
     assert gpu_share(1, gpus=1) == 1.0 and gpu_share(4, gpus=8) == 1.0
-    assert gpu_share(2, gpus=1) == 0.5 and gpu_share(3, gpus=2) == pytest.approx(2 / 3)
+    assert gpu_share(2, gpus=1) == 0.5 and gpu_share(3, gpus=1) == pytest.approx(1 / 3)
+    for actors, gpus in [(3, 2), (6, 4), (5, 2), (7, 3)]:  # every actor fits on some GPU
+        share = gpu_share(actors, gpus)
+        assert gpus * int(1 / share + 1e-9) >= actors and share * actors <= gpus + 1e-9

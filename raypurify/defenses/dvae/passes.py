@@ -26,6 +26,7 @@ other's compute).
 from __future__ import annotations
 
 import functools
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -178,8 +179,9 @@ def to_hwc_uint8(x: torch.Tensor) -> np.ndarray:
 
 def gpu_share(actors: int, gpus: float) -> float:
     """Each of `actors` GPU actors' share of a GPU: a whole one while there are GPUs enough,
-    else the `gpus` split evenly (0.5 for two actors on one GPU)."""
-    return 1.0 if gpus >= actors else max(gpus, 1) / actors
+    else 1/k with k the actors one GPU must hold, so every actor fits on some GPU (two on
+    one GPU: 0.5 each; six on four GPUs: 0.5, as 4/6 each would fit only one per GPU)."""
+    return 1.0 if gpus >= actors else 1.0 / math.ceil(actors / max(gpus, 1))
 
 
 def _purify_batches(
