@@ -127,12 +127,12 @@ def run_experiment(
     out = join_cluster(out, num_cpus)  # on a cluster: shared storage, a tracking server
     out.mkdir(parents=True, exist_ok=True)
     parallel = spec.max_parallel or default_parallel()
+    steps = plan(spec)
+    pending = bool(force) or len(finished_steps(spec, out)) < len(steps)
     # The warm group starts in the background (processes, imports, a process group: tens
-    # of seconds on 2 cores) while MLflow opens its store and the plan is made.
-    pending = bool(force) or len(finished_steps(spec, out)) < len(plan(spec))
+    # of seconds on 2 cores) while MLflow opens its store.
     with warm_workers(parallel, out, pending):
         store = Store(out / "store")
-        steps = plan(spec)
         parent = start_run(
             spec.name, out.name, params={"spec": spec.to_dict()}, tags={"kind": "experiment"}
         )
