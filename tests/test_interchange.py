@@ -109,6 +109,37 @@ def test_the_ray_source_streams_each_file_in_blocks_of_bounded_size(
     assert_same(back, data)
 
 
+@pytest.mark.parametrize("fused_write_cpus", [0, 64], ids=["encode-apart", "encode-fused"])
+def test_files_have_bounded_row_groups_and_reads_split_by_them(
+    ray_session, tmp_path, monkeypatch, fused_write_cpus
+):
+    """Both writers bound a file's row groups, and the Ray source plans a read task per
+    ROWS_PER_TASK rows of whole row groups (decoding then spreads over the CPUs instead of
+    one task per file); a Ray write gathers its encoding's rows into full files, whether
+    the encoding runs in tasks of its own (a cluster of more than FUSED_WRITE_CPUS CPUs)
+    or fused into the write. Every row comes back once."""
+    from raypurify.data import interchange, ray_source
+
+    monkeypatch.setattr(interchange, "FUSED_WRITE_CPUS", fused_write_cpus)
+    monkeypatch.setattr(interchange, "ROWS_PER_GROUP", 4)
+    monkeypatch.setattr(interchange, "ROWS_PER_FILE", 20)
+    monkeypatch.setattr(interchange, "ENCODE_ROWS", 3)
+    monkeypatch.setattr(ray_source, "ROWS_PER_TASK", 8)
+    data = small_set(n=30)
+    local = write_images(data, tmp_path / "local", rows_per_file=20)
+    assert [pq.ParquetFile(f).metadata.num_row_groups for f in local.files] == [5, 3]
+    assert [r for _, r in ray_source.row_group_chunks(str(local.files[0]))] == [8, 8, 4]
+    assert len(ray_source.InterchangeSource(local).get_read_tasks(1)) == 5  # 8+8+4, 8+2
+
+    ray = write_ray(read_ray(local.path), tmp_path / "ray", classes=data.classes, shape=data.shape)
+    rows = [pq.ParquetFile(f).metadata.num_rows for f in ray.files]
+    assert sum(rows) == 30 and len(rows) <= 2  # 3-row encode blocks gathered into files
+    groups = [pq.ParquetFile(f).metadata.row_group(g) for f in ray.files for g in range(2)]
+    assert max(g.num_rows for g in groups) <= 4
+    assert ray.sha256 == local.sha256
+    assert_same(sorted_by_index(read_images(ray.path)), sorted_by_index(data))
+
+
 def test_cifar_subset_is_real_and_balanced(cifar1000):
     assert len(cifar1000) == 1000
     assert cifar1000.shape == (32, 32, 3)
