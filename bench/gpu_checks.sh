@@ -4,9 +4,10 @@
 #   1. each purification pass's start-up, steady rate and the model's forward rate, 50k rows;
 #   2. stage 1 of the `paper` preset on AR-poisoned CIFAR-10 (45k rows, 40 epochs): how much
 #      of a sample-wise poison P1 keeps at full scale (bench/stage1_probe.py);
-#   3. the `paper` preset end to end with 2 epochs per stage: start-up vs work on a GPU.
+#   3. the `paper` preset end to end with 2 epochs per stage: start-up vs work on a GPU
+#      (it logs to MLflow like any purification, so mlflow must be importable).
 # Each part has its own time limit, so one that hangs does not take the others' time.
-# SMALL=1 shrinks every size for a dry run on a CPU.
+# SMALL=1 shrinks every size for a dry run on a CPU; PARTS=1,3 runs only those parts.
 set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-$(mktemp -d)}; mkdir -p "$OUT"
@@ -15,11 +16,15 @@ if [ -n "${SMALL:-}" ]; then
 else
   R=50000 PR=45000 HELD=5000 EP=40 EV=10,20,40 FE=2
 fi
+want() { case ",${PARTS:-1,2,3}," in *",$1,"*) return 0;; esac; return 1; }
 python3 -c "import torch, ray; print('torch', torch.__version__, 'ray', ray.__version__, 'cuda', torch.cuda.is_available())"
+if want 1; then
 echo "== 1: passes"; date
 timeout 240 python3 bench/dvae_throughput.py --parts passes --rows $R --pass-nets paper \
   --pass-variants 256:1:0,2048:1:0,2048:2:0,2048:1:1 --label passes 2>&1 | grep -a -v "img/s\]" | tee "$OUT/passes.log" \
   | grep -a -E "^\{|Error|Traceback|^\|"
+fi
+if want 2; then
 echo "== 2: AR poison + paper stage-1 probe"; date
 probe=$(mktemp -d)
 trap 'rm -rf "$probe"' EXIT  # the poisoned and clean sets written for part 2
@@ -42,8 +47,11 @@ PY
 python3 bench/stage1_probe.py --poison $probe/ar/data --clean $probe/clean/data --rows $PR \
   --held $HELD --epochs $EP --evals $EV --preset paper --set precision=fp32 --label paper" 2>&1 \
   | grep -a -v "img/s\]" | tee "$OUT/probe.log" | tail -20
+fi
+if want 3; then
 echo "== 3: paper preset end to end, $FE epochs per stage"; date
 timeout 110 python3 bench/dvae_throughput.py --parts none --rows $R --full --full-preset paper \
   --full-set stage1.epochs=$FE --full-set stage2.epochs=$FE --label paper-e2e 2>&1 | grep -a -v "img/s\]" \
   | tee "$OUT/full.log" | grep -a -E "^\{|Error|Traceback"
+fi
 date; echo "logs in $OUT"
