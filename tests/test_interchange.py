@@ -31,6 +31,7 @@ from raypurify.data.interchange import (
     schema,
     write_images,
     write_ray,
+    write_ray_images,
 )
 from raypurify.data.spec import DatasetSpec
 from raypurify.errors import DatasetError, RaypurifyError, user_error
@@ -535,6 +536,38 @@ def test_existing_output_is_not_overwritten(tmp_path):
     assert_same(read_images(out), small_set(seed=2, n=7))
     # Nothing staged is left beside the output.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.parametrize("fused_write_cpus", [0, 64], ids=["encode-apart", "encode-fused"])
+def test_one_pass_writes_each_image_column_as_a_dataset(
+    ray_session, tmp_path, monkeypatch, fused_write_cpus
+):
+    """A purification pass's rows carry P3 (`image`) and P2 (`p2`): one pass over them
+    writes both datasets, each with its own config, labels, index and flags; a rerun
+    onto an existing output is refused before any work, and leaves both as they were."""
+    from raypurify.data import interchange
+
+    monkeypatch.setattr(interchange, "FUSED_WRITE_CPUS", fused_write_cpus)
+    data = small_set(n=30, poisoned=True)
+    ds = imageset_to_ray(data, rows_per_block=7).map_batches(
+        lambda b: b | {"p2": 255 - b["image"]}, batch_format="numpy"
+    )
+    outputs = {"image": tmp_path / "p3", "p2": tmp_path / "p2"}
+    configs = {"image": {"output": "p3"}, "p2": {"output": "p2"}}
+    kw = {"classes": data.classes, "shape": data.shape, "configs": configs}
+    written = write_ray_images(ds, outputs, **kw)
+    assert written["image"].manifest["config"] == {"output": "p3"}
+    assert written["p2"].manifest["config"] == {"output": "p2"}
+    assert_same(read_images(outputs["image"]), data)
+    assert_same(read_images(outputs["p2"]), data.replace(255 - data.images, poisoned=data.poisoned))
+
+    (tmp_path / "p3").rename(tmp_path / "p3-kept")
+    outputs["image"] = tmp_path / "p3-kept"
+    before = {c: open_dataset(o).sha256 for c, o in outputs.items()}
+    with pytest.raises(RaypurifyError, match="already exists"):
+        write_ray_images(ds, {"image": tmp_path / "p3-new", "p2": outputs["p2"]}, **kw)
+    assert {c: open_dataset(o).sha256 for c, o in outputs.items()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p2", "p3-kept"]
 
 
 def test_ray_write_refuses_existing_output(ray_session, tmp_path):

@@ -16,8 +16,9 @@ for small data) or through Ray Data (`read_ray` / `write_ray`, decoding in map_b
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -120,14 +121,24 @@ def encode_table(
     classes: Sequence[str],
 ) -> pa.Table:
     """Pixels to an arrow table in the interchange schema (PNG-encoded images)."""
-    cols = {
-        "image": pa.array(encode_batch(images), pa.binary()),
+    cols = {"image": pa.array(encode_batch(images), pa.binary())}
+    table = encode_columns(cols, labels, index, poisoned)
+    return pa.Table.from_arrays(
+        table.columns, schema=schema(classes, images.shape[1:], poisoned is not None)
+    )
+
+
+def encode_columns(
+    images: dict[str, pa.Array], labels: np.ndarray, index: np.ndarray, poisoned: np.ndarray | None
+) -> pa.Table:
+    """Encoded image columns beside label, index[, poisoned], as the interchange types."""
+    cols = images | {
         "label": pa.array(np.asarray(labels, np.int64)),
         "index": pa.array(np.asarray(index, np.int64)),
     }
     if poisoned is not None:
         cols["poisoned"] = pa.array(np.asarray(poisoned, bool))
-    return pa.table(cols, schema=schema(classes, images.shape[1:], poisoned is not None))
+    return pa.table(cols)
 
 
 # ---------------------------------------------------------------------------------------
@@ -183,36 +194,84 @@ def write_ray(
     parents: Iterable[Mapping[str, Any]] = (),
     overwrite: bool = False,
 ) -> DatasetInfo:
-    """Write a Ray Dataset of decoded rows (image HWC uint8, label, index[, poisoned]).
+    """Write a Ray Dataset of decoded rows (image HWC uint8, label, index[, poisoned])."""
+    written = write_ray_images(
+        ds,
+        {"image": out},
+        classes=classes,
+        shape=shape,
+        configs={"image": config or {}},
+        parents=parents,
+        overwrite=overwrite,
+    )
+    return written["image"]
+
+
+def write_ray_images(
+    ds: ray.data.Dataset,
+    outputs: Mapping[str, str | Path],
+    *,
+    classes: Sequence[str],
+    shape: Sequence[int],
+    configs: Mapping[str, Mapping[str, Any]],
+    parents: Iterable[Mapping[str, Any]] = (),
+    overwrite: bool = False,
+) -> dict[str, DatasetInfo]:
+    """Write each image column of a Ray Dataset of decoded rows (the columns named in
+    `outputs`, HWC uint8, beside label, index[, poisoned]) as a dataset of its own.
 
     Images are PNG-encoded in map_batches (in tasks of their own on a cluster of more than
-    FUSED_WRITE_CPUS CPUs), gathered by write_parquet into files of ROWS_PER_FILE rows in a
-    staged directory, verified, and renamed into place.
+    FUSED_WRITE_CPUS CPUs), gathered by write_parquet into files of ROWS_PER_FILE rows in
+    staged directories, verified, and renamed into place. Several outputs are encoded in
+    one pass over `ds` (one purification pass gives P2 and P3), materialised encoded, then
+    written out one after the other.
     """
     import ray
 
-    out = Path(out)
+    columns = list(outputs)
+    outs = {c: Path(o) for c, o in outputs.items()}
 
     # Each batch says whether it carries `poisoned`: asking ds.schema() up front would run a
     # lazy pipeline (a whole purification pass) once more just to learn its columns.
     def encode(batch: dict[str, np.ndarray]) -> pa.Table:
-        images = np.asarray(batch["image"], dtype=np.uint8)
-        check_arrays(images, batch["label"], batch["index"], len(classes), str(out))
-        if tuple(images.shape[1:]) != tuple(shape):
-            raise DatasetError(f"{out}: image shape {images.shape[1:]} differs from {tuple(shape)}")
-        return encode_table(images, batch["label"], batch["index"], batch.get("poisoned"), classes)
+        label, index = batch["label"], batch["index"]
+        cols = {}
+        for c in columns:
+            images = np.asarray(batch[c], dtype=np.uint8)
+            check_arrays(images, label, index, len(classes), str(outs[c]))
+            if tuple(images.shape[1:]) != tuple(shape):
+                raise DatasetError(
+                    f"{outs[c]}: image shape {images.shape[1:]} differs from {tuple(shape)}"
+                )
+            cols[c] = pa.array(encode_batch(images), pa.binary())
+        return encode_columns(cols, label, index, batch.get("poisoned"))
 
-    with staged_dir(out, overwrite=overwrite) as tmp:
+    def as_output(column: str) -> Callable[[pa.Table], pa.Table]:
+        def select(table: pa.Table) -> pa.Table:
+            poisoned = "poisoned" in table.column_names
+            cols = {"image": table[column]} | {k: table[k] for k in ("label", "index")}
+            if poisoned:
+                cols["poisoned"] = table["poisoned"]
+            return pa.table(cols, schema=schema(classes, shape, poisoned))
+
+        return select
+
+    unfused = ray.cluster_resources().get("CPU", 0) > FUSED_WRITE_CPUS
+    with contextlib.ExitStack() as stack:
+        staged = {c: stack.enter_context(staged_dir(outs[c], overwrite=overwrite)) for c in columns}
         encoded = ds.map_batches(encode, batch_format="numpy", batch_size=ENCODE_ROWS)
-        unfused = ray.cluster_resources().get("CPU", 0) > FUSED_WRITE_CPUS
-        encoded.write_parquet(
-            str(tmp),
-            min_rows_per_file=ROWS_PER_FILE,
-            row_group_size=ROWS_PER_GROUP,
-            ray_remote_args={"num_cpus": WRITE_CPUS} if unfused else {},
-        )
-        finalize(tmp, config=config, parents=parents)
-    return open_dataset(out)
+        if len(columns) > 1:
+            encoded = encoded.materialize()
+        for c in columns:
+            output = encoded.map_batches(as_output(c), batch_format="pyarrow", batch_size=None)
+            output.write_parquet(
+                str(staged[c]),
+                min_rows_per_file=ROWS_PER_FILE,
+                row_group_size=ROWS_PER_GROUP,
+                ray_remote_args={"num_cpus": WRITE_CPUS} if unfused else {},
+            )
+            finalize(staged[c], config=configs[c], parents=parents)
+    return {c: open_dataset(outs[c]) for c in columns}
 
 
 def finalize(

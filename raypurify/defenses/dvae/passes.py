@@ -37,7 +37,7 @@ import numpy as np
 import ray.data
 import torch
 
-from raypurify.data.interchange import DatasetInfo, read_ray, write_ray
+from raypurify.data.interchange import DatasetInfo, read_ray, write_ray_images
 from raypurify.progress import BarQueue, Progress, add
 from raypurify.runtime import autocast, torch_threads, use_bf16
 
@@ -251,14 +251,10 @@ def run_pass(
     names = " + ".join(Path(p).name for p in outputs.values())
     config = {"purify": cfg.to_dict(), "pass": mode, "weights": str(weights)}
     common: dict[str, Any] = {"classes": source.classes, "shape": source.shape, "parents": lineage}
+    configs = {"image": config, "p2": config | {"output": "p2"}}
     with Progress(source.rows, f"pass -> {names}", unit="img") as progress:
         ds = _purify_batches(source, weights, cfg, mode, gpu, progress)
-        if "p2" in outputs:
-            ds = ds.materialize()  # one inference, two datasets
-            p2 = ds.drop_columns(["image"]).rename_columns({"p2": "image"})
-            write_ray(p2, outputs["p2"], config=config | {"output": "p2"}, **common)
-            ds = ds.drop_columns(["p2"])
-        write_ray(ds, outputs["image"], config=config, **common)
+        write_ray_images(ds, outputs, configs={c: configs[c] for c in outputs}, **common)
     end = time.perf_counter()
     seconds = end - start
     first = progress.first_update_at or end
