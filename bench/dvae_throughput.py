@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import ray.data
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -155,6 +156,11 @@ def main() -> None:
         help="batch:actors:sample of each pass variant, comma-separated (sample 1: draw z)",
     )
     ap.add_argument("--label", help="a variant name for the result file (a partial run's)")
+    ap.add_argument(
+        "--no-reservation",
+        action="store_true",
+        help="switch off Ray Data's per-operator resource reservation (what it costs a pass)",
+    )
     args = ap.parse_args()
     parts = set(args.parts.split(","))
     torch.set_num_threads(len(os.sched_getaffinity(0)))
@@ -181,6 +187,8 @@ def main() -> None:
                     print(rows[-1], flush=True)
     if parts & {"stage", "passes"} or args.full:
         init_ray()
+        if args.no_reservation:  # the datasets built after this take the context's copy
+            ray.data.DataContext.get_current().op_resource_reservation_enabled = False
         rows += ray_parts(args, parts)
     write_results(
         f"dvae_throughput-{args.label}" if args.label else "dvae_throughput",

@@ -5,9 +5,11 @@
 #   2. stage 1 of the `paper` preset on AR-poisoned CIFAR-10 (45k rows, 40 epochs): how much
 #      of a sample-wise poison P1 keeps at full scale (bench/stage1_probe.py);
 #   3. the `paper` preset end to end with 2 epochs per stage: start-up vs work on a GPU
-#      (it logs to MLflow like any purification, so mlflow must be importable).
+#      (it logs to MLflow like any purification, so mlflow must be importable);
+#   4. part 1's batch-256 passes with Ray Data's per-operator resource reservation off
+#      (on 2 cores it held an unfused write's encoding to about one CPU).
 # Each part has its own time limit, so one that hangs does not take the others' time.
-# SMALL=1 shrinks every size for a dry run on a CPU; PARTS=1,3 runs only those parts.
+# SMALL=1 shrinks every size for a dry run on a CPU; PARTS=1,4 runs only those parts.
 set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-$(mktemp -d)}; mkdir -p "$OUT"
@@ -16,7 +18,7 @@ if [ -n "${SMALL:-}" ]; then
 else
   R=50000 PR=45000 HELD=5000 EP=40 EV=10,20,40 FE=2
 fi
-want() { case ",${PARTS:-1,2,3}," in *",$1,"*) return 0;; esac; return 1; }
+want() { case ",${PARTS:-1,2,3,4}," in *",$1,"*) return 0;; esac; return 1; }
 python3 -c "import torch, ray; print('torch', torch.__version__, 'ray', ray.__version__, 'cuda', torch.cuda.is_available())"
 if want 1; then
 echo "== 1: passes"; date
@@ -53,5 +55,11 @@ echo "== 3: paper preset end to end, $FE epochs per stage"; date
 timeout 110 python3 bench/dvae_throughput.py --parts none --rows $R --full --full-preset paper \
   --full-set stage1.epochs=$FE --full-set stage2.epochs=$FE --label paper-e2e 2>&1 | grep -a -v "img/s\]" \
   | tee "$OUT/full.log" | grep -a -E "^\{|Error|Traceback"
+fi
+if want 4; then
+echo "== 4: passes, Ray Data's resource reservation off"; date
+timeout 120 python3 bench/dvae_throughput.py --parts passes --rows $R --pass-nets paper \
+  --pass-variants 256:1:0 --no-reservation --label passes-no-reservation 2>&1 | grep -a -v "img/s\]" \
+  | tee "$OUT/passes-no-reservation.log" | grep -a -E "^\{|Error|Traceback"
 fi
 date; echo "logs in $OUT"
