@@ -244,7 +244,8 @@ def write_ray_images(
                     f"{outs[c]}: image shape {images.shape[1:]} differs from {tuple(shape)}"
                 )
             cols[c] = pa.array(encode_batch(images), pa.binary())
-        return encode_columns(cols, label, index, batch.get("poisoned"))
+        table = encode_columns(cols, label, index, batch.get("poisoned"))
+        return as_output(columns[0])(table) if len(columns) == 1 else table
 
     def as_output(column: str) -> Callable[[pa.Table], pa.Table]:
         def select(table: pa.Table) -> pa.Table:
@@ -263,7 +264,11 @@ def write_ray_images(
         if len(columns) > 1:
             encoded = encoded.materialize()
         for c in columns:
-            output = encoded.map_batches(as_output(c), batch_format="pyarrow", batch_size=None)
+            output = (
+                encoded
+                if len(columns) == 1
+                else encoded.map_batches(as_output(c), batch_format="pyarrow", batch_size=None)
+            )
             output.write_parquet(
                 str(staged[c]),
                 min_rows_per_file=ROWS_PER_FILE,
