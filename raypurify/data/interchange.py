@@ -58,10 +58,10 @@ ROWS_PER_GROUP = 1024
 # a whole file's rows: one encoding task per ROWS_PER_FILE rows, which on a GPU machine put
 # a pass's encoding on five CPUs of sixteen. On clusters of more than FUSED_WRITE_CPUS CPUs
 # the write tasks get other resources (WRITE_CPUS), so Ray does not fuse them, and encoding
-# runs in tasks of ENCODE_ROWS rows over all CPUs while the writes only gather them (steady
-# pass rates 1.6-2.3x on a 16-core H200 machine, docs/RESULTS.md). On 2 cores the unfused
-# write is slower (8.2-9.7 s against 6.2-6.8 s for 50,000 rows): Ray Data's per-operator
-# resource reservations leave the encoding about one CPU there.
+# runs in tasks of ENCODE_ROWS rows over all CPUs while the writes only gather them (with
+# the read split, steady pass rates 1.3-2.3x on a 16-core H200 machine, docs/RESULTS.md). On
+# 2 cores the unfused write is slower (8.2-9.7 s against 6.2-6.8 s for 50,000 rows): Ray
+# Data's per-operator resource reservations leave the encoding about one CPU there.
 ENCODE_ROWS = 256
 WRITE_CPUS = 0.25
 FUSED_WRITE_CPUS = 4
