@@ -345,3 +345,20 @@ def test_the_warm_group_is_for_one_lane_local_runs_and_can_be_turned_off(tmp_pat
     monkeypatch.setenv("RAYPURIFY_WARM_GROUP", "1")
     monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")  # a cluster: steps start their own
     assert isinstance(warm_workers(1, tmp_path), contextlib.nullcontext)
+
+
+def test_the_image_figure_shows_each_attack_on_images_of_different_classes(tmp_path):
+    """images.png's rows for an attack are the first image (lowest index) of each of the
+    first classes, so a class-wise poison shows as another pattern on each row."""
+    from raypurify.data.imageset import ImageSet
+    from raypurify.data.interchange import write_images
+    from raypurify.reports.figures import examples
+
+    labels = np.array([1, 1, 2, 0, 2, 0])
+    index = np.array([50, 10, 30, 40, 20, 60])  # each class's lowest: 0 -> 40, 1 -> 10, 2 -> 20
+    images = np.zeros((6, 8, 8, 3), np.uint8)
+    write_images(ImageSet(images, labels, index, ["cat", "dog", "frog"]), tmp_path / "p")
+    ids, names = examples(tmp_path / "p", per_attack=2)
+    assert ids.tolist() == [40, 10] and names == ["cat", "dog"]
+    ids, names = examples(tmp_path / "p", per_attack=5)
+    assert ids.tolist() == [40, 10, 20] and names == ["cat", "dog", "frog"]

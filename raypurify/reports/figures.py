@@ -1,5 +1,6 @@
 """The paper-style image figure: for each attack, a clean image, its poisoned version, the
-perturbation (amplified), and the D-VAE's P1 and P3."""
+perturbation (amplified), and the D-VAE's P1 and P3. Each attack's rows show images of
+different classes, so a class-wise poison shows as a different pattern per class."""
 
 from __future__ import annotations
 
@@ -29,6 +30,18 @@ def images_by_index(path: str | Path, wanted: np.ndarray) -> np.ndarray:
     return np.stack([found[int(i)] for i in wanted])
 
 
+def examples(path: str | Path, per_attack: int = PER_ATTACK) -> tuple[np.ndarray, list[str]]:
+    """Indices of up to `per_attack` rows of the dataset's first file, each of another
+    class (the lowest index of each class, classes in order), and those classes' names."""
+    info = open_dataset(path)
+    t = pq.read_table(info.files[0], columns=["index", "label"])
+    index, label = t["index"].to_numpy(), t["label"].to_numpy()
+    order = np.argsort(index, kind="stable")
+    index, label = index[order], label[order]
+    picked = [int(np.flatnonzero(label == c)[0]) for c in np.unique(label)[:per_attack]]
+    return index[picked], [info.classes[int(label[r])] for r in picked]
+
+
 def pipeline_figure(spec: ExperimentSpec, records: list[dict[str, Any]], path: Path) -> Path | None:
     from raypurify.reports.plots import plt
 
@@ -37,17 +50,13 @@ def pipeline_figure(spec: ExperimentSpec, records: list[dict[str, Any]], path: P
     dvae_cols = [d.column for d in spec.defenses if d.name == "dvae"]
     if clean is None:
         return None
-    panels: list[tuple[str, dict[str, np.ndarray]]] = []
+    panels: list[tuple[list[str], dict[str, np.ndarray]]] = []
     for a in spec.attacks:
         poison = by_name.get(f"poison/{a.row}")
         purify = by_name.get(f"purify/{a.row}/{dvae_cols[0]}") if dvae_cols else None
         if poison is None:
             continue
-        ids = np.sort(
-            pq.read_table(open_dataset(poison["result"]["path"]).files[0], columns=["index"])[
-                "index"
-            ].to_numpy()
-        )[:PER_ATTACK]
+        ids, classes = examples(poison["result"]["path"])
         x = images_by_index(clean["result"]["path"], ids)
         xp = images_by_index(poison["result"]["path"], ids)
         row = {
@@ -60,7 +69,7 @@ def pipeline_figure(spec: ExperimentSpec, records: list[dict[str, Any]], path: P
             for name in ("p1", "p3"):
                 if (pdir / name).exists():
                     row[name.upper()] = images_by_index(pdir / name, ids)
-        panels.append((a.row, row))
+        panels.append(([f"{a.row}\n{c}" for c in classes], row))
     if not panels:
         return None
     # mypy solves max() from list()'s context (an iterable of str), not from the rows.
@@ -70,8 +79,8 @@ def pipeline_figure(spec: ExperimentSpec, records: list[dict[str, Any]], path: P
         n_rows, len(titles), figsize=(1.6 * len(titles), 1.6 * n_rows), squeeze=False
     )
     r = 0
-    for label, row in panels:
-        for k in range(len(row["clean"])):
+    for labels, row in panels:
+        for k, label in enumerate(labels):
             for j, title in enumerate(titles):
                 ax = axes[r, j]
                 ax.axis("off")
