@@ -41,6 +41,11 @@ def serving(group: WarmGroup) -> Iterator[None]:
         _warm_group = previous
 
 
+def serving_group() -> WarmGroup | None:
+    """The warm group this process's fits are handed to, if one is open."""
+    return _warm_group
+
+
 def use_gpu(device: str) -> bool:
     """'auto' means: GPU when the cluster has one."""
     if device == "auto":

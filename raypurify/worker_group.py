@@ -10,8 +10,9 @@ job and write each epoch's checkpoint where the step's own run would keep it, so
 resumes the same way whichever path trained it. A worker or node that dies restarts the
 group (Ray Train's failure config) and the job in flight resumes from its last checkpoint.
 
-The group serves one job at a time, so the experiment runner opens it only when its
-steps run one after another anyway (see runner.run_experiment).
+The group serves one job at a time, so it is opened (`warm_workers`) only where fits run
+one after another anyway: an experiment whose steps run one at a time
+(runner.run_experiment) and a purification's two stages (pipeline.purify).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import os
 import pickle
 import threading
 from collections.abc import Iterator
@@ -30,13 +32,16 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from raypurify import distributed
-from raypurify.errors import TrainingError
+from raypurify.errors import ConfigError, TrainingError
 from raypurify.workers import HostedJob, LoopCall, hosting, loop_entry
 
 # What a hosted worker holds: no CPU (a bundle cannot be all zeros, hence one byte of
 # memory), so the Ray Data passes between training steps find every CPU they need (even
 # 0.01 CPU held kept a pass's read tasks from starting on 2 CPUs). A job computes with the
 # threads `setup_worker` gives it, and the runner's budget counts each step's CPUs.
+# Groups are for CPU fits only: a GPU cannot be held at zero, and a worker holding the one
+# GPU of a workstation left a purification pass's GPU actors (and TAP's, SEP's) waiting
+# forever.
 IDLE_RESOURCES = {"CPU": 0, "memory": 1}
 
 
@@ -130,19 +135,18 @@ def _serve(config: dict[str, Any]) -> None:
 class WarmGroup:
     """The driver's side: a TorchTrainer run serving jobs, in a background thread."""
 
-    def __init__(self, workers: int, gpu: bool, storage: Path) -> None:
+    def __init__(self, workers: int, storage: Path) -> None:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        self.workers, self.gpu = workers, gpu
+        self.workers = workers
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         # ray.remote's stubs keep the class type; it is an ActorClass with .options.
         self.board = JobBoard.options(scheduling_strategy=here).remote()  # type: ignore[attr-defined]
-        resources = IDLE_RESOURCES | ({"GPU": 1} if gpu else {})
         self.trainer = TorchTrainer(
             _serve,
             train_loop_config={"board": self.board},
             scaling_config=ray.train.ScalingConfig(
-                num_workers=workers, use_gpu=gpu, resources_per_worker=resources
+                num_workers=workers, resources_per_worker=IDLE_RESOURCES
             ),
             # ray.train exports v2's RunConfig at run time, mypy sees v1's (no logging_config).
             run_config=ray.train.RunConfig(  # type: ignore[call-arg]
@@ -166,7 +170,7 @@ class WarmGroup:
             self.stopped.set()
 
     def hosts(self, workers: int, gpu: bool) -> bool:
-        return not self.stopped.is_set() and (workers, gpu) == (self.workers, self.gpu)
+        return not self.stopped.is_set() and not gpu and workers == self.workers
 
     def run(self, job: Job) -> dict[str, Any]:
         """Run `job` on the group; return its last reported metrics (or raise its error)."""
@@ -187,12 +191,37 @@ class WarmGroup:
 
 
 @contextlib.contextmanager
-def warm_group(workers: int, gpu: bool, storage: Path) -> Iterator[WarmGroup]:
-    """Within this block, `distributed.fit` runs the fits that `workers` workers (GPU or
-    not) can host on one warm group; the others start their own Ray Train run."""
-    group = WarmGroup(workers, gpu, storage)
+def warm_group(workers: int, storage: Path) -> Iterator[WarmGroup]:
+    """Within this block, `distributed.fit` runs the CPU fits of `workers` workers on one
+    warm group; the others start their own Ray Train run."""
+    group = WarmGroup(workers, storage)
     with distributed.serving(group):
         try:
             yield group
         finally:
             group.close()
+
+
+def warm_workers(
+    workers: int, device: str, storage: Path, wanted: bool = True
+) -> contextlib.AbstractContextManager[WarmGroup | None]:
+    """A warm group for the fits that follow, where one pays: `wanted` by the caller (fits
+    run one after another), on CPUs (`device` does not resolve to a GPU; see
+    IDLE_RESOURCES), none already open in this process, in the main thread of a driver (not
+    a sweep trial's actor, not a step running beside others in a runner's thread) on a
+    local Ray. A cluster's fits start their own runs, as they are sized for it.
+    RAYPURIFY_WARM_GROUP=0 turns the group off (to compare, or to rule it out)."""
+    switch = os.environ.get("RAYPURIFY_WARM_GROUP", "1")
+    if switch not in ("0", "1"):
+        raise ConfigError(f"RAYPURIFY_WARM_GROUP: {switch!r} is not 0 or 1")
+    if (
+        not wanted
+        or switch == "0"
+        or os.environ.get("RAY_ADDRESS")
+        or distributed.serving_group() is not None
+        or threading.current_thread() is not threading.main_thread()
+        or distributed.use_gpu(device)
+        or ray.get_runtime_context().get_actor_id() is not None
+    ):
+        return contextlib.nullcontext()
+    return warm_group(workers, storage)

@@ -330,10 +330,11 @@ def test_the_table_seed_seeds_its_purifiers_and_seed_0_keeps_stored_keys():
     assert seeded.config != default.config  # so its key differs: no reuse across seeds
 
 
-def test_the_warm_group_is_for_one_lane_local_runs_and_can_be_turned_off(tmp_path, monkeypatch):
+def test_the_warm_group_is_for_one_lane_local_cpu_runs_and_can_be_turned_off(tmp_path, monkeypatch):
     import contextlib
 
     from raypurify.experiments.runner import warm_workers
+    from raypurify.worker_group import warm_workers as warm
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     assert isinstance(warm_workers(2, tmp_path), contextlib.nullcontext)  # steps run together
@@ -343,6 +344,9 @@ def test_the_warm_group_is_for_one_lane_local_runs_and_can_be_turned_off(tmp_pat
     with pytest.raises(ConfigError, match="RAYPURIFY_WARM_GROUP: 'yes'"):
         warm_workers(1, tmp_path)
     monkeypatch.setenv("RAYPURIFY_WARM_GROUP", "1")
+    # GPU fits: a group's worker would hold the GPU that purification passes need.
+    assert isinstance(warm(1, "cuda", tmp_path), contextlib.nullcontext)
+    assert isinstance(warm(1, "cpu", tmp_path, wanted=False), contextlib.nullcontext)
     monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")  # a cluster: steps start their own
     assert isinstance(warm_workers(1, tmp_path), contextlib.nullcontext)
 

@@ -79,6 +79,17 @@ def test_two_stages_write_p1_p2_p3_with_lineage(purified, tiny_set):
     assert (out / "stage1.pt").exists() and (out / "stage2.pt").exists()
 
 
+def test_both_stages_train_on_one_warm_worker_group(purified):
+    """The second stage runs on the workers the first started (worker_group.py): each
+    stage's checkpoints are written by a job of the one warm group, not a run of its own."""
+    out, _, summary = purified
+    assert (out / "checkpoints" / ".warm-group").is_dir()
+    for stage in summary["stages"]:
+        run = out / "checkpoints" / stage
+        assert list(run.glob("checkpoint_*/state.pt"))
+        assert not (run / "checkpoint_manager_snapshot.json").exists()
+
+
 def test_summary_splits_wall_time_into_start_up_and_work(purified):
     _, _, summary = purified
     for stage in summary["stages"].values():

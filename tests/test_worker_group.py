@@ -71,7 +71,7 @@ def run(tmp_path, name: str, epochs: int, **extra):
 
 
 def test_fits_in_a_warm_group_share_one_worker_and_keep_their_checkpoints(ray_session, tmp_path):
-    with warm_group(1, False, tmp_path / "group") as group:
+    with warm_group(1, tmp_path / "group") as group:
         first = run(tmp_path, "first", epochs=3)
         second = run(tmp_path, "second", epochs=2)
         # Another worker count than the group's: the fit starts its own Ray Train run.
@@ -88,7 +88,7 @@ def test_fits_in_a_warm_group_share_one_worker_and_keep_their_checkpoints(ray_se
 
 
 def test_a_failed_job_raises_in_its_fit_and_the_group_serves_the_next(ray_session, tmp_path):
-    with warm_group(1, False, tmp_path / "group"):
+    with warm_group(1, tmp_path / "group"):
         with pytest.raises(TrainingError, match="loss became nan"):
             run(tmp_path, "bad", epochs=1, fail="loss became nan")
         after = run(tmp_path, "good", epochs=1)
@@ -100,7 +100,7 @@ def test_a_group_whose_worker_dies_resumes_the_job_in_flight(ray_session, tmp_pa
     group and the job continues from that checkpoint to its last epoch."""
     monkeypatch.setenv("RAYPURIFY_MAX_FAILURES", "1")
     marker = tmp_path / "killed"
-    with warm_group(1, False, tmp_path / "group"):
+    with warm_group(1, tmp_path / "group"):
         done = run(tmp_path, "job", epochs=3, kill_after=1, marker=str(marker))
     assert marker.exists()  # the kill happened
     assert done.state["epoch"] == 3

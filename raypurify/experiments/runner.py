@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
-import os
 import time
 from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -24,7 +23,6 @@ from tqdm import tqdm
 from raypurify import config, defenses
 from raypurify.attacks import ATTACKS
 from raypurify.data import registry
-from raypurify.distributed import use_gpu
 from raypurify.errors import ConfigError, RaypurifyError
 from raypurify.experiments.spec import ExperimentSpec
 from raypurify.experiments.steps import Context, Step, plan
@@ -101,17 +99,11 @@ def warm_workers(
 ) -> contextlib.AbstractContextManager[WarmGroup | None]:
     """When steps run one at a time on a local Ray (a 2-core machine, one GPU), one warm
     Ray Train worker group trains them all, so each does not start its own
-    (worker_group.py). A cluster's steps start their own runs, as they are sized for it;
-    a run with no step `pending` (a rerun that only rebuilds the report) starts no group;
-    RAYPURIFY_WARM_GROUP=0 turns the group off (to compare, or to rule it out)."""
-    switch = os.environ.get("RAYPURIFY_WARM_GROUP", "1")
-    if switch not in ("0", "1"):
-        raise ConfigError(f"RAYPURIFY_WARM_GROUP: {switch!r} is not 0 or 1")
-    if not pending or parallel > 1 or os.environ.get("RAY_ADDRESS") or switch == "0":
-        return contextlib.nullcontext()
-    from raypurify.worker_group import warm_group
+    (worker_group.py); a run with no step `pending` (a rerun that only rebuilds the
+    report) starts no group."""
+    from raypurify.worker_group import warm_workers as warm
 
-    return warm_group(1, use_gpu("auto"), out / ".warm-group")
+    return warm(1, "auto", out / ".warm-group", wanted=pending and parallel == 1)
 
 
 def run_experiment(

@@ -50,6 +50,11 @@ class Shipped:
     arrays: Any = None
 
 
+def in_memory(data: ImageSet) -> bool:
+    """Whether `ship` (by default) hands `data` to the workers through the object store."""
+    return data.images.nbytes <= MEMORY_LIMIT_BYTES
+
+
 def ship(
     data: ImageSet | Stream, data_path: DataPath = "auto"
 ) -> tuple[Shipped, dict[str, Any] | None]:
@@ -57,8 +62,7 @@ def ship(
     Train). In memory unless `data_path` is "ray_data", the data is a Stream, or it is
     larger than MEMORY_LIMIT_BYTES decoded."""
     if isinstance(data, ImageSet):
-        big = data.images.nbytes > MEMORY_LIMIT_BYTES
-        if data_path == "memory" or (data_path == "auto" and not big):
+        if data_path == "memory" or (data_path == "auto" and in_memory(data)):
             return Shipped(len(data), arrays=ray.put(pack(data))), None
         data = Stream(imageset_to_ray(data), data.classes, data.shape, len(data), data.name)
     rows = data.rows if data.rows is not None else data.ds.count()

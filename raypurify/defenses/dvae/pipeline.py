@@ -37,6 +37,8 @@ from raypurify.distributed import use_gpu
 from raypurify.errors import DatasetError
 from raypurify.runtime import init_ray
 from raypurify.tracking import Run, active_run, start_run
+from raypurify.training.data import in_memory
+from raypurify.worker_group import warm_workers
 
 from .config import PurifyConfig
 from .passes import Mode, run_pass
@@ -144,7 +146,13 @@ def purify(
         "stages": {},
         "passes": {},
     }
-    with active_run(parent) if run is None else contextlib.nullcontext():
+    # Two stages, one after the other: the second runs on the first's warm workers instead
+    # of starting its own (worker_group.py), unless the data is streamed through Ray Data
+    # (too big for the object store), which a warm group does not host. Inside an
+    # experiment, its group serves already.
+    hosted = len(cfg.stages) > 1 and in_memory(data0)
+    warm = warm_workers(cfg.workers, cfg.device, out / "checkpoints" / ".warm-group", hosted)
+    with active_run(parent) if run is None else contextlib.nullcontext(), warm:
         source, data = info, data0
         for name, stage in cfg.stages:
             t0 = time.perf_counter()
