@@ -40,8 +40,8 @@ from raypurify.workers import HostedJob, LoopCall, hosting, loop_entry
 # 0.01 CPU held kept a pass's read tasks from starting on 2 CPUs). A job computes with the
 # threads `setup_worker` gives it, and the runner's budget counts each step's CPUs.
 # Groups are for CPU fits only: a GPU cannot be held at zero, and a worker holding the one
-# GPU of a workstation left a purification pass's GPU actors (and TAP's, SEP's) waiting
-# forever.
+# GPU of a workstation would leave a purification pass's GPU actors (and TAP's, SEP's)
+# waiting forever.
 IDLE_RESOURCES = {"CPU": 0, "memory": 1}
 
 

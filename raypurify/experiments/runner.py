@@ -97,7 +97,7 @@ def cpu_budget() -> float:
 def warm_workers(
     parallel: int, out: Path, pending: bool = True
 ) -> contextlib.AbstractContextManager[WarmGroup | None]:
-    """When steps run one at a time on a local Ray (a 2-core machine, one GPU), one warm
+    """When steps run one at a time on a local Ray on CPUs (a 2-core machine), one warm
     Ray Train worker group trains them all, so each does not start its own
     (worker_group.py); a run with no step `pending` (a rerun that only rebuilds the
     report) starts no group."""
