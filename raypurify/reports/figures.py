@@ -37,9 +37,8 @@ def examples(path: str | Path, per_attack: int = PER_ATTACK) -> tuple[np.ndarray
     t = pq.read_table(info.files[0], columns=["index", "label"])
     index, label = t["index"].to_numpy(), t["label"].to_numpy()
     order = np.argsort(index, kind="stable")
-    index, label = index[order], label[order]
-    picked = [int(np.flatnonzero(label == c)[0]) for c in np.unique(label)[:per_attack]]
-    return index[picked], [info.classes[int(label[r])] for r in picked]
+    found, first = np.unique(label[order], return_index=True)  # each class's lowest index
+    return index[order][first[:per_attack]], [info.classes[int(c)] for c in found[:per_attack]]
 
 
 def pipeline_figure(spec: ExperimentSpec, records: list[dict[str, Any]], path: Path) -> Path | None:
