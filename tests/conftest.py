@@ -3,6 +3,7 @@ and the real CIFAR-10 offline copy when ../shared/data is present."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -81,14 +82,46 @@ def cifar10_dir() -> Path:
     return root
 
 
+def session_pids(sid: int) -> list[int]:
+    """The live processes of session `sid`: a command started with `start_new_session`
+    and everything it spawned, Ray's workers included (each in a process group of its
+    own, which a signal to the command's group misses)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:  # ended while we looked
+            continue
+        state, _ppid, _pgrp, session = stat[stat.rindex(")") + 2 :].split()[:4]
+        if int(session) == sid and state != "Z":
+            pids.append(int(entry.name))
+    return pids
+
+
+def kill_session(sid: int, *, timeout: float = 60.0) -> None:
+    """SIGKILL every process of session `sid` and wait until none is left, so nothing of
+    a killed command (a Ray worker finishing its epoch) writes after it is gone."""
+    deadline = time.time() + timeout
+    while pids := session_pids(sid):
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if time.time() > deadline:
+            pytest.fail(f"processes {pids} of the killed command outlived SIGKILL")
+        time.sleep(0.1)
+
+
 def run_and_kill(
     args: list[str], ready, *, timeout: float = 300.0, sig: int = signal.SIGKILL
 ) -> tuple[int, str]:
-    """Run `args` (a Python command line) in a process group of its own with its own local
-    Ray, wait until `ready()` is true, then send `sig` to the whole group: by default SIGKILL,
+    """Run `args` (a Python command line) in a session of its own with its own local Ray,
+    wait until `ready()` is true, then send `sig` to its process group: by default SIGKILL,
     a real crash, Ray included; SIGINT is Ctrl-C, after which the command may finish its
-    exit. Fails if the command ends first or `ready()` never holds. Returns the command's
-    exit code and output."""
+    exit. Whatever of the session outlives the command is then killed, so the caller sees
+    the state the command left. Fails if the command ends first or `ready()` never holds.
+    Returns the command's exit code and output."""
     env = dict(os.environ, RAY_ADDRESS="")
     with tempfile.NamedTemporaryFile("w+", suffix=".log", prefix="run_and_kill-") as log:
         proc = subprocess.Popen(
@@ -111,11 +144,15 @@ def run_and_kill(
                     pytest.fail(f"not ready within {timeout:.0f} s")
                 time.sleep(0.1)
         finally:
-            os.killpg(proc.pid, sig)
+            if sig == signal.SIGKILL:
+                kill_session(proc.pid)
+            else:
+                os.killpg(proc.pid, sig)
             try:
                 proc.wait(timeout=300)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+            kill_session(proc.pid)
         log.seek(0)
         return proc.returncode, log.read()
