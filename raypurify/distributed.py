@@ -130,7 +130,8 @@ def fit(
 
     The run lives at storage/name: rerunning with the same pair resumes from its last
     checkpoint; `keep` checkpoints are kept (None: all of them). `callbacks` are Ray Train
-    callbacks (a sweep trial passes Tune's report callback, so each epoch reaches Tune).
+    callbacks (a sweep trial passes Tune's report callback, so each epoch reaches Tune); a
+    fit hosted by a warm group hands them each report too (worker_group.WarmGroup.run).
     Errors the user can act on come back as themselves, not as Ray wrappers.
     """
     check_gpus(workers, gpu)
@@ -141,7 +142,7 @@ def fit(
     check_cpus(workers, cpus)
     resources = {"CPU": cpus, "GPU": 1} if gpu else {"CPU": cpus}
     group = _warm_group
-    hosted = not datasets and not callbacks and group is not None and group.hosts(workers, gpu)
+    hosted = not datasets and group is not None and group.hosts(workers, gpu)
     try:
         with Progress(epochs, desc, initial=previous["epoch"] if previous else 0) as progress:
             # A hosted job's worker reads its newest checkpoint from storage itself (see
@@ -152,7 +153,8 @@ def fit(
                 from raypurify.worker_group import Job
 
                 # hosted: group is not None
-                metrics = cast("WarmGroup", group).run(Job(call, str(storage), name, keep))
+                job = Job(call, str(storage), name, keep, forward=bool(callbacks))
+                metrics = cast("WarmGroup", group).run(job, callbacks or ())
             else:
                 trainer = TorchTrainer(
                     loop_entry,

@@ -10,9 +10,11 @@ job and write each epoch's checkpoint where the step's own run would keep it, so
 resumes the same way whichever path trained it. A worker or node that dies restarts the
 group (Ray Train's failure config) and the job in flight resumes from its last checkpoint.
 
-The group serves one job at a time, so it is opened (`warm_workers`) only where fits run
-one after another anyway: an experiment whose steps run one at a time
-(runner.run_experiment) and a purification's two stages (pipeline.purify).
+The group serves one job at a time, so it is opened only where fits run one after another
+anyway: an experiment whose steps run one at a time (runner.run_experiment), a
+purification's two stages (pipeline.purify), and a sweep trial's stages and classifier
+(sweeps/trial.py). A trial's classifier reports each epoch to Tune: a hosted job sends
+its reports back through the board, and the fit hands them to its Ray Train callbacks.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import dataclasses
 import os
 import pickle
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +55,7 @@ class Job:
     storage: str
     name: str
     keep: int | None
+    forward: bool = False  # send each report back to the fit (for its callbacks)
 
 
 @ray.remote(num_cpus=0)
@@ -63,6 +66,7 @@ class JobBoard:
     def __init__(self) -> None:
         self.jobs: dict[int, Job] = {}
         self.outcomes: dict[int, tuple[str, Any]] = {}
+        self.reports: dict[int, list[dict[str, Any]]] = {}
         self.next_seq = 0
         self.closed = False
         self.changed = asyncio.Condition()
@@ -90,6 +94,14 @@ class JobBoard:
                 self.outcomes[seq] = outcome
             self.changed.notify_all()
 
+    async def report(self, seq: int, metrics: dict[str, Any]) -> None:
+        self.reports.setdefault(seq, []).append(metrics)
+
+    async def reports_from(self, seq: int, first: int, last: bool) -> list[dict[str, Any]]:
+        """Job `seq`'s reports from the `first`-th on; `last`: none will be asked again."""
+        reports = self.reports.pop(seq, []) if last else self.reports.get(seq, [])
+        return reports[first:]
+
     async def outcome(self, seq: int) -> tuple[str, Any]:
         async with self.changed:
             await self.changed.wait_for(lambda: seq in self.outcomes)
@@ -110,6 +122,16 @@ def _portable(error: Exception) -> Exception:
         return TrainingError(f"{type(error).__name__}: {error}")
 
 
+def _forwarder(board: Any, seq: int) -> Callable[[dict[str, Any]], None]:
+    """Rank 0's hand-off of job `seq`'s reports to the board; each waits for the board, so
+    every report is there before the job's outcome."""
+
+    def forward(metrics: dict[str, Any]) -> None:
+        ray.get(board.report.remote(seq, metrics))
+
+    return forward
+
+
 def _serve(config: dict[str, Any]) -> None:
     """A hosted worker's loop: run jobs from the board until it closes."""
     board = config["board"]
@@ -118,7 +140,8 @@ def _serve(config: dict[str, Any]) -> None:
     after = -1
     while (taken := ray.get(board.take.remote(after))) is not None:
         seq, job = taken
-        hosted = HostedJob(Path(job.storage), job.name, job.keep)
+        forward = _forwarder(board, seq) if job.forward and rank == 0 else None
+        hosted = HostedJob(Path(job.storage), job.name, job.keep, forward=forward)
         try:
             with hosting(hosted):
                 loop_entry({"call": job.call})
@@ -172,11 +195,25 @@ class WarmGroup:
     def hosts(self, workers: int, gpu: bool) -> bool:
         return not self.stopped.is_set() and not gpu and workers == self.workers
 
-    def run(self, job: Job) -> dict[str, Any]:
-        """Run `job` on the group; return its last reported metrics (or raise its error)."""
+    def run(self, job: Job, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
+        """Run `job` on the group; return its last reported metrics (or raise its error).
+
+        With `callbacks` (Ray Train UserCallbacks: a sweep trial's Tune report), each
+        report of the job reaches their `after_report` in this thread, as a run of its own
+        would hand it to them (here without a run context or a checkpoint object)."""
         seq = ray.get(self.board.submit.remote(job))
         pending = self.board.outcome.remote(seq)
-        while not ray.wait([pending], timeout=1.0)[0]:
+        seen = 0
+        while True:
+            done = bool(ray.wait([pending], timeout=0.5 if callbacks else 1.0)[0])
+            if job.forward:
+                fresh = ray.get(self.board.reports_from.remote(seq, seen, done))
+                seen += len(fresh)
+                for metrics in fresh:
+                    for callback in callbacks:
+                        callback.after_report(run_context=None, metrics=[metrics], checkpoint=None)
+            if done:
+                break
             if self.stopped.is_set():
                 raise TrainingError(f"the warm worker group stopped: {self.error}")
         status, value = ray.get(pending)
@@ -202,25 +239,29 @@ def warm_group(workers: int, storage: Path) -> Iterator[WarmGroup]:
             group.close()
 
 
+def groups_allowed(device: str) -> bool:
+    """Whether fits on `device` may run on warm groups here: on CPUs (`device` does not
+    resolve to a GPU; see IDLE_RESOURCES) of a local Ray (a cluster's fits start their own
+    runs, as they are sized for it), unless RAYPURIFY_WARM_GROUP=0 turns groups off (to
+    compare, or to rule them out)."""
+    switch = os.environ.get("RAYPURIFY_WARM_GROUP", "1")
+    if switch not in ("0", "1"):
+        raise ConfigError(f"RAYPURIFY_WARM_GROUP: {switch!r} is not 0 or 1")
+    return switch == "1" and not os.environ.get("RAY_ADDRESS") and not distributed.use_gpu(device)
+
+
 def warm_workers(
     workers: int, device: str, storage: Path, wanted: bool = True
 ) -> contextlib.AbstractContextManager[WarmGroup | None]:
     """A warm group for the fits that follow, where one pays: `wanted` by the caller (fits
-    run one after another), on CPUs (`device` does not resolve to a GPU; see
-    IDLE_RESOURCES), none already open in this process, in the main thread of a driver (not
-    a sweep trial's actor, not a step running beside others in a runner's thread) on a
-    local Ray. A cluster's fits start their own runs, as they are sized for it.
-    RAYPURIFY_WARM_GROUP=0 turns the group off (to compare, or to rule it out)."""
-    switch = os.environ.get("RAYPURIFY_WARM_GROUP", "1")
-    if switch not in ("0", "1"):
-        raise ConfigError(f"RAYPURIFY_WARM_GROUP: {switch!r} is not 0 or 1")
+    run one after another), `groups_allowed`, none already open in this process, in the
+    main thread of a driver (not a step running beside others in a runner's thread; a
+    sweep trial opens its group itself, as its driver decided)."""
     if (
         not wanted
-        or switch == "0"
-        or os.environ.get("RAY_ADDRESS")
+        or not groups_allowed(device)
         or distributed.serving_group() is not None
         or threading.current_thread() is not threading.main_thread()
-        or distributed.use_gpu(device)
         or ray.get_runtime_context().get_actor_id() is not None
     ):
         return contextlib.nullcontext()

@@ -45,6 +45,7 @@ class HostedJob:
     storage: Path
     name: str
     keep: int | None
+    forward: Callable[[dict[str, Any]], None] | None = None  # rank 0: each report to the fit
     last_metrics: dict[str, Any] | None = None
 
 
@@ -217,6 +218,8 @@ def _checkpoint_hosted(job: HostedJob, metrics: dict, state: dict | None, rank: 
         save_torch(run_dir / f"checkpoint_{stamp}" / STATE_FILE, state)
         for old in checkpoint_dirs(job.storage, job.name)[: -job.keep if job.keep else 0]:
             shutil.rmtree(old, ignore_errors=True)
+    if job.forward is not None:
+        job.forward(metrics)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
 

@@ -281,6 +281,19 @@ def test_no_cpu_stays_reserved_by_a_stopped_or_killed_trial(sweep):
 
 
 @pytest.mark.slow
+def test_each_trial_trains_on_a_warm_group_of_its_own(sweep):
+    """On this local Ray, a trial's D-VAE stages and classifier are jobs of one warm group
+    the trial opens (the ASHA test shows the classifier's epochs still reach Tune): their
+    checkpoints are written by the group's jobs, not by Ray Train runs of their own."""
+    out = sweep["out"]
+    started = {d.name for d in (out / ".warm-groups").iterdir()}
+    assert {r["trial_id"] for r in trials(out)} <= started
+    fits = {p.parents[1] for p in out.glob("store/*/*/*/checkpoints/*/checkpoint_*/state.pt")}
+    assert {f.name for f in fits} == {"stage1", "stage2", "train"}
+    assert not [f for f in fits if (f / "checkpoint_manager_snapshot.json").exists()]
+
+
+@pytest.mark.slow
 def test_every_suggestion_lies_inside_the_space(sweep):
     import optuna
     from optuna.storages import JournalStorage

@@ -57,7 +57,7 @@ def epochs_loop(job: EpochsJob, ctx: LoopContext) -> None:
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
-def run(tmp_path, name: str, epochs: int, **extra):
+def run(tmp_path, name: str, epochs: int, callbacks=None, **extra):
     return fit(
         epochs_loop,
         EpochsJob(epochs=epochs, **extra),
@@ -67,6 +67,7 @@ def run(tmp_path, name: str, epochs: int, **extra):
         name=name,
         epochs=epochs,
         desc=name,
+        callbacks=callbacks,
     )
 
 
@@ -106,3 +107,26 @@ def test_a_group_whose_worker_dies_resumes_the_job_in_flight(ray_session, tmp_pa
     assert done.state["epoch"] == 3
     assert [h["epoch"] for h in done.state["history"]] == [1, 2, 3]
     assert done.metrics["pid"] != int(marker.read_text())
+
+
+class Recorder(ray.train.UserCallback):
+    """Keeps the epochs of the reports a run hands its callbacks."""
+
+    def __init__(self) -> None:
+        self.epochs: list[int] = []
+
+    def after_report(self, run_context, metrics, checkpoint) -> None:
+        self.epochs.append(metrics[0]["epoch"])
+
+
+def test_a_hosted_fit_hands_each_report_to_its_callbacks(ray_session, tmp_path):
+    """A sweep trial's classifier reports each epoch to Tune through a callback: hosted on
+    a warm group, its fit hands the callback every report, in order."""
+    recorder = Recorder()
+    with warm_group(1, tmp_path / "group"):
+        fitted = run(tmp_path, "reported", epochs=3, callbacks=[recorder])
+    assert recorder.epochs == [1, 2, 3]
+    assert fitted.metrics["epoch"] == 3
+    # Trained by the group's worker, not by a Ray Train run of its own.
+    assert not (tmp_path / "reported" / "checkpoint_manager_snapshot.json").exists()
+    assert [saved_state(tmp_path, "reported")["epoch"]] == [3]

@@ -81,14 +81,32 @@ def prepare_steps(space: SweepSpace) -> list[Step]:
     return [clean, validation, poison]
 
 
+def stand_in_purify(space: SweepSpace) -> Step:
+    """A trial's purification step at the preset's values, to size trials by."""
+    # The stand-in poison step has no action (None): it is never run, only sized.
+    return purify_step(space, preset_values(space), Step("poison", "poison/x", {}, [], None))  # type: ignore[arg-type]
+
+
 def trial_cpus(space: SweepSpace) -> int:
     """CPUs one trial's Ray work holds at a time (its purification, then its classifier)."""
     from raypurify.training.config import recipe
 
-    # The stand-in poison step has no action (None): it is never run, only sized.
-    purify = purify_step(space, preset_values(space), Step("poison", "poison/x", {}, [], None))  # type: ignore[arg-type]
     workers = recipe(space.classifier.recipe, space.classifier.overrides).workers
-    return max(purify.cpus, workers)
+    return max(stand_in_purify(space).cpus, workers)
+
+
+def warm_groups(space: SweepSpace, out: Path) -> str | None:
+    """Where each trial opens a warm worker group for its fits (worker_group.py), or None
+    where groups are not allowed: decided here, in the driver, which knows whether it
+    joined a cluster (a trial's process may not)."""
+    from raypurify.training.config import recipe
+    from raypurify.worker_group import groups_allowed
+
+    devices = (
+        stand_in_purify(space).config["resolved"]["device"],
+        recipe(space.classifier.recipe, space.classifier.overrides).device,
+    )
+    return str(out / ".warm-groups") if all(groups_allowed(d) for d in devices) else None
 
 
 def concurrency_bound(space: SweepSpace, requested: int | str) -> int:
@@ -194,7 +212,9 @@ def run_sweep(space: SweepSpace, out: str | Path, *, num_cpus: int | None = None
     start = time.perf_counter()
     try:
         prepared = prepare(space, store, parent)
-        spec = TrialSpec(space, str(store.root), parent, **prepared)
+        spec = TrialSpec(
+            space, str(store.root), parent, **prepared, warm_groups=warm_groups(space, out)
+        )
         trainable = tune.with_resources(
             tune.with_parameters(run_trial, spec=spec), {"cpu": 0, "memory": 2**20}
         )
