@@ -470,3 +470,19 @@ def test_the_linear_probe_finds_a_shortcut_and_not_noise():
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__]))
+
+
+def test_a_trials_warm_group_is_sized_for_the_step_it_runs_first(tmp_path):
+    """A warm group hosts fits of its own size: a trial sizes its group by the first step
+    it runs, the purification's stages or, with those in the store, the classifier."""
+    from raypurify.experiments.steps import Step
+    from raypurify.sweeps.trial import classifier_step, fit_workers, purify_step
+
+    overrides = [*TINY["classifier"]["overrides"], "workers=2"]
+    space = load_space(
+        str(write_space(tmp_path / "two.yaml", **{"classifier.overrides": overrides}))
+    )
+    stand_in = Step("poison", "poison/x", {}, [], None)
+    purify = purify_step(space, {"kld1": 1.0, "kld2": 50.0, "lambda": 0.01}, stand_in)
+    train = classifier_step(space, purify, stand_in)
+    assert (fit_workers(purify), fit_workers(train)) == (1, 2)

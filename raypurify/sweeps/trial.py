@@ -223,6 +223,15 @@ def linear_probe_accuracy(train: ImageSet, probe: ImageSet, seed: int, epochs: i
     return float((pred == torch.from_numpy(probe.labels)).float().mean())
 
 
+def fit_workers(step: Step) -> int:
+    """Ray Train workers of `step`'s fits: a warm group hosts the fits of its own size, so a
+    trial's group is sized for the first step it runs (a purification's stages, or the
+    classifier when the purification was in the store)."""
+    if step.kind == "purify":
+        return int(step.config["resolved"]["workers"])
+    return int(step.config["train"]["workers"])
+
+
 def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
     """The Tune trainable: find or start this trial's MLflow run, run its two steps through
     the store, and report the final scores to Tune."""
@@ -247,8 +256,8 @@ def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
         for step in (purified, train):
             if not resolve(step, store):
                 if spec.warm_groups is not None and serving_group() is None:
-                    workers = purified.config["resolved"]["workers"]
-                    fits.enter_context(warm_group(workers, Path(spec.warm_groups) / trial_id))
+                    group = Path(spec.warm_groups) / trial_id
+                    fits.enter_context(warm_group(fit_workers(step), group))
                 step.result = execute(step, store, ctx)
         result = cast(dict[str, Any], train.result)  # set just above
         final = {
