@@ -259,6 +259,13 @@ def test_an_interrupted_sweep_resumes_to_every_output(sweep):
     assert best["objective"] == pytest.approx(max(float(r["objective"]) for r in done))
     assert set(best["config"]) == {"kld1", "kld2", "lambda"}
     assert "| best |" in (out / "results.md").read_text()
+    # Where the trials' Ray steps spent their time, as a table's report says it.
+    split = json.loads((out / "summary.json").read_text())["time_split"]
+    assert {"purify", "train"} <= set(split)
+    for kind in ("purify", "train"):
+        assert split[kind]["steps"] >= 1
+        assert 0 < split[kind]["work_s"] < split[kind]["wall_s"]
+    assert "Where the steps' time went" in (out / "results.md").read_text()
 
 
 @pytest.mark.slow

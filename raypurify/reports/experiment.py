@@ -137,12 +137,16 @@ def markdown(spec: ExperimentSpec, results: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
-def time_markdown(split: dict[str, dict[str, float]]) -> list[str]:
+STEP_REST = "worker start-up, data hand-off, checkpoints, teardown"
+
+
+def time_markdown(split: dict[str, dict[str, float]], rest: str = STEP_REST) -> list[str]:
+    """`time_split` as a table; `rest` says what a step does besides its work."""
     if not split:
         return []
     out = [
         "Where the steps' time went (work: training epochs and inference batches; the rest:",
-        "worker start-up, data hand-off, checkpoints, teardown):",
+        f"{rest}):",
         "",
         "| step | steps | wall (s) | work (s) | the rest (s) | the rest (%) |",
         "|---|---:|---:|---:|---:|---:|",

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from raypurify.atomic import write_json
+from raypurify.experiments.store import Store
+from raypurify.reports.experiment import STEP_REST, time_markdown, time_split
 from raypurify.sweeps.space import SweepSpace, classifier_epochs, overrides_for, preset_values
 from raypurify.sweeps.trial import TRIAL_METRICS
 
@@ -143,6 +145,7 @@ def _same(a: float | None, b: float) -> bool:
 
 def write(space: SweepSpace, trials: list[dict], out: Path, state: dict, wall_s: float) -> dict:
     summary = summarize(space, trials, state, wall_s)
+    summary["time_split"] = time_split(Store(out / "store").records())
     write_csv(space, trials, out / "trials.csv")
     best = summary["best"]
     if best is not None:
@@ -245,6 +248,10 @@ def markdown(space: SweepSpace, trials: list[dict], s: dict) -> str:
         f"rho = {_cell(lf['spearman'])} ({lf['trials']} trials), validation accuracy "
         f"rho = {_cell(vt['spearman'])} ({vt['trials']} trials).",
         "",
+        *time_markdown(
+            s.get("time_split", {}),
+            f"{STEP_REST}; a trial's classifier also scores itself: test accuracy and the probes",
+        ),
         *[f"![{p}]({p})" for p in PLOTS],
         "",
     ]
