@@ -493,3 +493,25 @@ def test_a_trials_warm_group_is_sized_for_the_step_it_runs_first(tmp_path):
     purify = purify_step(space, {"kld1": 1.0, "kld2": 50.0, "lambda": 0.01}, stand_in)
     train = classifier_step(space, purify, stand_in)
     assert (fit_workers(purify), fit_workers(train)) == (1, 2)
+
+
+def test_trials_open_warm_groups_only_on_a_local_ray_on_cpus(tmp_path, monkeypatch):
+    """The driver decides for its trials (a trial's process may not know it runs on a
+    cluster): groups on a local Ray on CPUs, none on a cluster, on a GPU, or when off."""
+    from raypurify.sweeps.driver import warm_groups
+
+    def space(classifier_device: str):
+        purifier = [*TINY["purifier"]["overrides"], "device=cpu"]
+        classifier = [*TINY["classifier"]["overrides"], f"device={classifier_device}"]
+        changes = {"purifier.overrides": purifier, "classifier.overrides": classifier}
+        return load_space(str(write_space(tmp_path / f"{classifier_device}.yaml", **changes)))
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("RAYPURIFY_WARM_GROUP", raising=False)
+    assert warm_groups(space("cpu"), tmp_path) == str(tmp_path / ".warm-groups")
+    assert warm_groups(space("cuda"), tmp_path) is None
+    monkeypatch.setenv("RAYPURIFY_WARM_GROUP", "0")
+    assert warm_groups(space("cpu"), tmp_path) is None
+    monkeypatch.setenv("RAYPURIFY_WARM_GROUP", "1")
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
+    assert warm_groups(space("cpu"), tmp_path) is None
