@@ -205,7 +205,7 @@ class WarmGroup:
         pending = self.board.outcome.remote(seq)
         seen = 0
         while True:
-            done = bool(ray.wait([pending], timeout=0.5 if callbacks else 1.0)[0])
+            done = bool(ray.wait([pending], timeout=0.5 if job.forward else 1.0)[0])
             if job.forward:
                 fresh = ray.get(self.board.reports_from.remote(seq, seen, done))
                 seen += len(fresh)
