@@ -30,11 +30,14 @@ def machine() -> dict[str, Any]:
 
     cpu = platform.processor() or "unknown"
     try:
+        fields: dict[str, str] = {}
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+        # Virtual machines often name only the vendor line ("AMD EPYC"); family and model
+        # tell its generations apart (family 23 model 49 is Zen 2, family 25 model 17 Zen 4).
+        cpu = f"{fields['model name']}, family {fields['cpu family']} model {fields['model']}"
+    except (OSError, KeyError):
         pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {
