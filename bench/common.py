@@ -34,10 +34,12 @@ def machine() -> dict[str, Any]:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             key, _, value = line.partition(":")
             fields.setdefault(key.strip(), value.strip())
+        cpu = fields.get("model name", cpu)
         # Virtual machines often name only the vendor line ("AMD EPYC"); family and model
         # tell its generations apart (family 23 model 49 is Zen 2, family 25 model 17 Zen 4).
-        cpu = f"{fields['model name']}, family {fields['cpu family']} model {fields['model']}"
-    except (OSError, KeyError):
+        if "cpu family" in fields and "model" in fields:
+            cpu += f", family {fields['cpu family']} model {fields['model']}"
+    except OSError:
         pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {

@@ -97,10 +97,9 @@ class JobBoard:
     async def report(self, seq: int, metrics: dict[str, Any]) -> None:
         self.reports.setdefault(seq, []).append(metrics)
 
-    async def reports_from(self, seq: int, first: int, last: bool) -> list[dict[str, Any]]:
-        """Job `seq`'s reports from the `first`-th on; `last`: none will be asked again."""
-        reports = self.reports.pop(seq, []) if last else self.reports.get(seq, [])
-        return reports[first:]
+    async def new_reports(self, seq: int) -> list[dict[str, Any]]:
+        """Job `seq`'s reports not yet asked for (the fit's thread is their one reader)."""
+        return self.reports.pop(seq, [])
 
     async def outcome(self, seq: int) -> tuple[str, Any]:
         async with self.changed:
@@ -203,13 +202,10 @@ class WarmGroup:
         would hand it to them (here without a run context or a checkpoint object)."""
         seq = ray.get(self.board.submit.remote(job))
         pending = self.board.outcome.remote(seq)
-        seen = 0
         while True:
             done = bool(ray.wait([pending], timeout=0.5 if job.forward else 1.0)[0])
             if job.forward:
-                fresh = ray.get(self.board.reports_from.remote(seq, seen, done))
-                seen += len(fresh)
-                for metrics in fresh:
+                for metrics in ray.get(self.board.new_reports.remote(seq)):
                     for callback in callbacks:
                         callback.after_report(run_context=None, metrics=[metrics], checkpoint=None)
             if done:

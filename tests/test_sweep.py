@@ -475,10 +475,6 @@ def test_the_linear_probe_finds_a_shortcut_and_not_noise():
     assert acc(noise) < 0.3
 
 
-if __name__ == "__main__":
-    sys.exit(pytest.main([__file__]))
-
-
 def test_a_trials_warm_group_is_sized_for_the_step_it_runs_first(tmp_path):
     """A warm group hosts fits of its own size: a trial sizes its group by the first step
     it runs, the purification's stages or, with those in the store, the classifier."""
@@ -515,3 +511,7 @@ def test_trials_open_warm_groups_only_on_a_local_ray_on_cpus(tmp_path, monkeypat
     monkeypatch.setenv("RAYPURIFY_WARM_GROUP", "1")
     monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
     assert warm_groups(space("cpu"), tmp_path) is None
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__]))
