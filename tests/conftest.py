@@ -65,6 +65,19 @@ def ray_session():
     ray.shutdown()
 
 
+@pytest.fixture(scope="module")
+def warm_fits(ray_session, tmp_path_factory):
+    """One warm Ray Train worker group for a module's one-worker CPU fits, as the
+    experiment runner opens one for a table's steps (worker_group.py): each fit runs on
+    the real hosted path instead of paying a Ray Train start-up of its own (10-15 s on a
+    2-core AVX2 machine). Tests of a fit's own run (test_distributed, test_worker_group,
+    the subprocess and cluster tests) do not use it."""
+    from raypurify.worker_group import warm_group
+
+    with warm_group(1, tmp_path_factory.mktemp("warm-group")) as group:
+        yield group
+
+
 @pytest.fixture
 def mlflow_uri(tmp_path, monkeypatch):
     """A real MLflow SQLite store in a temporary directory, set for the whole process."""

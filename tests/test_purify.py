@@ -247,7 +247,7 @@ def test_mismatched_image_sizes_are_refused(ray_session, tmp_path):
 
 
 def test_non_finite_loss_names_stage_and_epoch_and_keeps_the_last_good_checkpoint(
-    ray_session, mlflow_uri, tiny_set, tmp_path
+    ray_session, warm_fits, mlflow_uri, tiny_set, tmp_path
 ):
     # From the second epoch the p_hat hinge has infinite weight: the loss is not finite.
     cfg = preset(
@@ -268,7 +268,7 @@ def template_probe(images: np.ndarray, labels: np.ndarray, patterns: np.ndarray)
     return float((np.einsum("nhwc,khwc->nk", z, patterns).argmax(1) == labels).mean())
 
 
-def test_purification_removes_a_class_wise_pattern(ray_session, mlflow_uri, tmp_path):
+def test_purification_removes_a_class_wise_pattern(ray_session, warm_fits, mlflow_uri, tmp_path):
     """A class-wise +-8/255 pattern (the shape of class-wise EM noise) is read perfectly
     from P0 by a template probe; after purification P3 has largely lost it, and stage 1's
     p_hat (P0 - P1) follows the pattern of its own class, not another's."""

@@ -60,7 +60,7 @@ def check_linf_poison(clean, poisoned, budget) -> np.ndarray:
     return diff
 
 
-def test_sample_wise_em_keeps_the_budget_labels_and_ratio(ray_session, clean):
+def test_sample_wise_em_keeps_the_budget_labels_and_ratio(ray_session, warm_fits, clean):
     poisoned, budget = poison(clean, "em", settings=EM_TINY)
     diff = check_linf_poison(clean, poisoned, budget)
     # One perturbation per image: two images of a class get different ones.
@@ -86,7 +86,7 @@ def class_pattern(diff: np.ndarray, poisoned_images: np.ndarray) -> np.ndarray:
     return pattern
 
 
-def test_class_wise_em_gives_a_class_one_perturbation_and_is_seeded(ray_session, clean):
+def test_class_wise_em_gives_a_class_one_perturbation_and_is_seeded(ray_session, warm_fits, clean):
     settings = {**EM_TINY, "granularity": "class", "portion": 0.5}
     poisoned, budget = poison(clean, "em", settings=settings)
     diff = check_linf_poison(clean, poisoned, budget)
@@ -105,7 +105,7 @@ def test_class_wise_em_gives_a_class_one_perturbation_and_is_seeded(ray_session,
     assert again_budget == budget
 
 
-def test_tap_keeps_the_budget_labels_and_ratio_and_is_seeded(ray_session, clean):
+def test_tap_keeps_the_budget_labels_and_ratio_and_is_seeded(ray_session, warm_fits, clean):
     poisoned, budget = poison(clean, "tap", settings=TAP_TINY)
     diff = check_linf_poison(clean, poisoned, budget)
     rows = np.flatnonzero(poisoned.poisoned & (clean.labels == 5))
@@ -136,12 +136,12 @@ SEP_TINY = {
 }
 
 
-def test_rem_keeps_the_budget_labels_and_ratio(ray_session, clean):
+def test_rem_keeps_the_budget_labels_and_ratio(ray_session, warm_fits, clean):
     poisoned, budget = poison(clean, "rem", settings=REM_TINY)
     check_linf_poison(clean, poisoned, budget)
 
 
-def test_sep_keeps_the_budget_labels_and_ratio(ray_session, clean):
+def test_sep_keeps_the_budget_labels_and_ratio(ray_session, warm_fits, clean):
     poisoned, budget = poison(clean, "sep", settings=SEP_TINY)
     check_linf_poison(clean, poisoned, budget)
 

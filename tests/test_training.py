@@ -43,7 +43,7 @@ def test_set():
 
 
 @pytest.fixture(scope="module")
-def baseline(ray_session, train_set, test_set, tmp_path_factory):
+def baseline(ray_session, warm_fits, train_set, test_set, tmp_path_factory):
     """One run of the tiny config, shared by the tests that read its outputs."""
     out = tmp_path_factory.mktemp("baseline")
     return out, train_classifier(train_set, test_set, recipe("cpu", TINY), out)
@@ -100,7 +100,7 @@ def test_two_workers_on_the_ray_data_path_train(ray_session, train_set, test_set
 
 
 def test_same_config_and_seed_give_the_same_model(
-    ray_session, baseline, train_set, test_set, tmp_path
+    ray_session, warm_fits, baseline, train_set, test_set, tmp_path
 ):
     first_out, first = baseline
     second = train_classifier(train_set, test_set, recipe("cpu", TINY), tmp_path / "again")
@@ -187,7 +187,7 @@ def test_bad_inputs_are_refused_before_training(ray_session, train_set, test_set
 
 
 def test_train_cli_with_jpeg_defence_writes_metrics_defended_set_and_mlflow_run(
-    ray_session, mlflow_uri, tmp_path, capsys
+    ray_session, warm_fits, mlflow_uri, tmp_path, capsys
 ):
     from mlflow.tracking import MlflowClient
 

@@ -55,7 +55,7 @@ def train(sets, out, data="a", extra=(), **kw):
     )
 
 
-def test_train_reuses_only_the_same_run(ray_session, mlflow_uri, sets, tmp_path):
+def test_train_reuses_only_the_same_run(ray_session, warm_fits, mlflow_uri, sets, tmp_path):
     out = tmp_path / "run"
     first = train(sets, out)
     defended = open_dataset(out / "defended")
@@ -90,7 +90,9 @@ def test_train_reuses_only_the_same_run(ray_session, mlflow_uri, sets, tmp_path)
     assert made_from["sha256"] == open_dataset(sets["b"]).sha256
 
 
-def test_purify_reuses_only_the_same_input_and_config(ray_session, mlflow_uri, sets, tmp_path):
+def test_purify_reuses_only_the_same_input_and_config(
+    ray_session, warm_fits, mlflow_uri, sets, tmp_path
+):
     out = tmp_path / "purified"
     cfg = preset("cpu", TINY)
     summary = purify(sets["a"], out, cfg)
