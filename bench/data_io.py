@@ -41,13 +41,8 @@ import pyarrow.parquet as pq
 
 from raypurify.data.codec import decode_batch
 from raypurify.data.imageset import ImageSet
-from raypurify.data.interchange import (
-    imageset_to_ray,
-    read_images,
-    read_ray,
-    write_images,
-    write_ray,
-)
+from raypurify.data.interchange import read_images, write_images
+from raypurify.data.interchange_ray import imageset_to_ray, read_ray, write_ray
 from raypurify.data.sources.cifar import read_offline
 from raypurify.runtime import init_ray
 

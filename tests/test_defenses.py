@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from raypurify import defenses
-from raypurify.data.interchange import imageset_to_ray, open_dataset, read_images
+from raypurify.data.interchange import open_dataset, read_images
+from raypurify.data.interchange_ray import imageset_to_ray
 from raypurify.data.registry import load
 from raypurify.data.spec import DatasetSpec, Stream
 from raypurify.defenses import adversarial, mixing, squeeze

@@ -24,15 +24,12 @@ from raypurify.data.interchange import (
     FORMAT,
     MANIFEST,
     finalize,
-    imageset_to_ray,
     open_dataset,
     read_images,
-    read_ray,
     schema,
     write_images,
-    write_ray,
-    write_ray_images,
 )
+from raypurify.data.interchange_ray import imageset_to_ray, read_ray, write_ray, write_ray_images
 from raypurify.data.spec import DatasetSpec
 from raypurify.errors import DatasetError, RaypurifyError, user_error
 
@@ -119,12 +116,12 @@ def test_files_have_bounded_row_groups_and_reads_split_by_them(
     one task per file); a Ray write gathers its encoding's rows into full files, whether
     the encoding runs in tasks of its own (a cluster of more than FUSED_WRITE_CPUS CPUs)
     or fused into the write. Every row comes back once."""
-    from raypurify.data import interchange, ray_source
+    from raypurify.data import interchange, interchange_ray, ray_source
 
-    monkeypatch.setattr(interchange, "FUSED_WRITE_CPUS", fused_write_cpus)
+    monkeypatch.setattr(interchange_ray, "FUSED_WRITE_CPUS", fused_write_cpus)
     monkeypatch.setattr(interchange, "ROWS_PER_GROUP", 4)
     monkeypatch.setattr(interchange, "ROWS_PER_FILE", 20)
-    monkeypatch.setattr(interchange, "ENCODE_ROWS", 3)
+    monkeypatch.setattr(interchange_ray, "ENCODE_ROWS", 3)
     monkeypatch.setattr(ray_source, "ROWS_PER_TASK", 8)
     data = small_set(n=30)
     local = write_images(data, tmp_path / "local", rows_per_file=20)
@@ -545,9 +542,9 @@ def test_one_pass_writes_each_image_column_as_a_dataset(
     """A purification pass's rows carry P3 (`image`) and P2 (`p2`): one pass over them
     writes both datasets, each with its own config, labels, index and flags; a rerun
     onto an existing output is refused before any work, and leaves both as they were."""
-    from raypurify.data import interchange
+    from raypurify.data import interchange_ray
 
-    monkeypatch.setattr(interchange, "FUSED_WRITE_CPUS", fused_write_cpus)
+    monkeypatch.setattr(interchange_ray, "FUSED_WRITE_CPUS", fused_write_cpus)
     data = small_set(n=30, poisoned=True)
     ds = imageset_to_ray(data, rows_per_block=7).map_batches(
         lambda b: b | {"p2": 255 - b["image"]}, batch_format="numpy"

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from raypurify.data.imageset import ImageSet
-from raypurify.data.interchange import imageset_to_ray
+from raypurify.data.interchange_ray import imageset_to_ray
 from raypurify.distributed import use_gpu
 from raypurify.models import build_model
 from raypurify.progress import BarQueue, Progress, add

@@ -6,7 +6,8 @@ from pathlib import Path
 
 from raypurify.atomic import check_new
 from raypurify.data import registry
-from raypurify.data.interchange import DatasetInfo, write_ray
+from raypurify.data.interchange import DatasetInfo
+from raypurify.data.interchange_ray import write_ray
 from raypurify.data.spec import DatasetSpec
 from raypurify.storage import join_cluster
 

@@ -8,7 +8,8 @@ from typing import Any
 
 from raypurify import config
 from raypurify.data.imageset import ImageSet
-from raypurify.data.interchange import MANIFEST, imageset_to_ray
+from raypurify.data.interchange import MANIFEST
+from raypurify.data.interchange_ray import imageset_to_ray
 from raypurify.data.sources import cifar, folder, parquet, sample, synthetic
 from raypurify.data.spec import DatasetSpec, Source, Stream
 from raypurify.errors import DatasetError

@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
-from raypurify.data.interchange import MANIFEST, DatasetInfo, open_dataset, write_ray
+from raypurify.data.interchange import MANIFEST, DatasetInfo, open_dataset
+from raypurify.data.interchange_ray import write_ray
 from raypurify.data.spec import Stream
 from raypurify.defenses.base import Defense
 from raypurify.runtime import init_ray

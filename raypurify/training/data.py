@@ -17,7 +17,7 @@ import ray
 import torch
 
 from raypurify.data.imageset import ImageSet
-from raypurify.data.interchange import imageset_to_ray
+from raypurify.data.interchange_ray import imageset_to_ray
 from raypurify.data.spec import Stream
 
 if TYPE_CHECKING:

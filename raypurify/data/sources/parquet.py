@@ -5,13 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from raypurify.data.interchange import (
-    MANIFEST,
-    imageset_to_ray,
-    open_dataset,
-    read_images,
-    read_ray,
-)
+from raypurify.data.interchange import MANIFEST, open_dataset, read_images
+from raypurify.data.interchange_ray import imageset_to_ray, read_ray
 from raypurify.data.spec import DatasetSpec, Source, Stream, subset_of
 from raypurify.errors import DatasetError
 

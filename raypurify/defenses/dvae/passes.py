@@ -37,7 +37,8 @@ import numpy as np
 import ray.data
 import torch
 
-from raypurify.data.interchange import DatasetInfo, read_ray, write_ray_images
+from raypurify.data.interchange import DatasetInfo
+from raypurify.data.interchange_ray import read_ray, write_ray_images
 from raypurify.progress import BarQueue, Progress, add
 from raypurify.runtime import autocast, torch_threads, use_bf16
 
