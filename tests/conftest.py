@@ -65,17 +65,31 @@ def ray_session():
     ray.shutdown()
 
 
-@pytest.fixture(scope="module")
-def warm_fits(ray_session, tmp_path_factory):
-    """One warm Ray Train worker group for a module's one-worker CPU fits, as the
-    experiment runner opens one for a table's steps (worker_group.py): each fit runs on
-    the real hosted path instead of paying a Ray Train start-up of its own (10-15 s on a
-    2-core AVX2 machine). Tests of a fit's own run (test_distributed, test_worker_group,
-    the subprocess and cluster tests) do not use it."""
-    from raypurify.worker_group import warm_group
+@pytest.fixture(scope="session")
+def session_group(ray_session, tmp_path_factory):
+    """One warm Ray Train worker group, started at its first use and kept for the session:
+    it holds no CPU (worker_group.IDLE_RESOURCES) and serves fits only inside `warm_fits`."""
+    from raypurify.worker_group import WarmGroup
 
-    with warm_group(1, tmp_path_factory.mktemp("warm-group")) as group:
+    group = WarmGroup(1, tmp_path_factory.mktemp("warm-group"))
+    try:
         yield group
+    finally:
+        group.close()
+
+
+@pytest.fixture(scope="module")
+def warm_fits(session_group):
+    """The session's warm group serving a module's one-worker CPU fits, as the experiment
+    runner's group serves a table's steps (worker_group.py): each fit runs on the real
+    hosted path instead of paying a Ray Train start-up of its own (10-15 s on a 2-core
+    AVX2 machine), and the modules share one group's start-up. Tests of a fit's own run
+    (test_distributed, test_worker_group, the subprocess and cluster tests) and of the
+    runner's own group (test_experiments, test_demo_story) do not use it."""
+    from raypurify import distributed
+
+    with distributed.serving(session_group):
+        yield session_group
 
 
 @pytest.fixture
