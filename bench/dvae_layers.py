@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_results  # noqa: E402
 
 from raypurify.defenses.dvae.config import preset  # noqa: E402
-from raypurify.defenses.dvae.loss import dvae_loss  # noqa: E402
+from raypurify.defenses.dvae.loss import stage_loss  # noqa: E402
 from raypurify.defenses.dvae.stage import build  # noqa: E402
 from raypurify.runtime import autocast, torch_threads, use_bf16  # noqa: E402
 
@@ -84,16 +84,8 @@ def main() -> None:
         with autocast(dev, amp):
             out = model(x, y)
         x_hat, p_hat, mu, logvar = (t.float() for t in out)
-        loss, _ = dvae_loss(
-            x,
-            x_hat,
-            p_hat,
-            mu,
-            logvar,
-            kld_limit=stage.kld_limit,
-            kl_weight=stage.kl_weight,
-            phat_weight=stage.phat_weight,
-        )
+        # past phat_start_epoch: the p_hat hinge is part of the step timed
+        loss, _ = stage_loss(stage, stage.phat_start_epoch, x, x_hat, p_hat, mu, logvar)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), stage.grad_clip)

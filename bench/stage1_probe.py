@@ -34,7 +34,7 @@ from common import write_results  # noqa: E402
 
 from raypurify.data.interchange import read_images  # noqa: E402
 from raypurify.defenses.dvae.config import preset  # noqa: E402
-from raypurify.defenses.dvae.loss import dvae_loss  # noqa: E402
+from raypurify.defenses.dvae.loss import stage_loss  # noqa: E402
 from raypurify.defenses.dvae.stage import build  # noqa: E402
 from raypurify.experiments.trace import class_parts, psnr, share_kept  # noqa: E402
 from raypurify.runtime import autocast, device, use_bf16  # noqa: E402
@@ -109,24 +109,13 @@ def main() -> None:
     )
     rows, start = [], time.perf_counter()
     for epoch in range(args.epochs):
-        hinge = stage.phat_weight if epoch >= stage.phat_start_epoch else 0.0
         perm = torch.randperm(len(train), device=DEV)
         for i in range(0, len(train) - batch + 1, batch):
             b = perm[i : i + batch]
             xb = x[b].contiguous(memory_format=torch.channels_last)
             with autocast(DEV, amp):
                 x_hat, p_hat, mu, logvar = model(xb, y[b])
-            loss, _ = dvae_loss(
-                xb,
-                x_hat,
-                p_hat,
-                mu,
-                logvar,
-                kld_limit=stage.kld_limit,
-                kl_weight=stage.kl_weight,
-                phat_weight=hinge,
-                phat_floor=stage.phat_floor,
-            )
+            loss, _ = stage_loss(stage, epoch, xb, x_hat, p_hat, mu, logvar)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), stage.grad_clip)

@@ -10,8 +10,13 @@ limit the KL term is constant, so it has no gradient and the KL settles at the l
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from .config import StageConfig
 
 
 def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -49,3 +54,27 @@ def dvae_loss(
         if phat_weight > 0:
             loss = loss + phat_weight * torch.clamp(terms["p_energy"], min=phat_floor)
     return loss, terms
+
+
+def stage_loss(
+    stage: StageConfig,
+    epoch: int,
+    x: torch.Tensor,
+    x_hat: torch.Tensor,
+    p_hat: torch.Tensor | None,
+    mu: torch.Tensor,
+    logvar: torch.Tensor,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """`dvae_loss` with `stage`'s rate cap, lambda and p_hat floor at `epoch` (0-based): the
+    p_hat hinge weighs in from the stage's `phat_start_epoch` on."""
+    return dvae_loss(
+        x,
+        x_hat,
+        p_hat,
+        mu,
+        logvar,
+        kld_limit=stage.kld_limit,
+        kl_weight=stage.kl_weight,
+        phat_weight=stage.phat_weight if epoch >= stage.phat_start_epoch else 0.0,
+        phat_floor=stage.phat_floor,
+    )

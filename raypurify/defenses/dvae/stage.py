@@ -45,7 +45,7 @@ from raypurify.workers import (
 )
 
 from .config import PurifyConfig, StageConfig
-from .loss import dvae_loss, psnr
+from .loss import dvae_loss, psnr, stage_loss
 from .model import DVAE
 
 GRID_PER_CLASS = 4
@@ -131,18 +131,7 @@ def stage_worker(job: StageJob, ctx: LoopContext) -> None:
             x_hat, p_hat, mu, logvar = cast(
                 "Iterator[Any]", (None if t is None else t.float() for t in out)
             )
-            hinge = stage.phat_weight if epoch >= stage.phat_start_epoch else 0.0
-            loss, terms = dvae_loss(
-                x,
-                x_hat,
-                p_hat,
-                mu,
-                logvar,
-                kld_limit=stage.kld_limit,
-                kl_weight=stage.kl_weight,
-                phat_weight=hinge,
-                phat_floor=stage.phat_floor,
-            )
+            loss, terms = stage_loss(stage, epoch, x, x_hat, p_hat, mu, logvar)
             if not torch.isfinite(loss):
                 raise TrainingError(
                     f"{name}: loss became {loss.item()} at epoch {epoch + 1}; the last good "
