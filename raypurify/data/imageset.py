@@ -90,14 +90,18 @@ def check_arrays(images: Any, labels: Any, index: Any, num_classes: int, name: s
         raise DatasetError(f"{name}: {n} images but labels {labels.shape} and index {index.shape}")
     if num_classes < 1:
         raise DatasetError(f"{name}: no class names")
-    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
-    if len(bad):
-        r = int(bad[0])
+    if (r := first_bad_label(labels, num_classes)) is not None:
         raise DatasetError(
             f"{name}: row {r} (index {int(index[r])}): label {int(labels[r])} "
             f"outside [0, {num_classes})"
         )
     check_unique(name, index)
+
+
+def first_bad_label(labels: np.ndarray, num_classes: int) -> int | None:
+    """The position of the first label outside [0, num_classes), if any."""
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    return int(bad[0]) if len(bad) else None
 
 
 def check_unique(where: object, index: np.ndarray) -> None:

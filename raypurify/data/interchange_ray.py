@@ -21,7 +21,7 @@ import pyarrow as pa
 from raypurify.atomic import staged_dir
 from raypurify.data import interchange
 from raypurify.data.codec import decode_batch, encode_batch
-from raypurify.data.imageset import ImageSet, check_arrays
+from raypurify.data.imageset import ImageSet, check_arrays, first_bad_label
 from raypurify.data.interchange import DatasetInfo, encode_columns, finalize, open_dataset, schema
 from raypurify.errors import DatasetError
 
@@ -147,9 +147,7 @@ def read_ray(path: str | Path) -> ray.data.Dataset:
     def decode(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         paths, ids, labels = batch["path"], batch["index"], batch["label"]
         images = decode_batch(list(batch["image"]), shape, where=paths, ids=ids, numbered=False)
-        bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
-        if len(bad):
-            r = int(bad[0])
+        if (r := first_bad_label(labels, num_classes)) is not None:
             raise DatasetError(
                 f"{paths[r]}: row with index {int(ids[r])}: label {int(labels[r])} "
                 f"outside [0, {num_classes})"
