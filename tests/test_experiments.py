@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import json
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -131,6 +133,33 @@ def test_rerun_skips_every_finished_step(demo):
     assert again["steps"]["ran"] == 0 and again["steps"]["reused"] == results["steps"]["ran"]
     assert table(out) == {(c["row"], c["column"]): c["accuracy"] for c in results["cells"]}
     assert again["cells"] == results["cells"]
+
+
+def test_a_moved_experiment_reads_and_reports_its_own_steps(demo, tmp_path):
+    """Step records and run.json were written with OUT's absolute paths; after `mv`, the
+    report (which reads the datasets for the trace and the image figure) and a rerun must
+    find every step in the new place, and no path of a record may point at the old one."""
+    from raypurify.experiments.store import Store
+
+    out, results = demo
+    moved = tmp_path / "moved"
+    shutil.copytree(out, moved)
+    away = out.with_name(out.name + "-away")
+    out.rename(away)  # the old place is gone, as after `mv`
+    try:
+        assert main(["report", str(moved)]) == 0
+        assert table(moved) == {(c["row"], c["column"]): c["accuracy"] for c in results["cells"]}
+        again = run_experiment(load_spec("demo", TINY), moved)
+        assert again["steps"]["ran"] == 0 and again["cells"] == results["cells"]
+        paths = [
+            v
+            for r in Store(moved / "store").records()
+            for v in json.dumps(r["result"]).split('"')
+            if v.startswith("/")
+        ]
+        assert paths and all(Path(p).is_relative_to(moved) and Path(p).exists() for p in paths)
+    finally:
+        away.rename(out)
 
 
 def test_a_rerun_with_nothing_to_run_starts_no_worker_group(demo, monkeypatch):

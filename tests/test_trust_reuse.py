@@ -8,6 +8,7 @@ two-stage purification, each then asked to continue with another input or settin
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -110,6 +111,22 @@ def test_purify_reuses_only_the_same_input_and_config(
         purify(sets["a"], out, preset("cpu", [*TINY, "seed=1"]))
     assert purify(sets["a"], out, cfg) == summary
     assert (out / "p3" / "manifest.json").stat().st_mtime_ns == stamp
+
+    # A copy (or a move) of OUT names its own outputs, not the ones its summary was written
+    # with; one whose P3 is gone or replaced makes it again from the stages' checkpoints
+    # (the same to the bit), instead of returning the old summary.
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    reused = purify(sets["a"], copy, cfg)
+    assert {reused["output"], *(o["path"] for o in reused["outputs"].values())} == {
+        str(copy / p) for p in ("p1", "p2", "p3")
+    }
+    shutil.rmtree(copy / "p3")
+    shutil.copytree(copy / "p1", copy / "p3")  # another dataset where P3 was
+    again = purify(sets["a"], copy, cfg)
+    assert again["output"] == str(copy / "p3")
+    assert open_dataset(copy / "p3").sha256 == summary["outputs"]["p3"]["sha256"]
+    assert again["passes"]["p1"].get("reused") and not again["passes"]["p2_p3"].get("reused")
 
     # An output written before the marker is adopted only for its own input and config.
     (out / MARKER).unlink()

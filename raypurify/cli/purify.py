@@ -55,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
             f"psnr(x_hat) {final['psnr_xhat']:.2f} dB, {stage['train_s']:.0f} s"
         )
     for name, p in summary["passes"].items():
-        print(f"pass {name}: {p.get('images_per_s', 0):.0f} images/s")
+        rate = "reused" if p.get("reused") else f"{p.get('images_per_s', 0):.0f} images/s"
+        print(f"pass {name}: {rate}")
     print(f"purified set (P{'3' if cfg.method == 'dvae' else '1'}) -> {summary['output']}")
     return 0

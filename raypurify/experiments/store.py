@@ -17,7 +17,7 @@ import json
 import shutil
 import traceback
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from raypurify.atomic import write_bytes, write_json
 from raypurify.errors import RaypurifyError
@@ -84,4 +84,21 @@ def read_record(f: Path) -> dict[str, Any]:
         raise RaypurifyError(f"{f}: not a step record (no 'kind'); delete that step's directory")
     if not isinstance(data.get("meta", {}), dict) or not isinstance(data.get("result", {}), dict):
         raise RaypurifyError(f"{f}: step record with a malformed 'meta' or 'result'")
-    return data
+    return cast(dict[str, Any], rebase(data, f.parent))
+
+
+def rebase(value: Any, directory: Path) -> Any:
+    """`value` with every absolute path inside a step directory named like `directory`
+    (its kind and `slug-key`, which the key makes unique) moved under `directory`: a
+    record keeps the absolute paths it was written with, so an experiment directory that
+    was moved or copied still reads its own outputs, never the old location's."""
+    if isinstance(value, dict):
+        return {k: rebase(v, directory) for k, v in value.items()}
+    if isinstance(value, list):
+        return [rebase(v, directory) for v in value]
+    if isinstance(value, str) and value.startswith("/"):
+        parts, own = Path(value).parts, (directory.parent.name, directory.name)
+        for i in range(len(parts) - 1):
+            if parts[i : i + 2] == own:
+                return str(directory.joinpath(*parts[i + 2 :]))
+    return value

@@ -258,7 +258,9 @@ def summary_metrics(results: dict[str, Any]) -> dict[str, float]:
 
 
 def save_run(out: Path, spec: ExperimentSpec, step_dirs: list[str]) -> None:
-    write_json(out / RUN_FILE, {"spec": spec.to_dict(), "steps": step_dirs})
+    """The spec and its steps' directories, as `store/<kind>/<slug-key>` under `out`."""
+    steps = [f"store/{Path(d).parent.name}/{Path(d).name}" for d in step_dirs]
+    write_json(out / RUN_FILE, {"spec": spec.to_dict(), "steps": steps})
 
 
 def load_run(out: Path) -> tuple[ExperimentSpec, list[dict[str, Any]]]:
@@ -276,5 +278,9 @@ def load_run(out: Path) -> tuple[ExperimentSpec, list[dict[str, Any]]]:
     except (ValueError, KeyError, TypeError) as e:
         detail = (str(e).splitlines() or [type(e).__name__])[0]
         raise RaypurifyError(f"{f}: not a run record ({detail}); rerun the experiment") from None
-    records = [read_record(Path(d) / RECORD) for d in steps if (Path(d) / RECORD).exists()]
+    # Each step is found in this directory's store, whatever path it was recorded with
+    # (run.json files written before 2026-12-05 hold absolute ones): a moved or copied
+    # experiment reports its own steps.
+    here = [out / "store" / Path(d).parent.name / Path(d).name for d in steps]
+    records = [read_record(d / RECORD) for d in here if (d / RECORD).exists()]
     return spec, records

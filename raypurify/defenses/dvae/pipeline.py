@@ -109,8 +109,38 @@ def check_input(info: DatasetInfo, data: ImageSet) -> None:
         )
 
 
-def _done(path: Path) -> DatasetInfo | None:
-    return open_dataset(path) if (path / MANIFEST).exists() else None
+def recorded_outputs(out: Path) -> dict[str, str]:
+    """Each output's content sha256 as the purification finished in `out` recorded it."""
+    if not (out / SUMMARY).exists():
+        return {}
+    summary = json.loads((out / SUMMARY).read_text())
+    return {name: o["sha256"] for name, o in summary["outputs"].items()}
+
+
+def _kept(path: Path, recorded: dict[str, str]) -> DatasetInfo | None:
+    """The output at `path` if a rerun may keep it: it is there and, when a finished run
+    recorded it, it is what that run wrote (not a dataset put in its place)."""
+    found = open_dataset(path) if (path / MANIFEST).exists() else None
+    if found is None or recorded.get(path.name, found.sha256) != found.sha256:
+        return None
+    return found
+
+
+def finished(out: Path) -> dict[str, Any] | None:
+    """The summary of the purification finished in `out`, naming the outputs where `out`
+    holds them now (a moved or copied directory keeps the paths it was written with); None
+    when it did not finish or an output is gone or replaced, so the run resumes and makes
+    it again from the stages' checkpoints."""
+    recorded = recorded_outputs(out)
+    if not recorded:
+        return None
+    summary = json.loads((out / SUMMARY).read_text())
+    for name in recorded:
+        if (found := _kept(out / name, recorded)) is None:
+            return None
+        summary["outputs"][name] = found.lineage()
+    summary["output"] = str(out / Path(summary["output"]).name)
+    return summary
 
 
 def purify(
@@ -126,8 +156,9 @@ def purify(
     out = Path(out_dir).resolve()
     existed = out.exists()
     resumed = prepare_output(out, cfg, info, overwrite, inputs=[info.path])
-    if resumed and (out / SUMMARY).exists():
-        return json.loads((out / SUMMARY).read_text())
+    if resumed and (done := finished(out)) is not None:
+        return done
+    recorded = recorded_outputs(out) if resumed else {}
     try:
         data0 = read_images(info.path)
         check_input(info, data0)
@@ -173,7 +204,9 @@ def purify(
                 **split,
                 "images_per_s": images_per_s(state["history"]),
             }
-            source, data = _run_passes(name, source, out, weights, cfg, gpu, summary, parent)
+            source, data = _run_passes(
+                name, source, out, weights, cfg, gpu, summary, parent, recorded
+            )
         summary["wall_s"] = time.perf_counter() - start
         summary |= work_split(summary)
         summary["output"] = str(source.path)
@@ -203,6 +236,7 @@ def _run_passes(
     gpu: bool,
     summary: dict[str, Any],
     run: Run,
+    recorded: dict[str, str],
 ) -> tuple[DatasetInfo, ImageSet | None]:
     """The inference pass(es) after stage `name`; returns (output info, its data or None)."""
     lineage = [source.lineage()]
@@ -217,7 +251,7 @@ def _run_passes(
             "subtract_reconstruct",
             "p2_p3",
         )
-    if all(_done(p) for p in outputs.values()):
+    if all(_kept(p, recorded) for p in outputs.values()):
         timing = summary["passes"].get(key, {"seconds": 0.0, "reused": True})
     else:
         for p in outputs.values():  # a pass interrupted between its two writes
