@@ -279,8 +279,8 @@ def load_run(out: Path) -> tuple[ExperimentSpec, list[dict[str, Any]]]:
         detail = (str(e).splitlines() or [type(e).__name__])[0]
         raise RaypurifyError(f"{f}: not a run record ({detail}); rerun the experiment") from None
     # Each step is found in this directory's store, whatever path it was recorded with
-    # (run.json files written before 2026-12-05 hold absolute ones): a moved or copied
-    # experiment reports its own steps.
+    # (older run.json files hold absolute ones): a moved or copied experiment reports its
+    # own steps.
     here = [out / "store" / Path(d).parent.name / Path(d).name for d in steps]
     records = [read_record(d / RECORD) for d in here if (d / RECORD).exists()]
     return spec, records

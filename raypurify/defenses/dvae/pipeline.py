@@ -126,12 +126,11 @@ def _kept(path: Path, recorded: dict[str, str]) -> DatasetInfo | None:
     return found
 
 
-def finished(out: Path) -> dict[str, Any] | None:
-    """The summary of the purification finished in `out`, naming the outputs where `out`
-    holds them now (a moved or copied directory keeps the paths it was written with); None
-    when it did not finish or an output is gone or replaced, so the run resumes and makes
-    it again from the stages' checkpoints."""
-    recorded = recorded_outputs(out)
+def finished(out: Path, recorded: dict[str, str]) -> dict[str, Any] | None:
+    """The summary of the purification finished in `out` (its outputs `recorded`), naming
+    the outputs where `out` holds them now (a moved or copied directory keeps the paths it
+    was written with); None when it did not finish or an output is gone or replaced, so
+    the run resumes and makes it again from the stages' checkpoints."""
     if not recorded:
         return None
     summary = json.loads((out / SUMMARY).read_text())
@@ -156,9 +155,9 @@ def purify(
     out = Path(out_dir).resolve()
     existed = out.exists()
     resumed = prepare_output(out, cfg, info, overwrite, inputs=[info.path])
-    if resumed and (done := finished(out)) is not None:
-        return done
     recorded = recorded_outputs(out) if resumed else {}
+    if (done := finished(out, recorded)) is not None:
+        return done
     try:
         data0 = read_images(info.path)
         check_input(info, data0)
