@@ -93,8 +93,7 @@ def _adopt_legacy(out: Path, cfg: PurifyConfig, info: DatasetInfo, what: dict) -
 def _legacy_matches(out: Path, cfg: PurifyConfig, info: DatasetInfo) -> bool:
     try:
         stamp = json.loads((out / CONFIG).read_text())
-        summary = json.loads((out / SUMMARY).read_text()) if (out / SUMMARY).exists() else {}
-        recorded = summary.get("input", {}).get("sha256")
+        recorded = read_summary(out).get("input", {}).get("sha256")
     except (ValueError, AttributeError):
         return False  # not ours to judge: claim_dir refuses it
     return stamp == cfg.to_dict() and recorded == info.sha256
@@ -109,12 +108,14 @@ def check_input(info: DatasetInfo, data: ImageSet) -> None:
         )
 
 
-def recorded_outputs(out: Path) -> dict[str, str]:
-    """Each output's content sha256 as the purification finished in `out` recorded it."""
-    if not (out / SUMMARY).exists():
-        return {}
-    summary = json.loads((out / SUMMARY).read_text())
-    return {name: o["sha256"] for name, o in summary["outputs"].items()}
+def read_summary(out: Path) -> dict[str, Any]:
+    """What a finished purification in `out` recorded ({} when none finished there)."""
+    return json.loads((out / SUMMARY).read_text()) if (out / SUMMARY).exists() else {}
+
+
+def recorded_outputs(summary: dict[str, Any]) -> dict[str, str]:
+    """Each output's content sha256 as a finished purification's `summary` recorded it."""
+    return {name: o["sha256"] for name, o in summary.get("outputs", {}).items()}
 
 
 def _kept(path: Path, recorded: dict[str, str]) -> DatasetInfo | None:
@@ -126,20 +127,20 @@ def _kept(path: Path, recorded: dict[str, str]) -> DatasetInfo | None:
     return found
 
 
-def finished(out: Path, recorded: dict[str, str]) -> dict[str, Any] | None:
-    """The summary of the purification finished in `out` (its outputs `recorded`), naming
-    the outputs where `out` holds them now (a moved or copied directory keeps the paths it
-    was written with); None when it did not finish or an output is gone or replaced, so
-    the run resumes and makes it again from the stages' checkpoints."""
+def finished(out: Path, summary: dict[str, Any]) -> dict[str, Any] | None:
+    """`summary` of the purification finished in `out`, naming the outputs where `out`
+    holds them now (a moved or copied directory keeps the paths it was written with); None
+    when it did not finish or an output is gone or replaced, so the run resumes and makes
+    it again from the stages' checkpoints."""
+    recorded = recorded_outputs(summary)
     if not recorded:
         return None
-    summary = json.loads((out / SUMMARY).read_text())
+    outputs = {}
     for name in recorded:
         if (found := _kept(out / name, recorded)) is None:
             return None
-        summary["outputs"][name] = found.lineage()
-    summary["output"] = str(out / Path(summary["output"]).name)
-    return summary
+        outputs[name] = found.lineage()
+    return summary | {"outputs": outputs, "output": str(out / Path(summary["output"]).name)}
 
 
 def purify(
@@ -155,9 +156,10 @@ def purify(
     out = Path(out_dir).resolve()
     existed = out.exists()
     resumed = prepare_output(out, cfg, info, overwrite, inputs=[info.path])
-    recorded = recorded_outputs(out) if resumed else {}
-    if (done := finished(out, recorded)) is not None:
+    previous = read_summary(out) if resumed else {}
+    if (done := finished(out, previous)) is not None:
         return done
+    recorded = recorded_outputs(previous)
     try:
         data0 = read_images(info.path)
         check_input(info, data0)
