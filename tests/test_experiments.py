@@ -16,14 +16,16 @@ from conftest import run_and_kill
 from mlflow.tracking import MlflowClient
 
 from raypurify.cli import main
-from raypurify.errors import ConfigError, DatasetError
+from raypurify.errors import ConfigError, DatasetError, RaypurifyError
 from raypurify.experiments import load_spec
 from raypurify.experiments.runner import run_experiment
 
 TINY = [
     "dataset.subset=200",
-    "attacks.0.options.max_rounds=2",
-    "attacks.0.options.surrogate_options.width=8",
+    # The table crafts its poison here (the demo imports one crafted the same way), so EM
+    # runs as a job of the warm group like the other fits.
+    "attacks=[{name: em, label: em-class, options: {granularity: class, surrogate: fast-resnet,"
+    " surrogate_options: {width: 8}, batch_size: 128, portion: 0.5, max_rounds: 2}}]",
     "test.subset=100",
     "defenses.2.options.overrides=[model.width=8, model.latent=16, stage1.epochs=1, "
     "stage2.epochs=1, stage1.batch_size=32, stage2.batch_size=32]",
@@ -395,3 +397,70 @@ def test_the_image_figure_shows_each_attack_on_images_of_different_classes(tmp_p
     assert ids.tolist() == [40, 10] and names == ["cat", "dog"]
     ids, names = examples(tmp_path / "p", per_attack=5)
     assert ids.tolist() == [40, 10, 20] and names == ["cat", "dog", "frog"]
+
+
+NOISE = Path(load_spec("demo").attacks[0].released.paths[0])  # the demo's shipped poison
+
+
+def released_spec(tmp_path: Path, noise: Path, extra: str = "") -> Path:
+    """A one-row table importing `noise` (a path relative to the spec file's folder)."""
+    spec = tmp_path / "exp.yaml"
+    spec.write_text(
+        "name: released\ndataset: {name: cifar10-sample, subset: 100}\n"
+        "test: {name: cifar10-sample, split: test, subset: 100}\nclean_row: false\n"
+        f"attacks:\n  - name: em\n    label: em-class\n{extra}"
+        f"    released: {{format: perturbation, paths: [{noise.name}]}}\n"
+        "defenses: [{name: none}]\n"
+        "classifiers: [{overrides: [epochs=1, arch_options.width=8, batch_size=32]}]\n"
+    )
+    return spec
+
+
+def test_a_released_poison_is_keyed_by_its_content_not_its_path_or_the_seed(tmp_path):
+    from raypurify.experiments.steps import plan
+
+    def poison_config(folder: Path, overrides=()) -> dict:
+        spec = load_spec(str(released_spec(folder, folder / "noise.npy")), overrides)
+        return {s.name: s for s in plan(spec)}["poison/em-class"].config
+
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        shutil.copy(NOISE, tmp_path / name / "noise.npy")
+    first = poison_config(tmp_path / "a")  # the path read from the spec file's folder
+    assert first["released"]["sha256"] and "paths" not in first["released"]
+    assert poison_config(tmp_path / "b") == first  # the same content elsewhere
+    assert poison_config(tmp_path / "a", ["seed=3"]) == first  # nothing random in an import
+    edited = np.load(tmp_path / "b" / "noise.npy")
+    edited[0, 0, 0, 0] = -edited[0, 0, 0, 0] or 1
+    np.save(tmp_path / "b" / "noise.npy", edited)
+    assert poison_config(tmp_path / "b")["released"]["sha256"] != first["released"]["sha256"]
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (("noise.npy", "missing.npy"), r"attacks\.0\.released\.paths\.0: .*missing\.npy: no such"),
+        (("format: perturbation", "format: pngs"), r"attacks\.0\.released: .*format.*pngs"),
+        (("    released:", "    options: {eps: 0.1}\n    released:"), "released.options"),
+        (("    released:", "    ratio: 0.5\n    released:"), "ratio must be 1"),
+    ],
+)
+def test_a_released_poison_with_a_bad_field_is_refused_before_any_work(change, message, tmp_path):
+    shutil.copy(NOISE, tmp_path / "noise.npy")
+    spec = released_spec(tmp_path, tmp_path / "noise.npy")
+    spec.write_text(spec.read_text().replace(*change))
+    with pytest.raises(ConfigError, match=message):
+        run_experiment(load_spec(str(spec)), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.ray
+def test_a_released_poison_over_its_attacks_budget_fails_its_row_with_one_line(
+    ray_session, mlflow_uri, tmp_path
+):
+    np.save(tmp_path / "noise.npy", np.load(NOISE).astype(np.int16) * 2)  # 16/255 > 8/255
+    spec = load_spec(str(released_spec(tmp_path, tmp_path / "noise.npy")), ["max_parallel=2"])
+    with pytest.raises(RaypurifyError, match="poison/em-class") as failed:
+        run_experiment(spec, tmp_path / "out")
+    assert "noise.npy: poison over the protocol budget (linf" in str(failed.value)
+    assert not list((tmp_path / "out" / "store").glob("train/*/step.json"))  # nothing trained

@@ -21,6 +21,7 @@ Every error is one line naming the file. The poisoned column marks the rows that
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -367,6 +368,37 @@ def describe_over(check: Mapping[str, Any], budget: Mapping[str, float]) -> str:
     return ", ".join(
         f"{norm} {measured[norm]:.4g} > {limit:.4g}" for norm, limit in check["limits"].items()
     )
+
+
+def held_to_budget(
+    budget: Mapping[str, float], attack: str | None, where: Path, allowed: bool, how: str
+) -> dict[str, Any]:
+    """`budget_check`, as one line naming the file when the poison is over its budget and
+    that was not `allowed` (`how` says how to allow it)."""
+    from raypurify.errors import RaypurifyError
+
+    check = budget_check(budget, attack)
+    if not check["within"] and not allowed:
+        raise RaypurifyError(
+            f"{where}: poison over the protocol budget ({describe_over(check, budget)}); {how}"
+        )
+    return check
+
+
+def content_digest(paths: Iterable[str | Path]) -> str:
+    """sha256 over what the paths hold: each file's bytes, a folder's files by relative
+    name, so a released poison is known by its content wherever it lies."""
+    from raypurify.data.manifest import file_sha256
+
+    h = hashlib.sha256()
+    for p in map(Path, paths):
+        if not p.exists():
+            raise DatasetError(f"{p}: no such file or directory")
+        files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+        for f in files:
+            h.update(f"{f.relative_to(p) if p.is_dir() else ''}:{file_sha256(f)};".encode())
+        h.update(b"|")
+    return h.hexdigest()
 
 
 def import_poison(

@@ -101,13 +101,7 @@ def run_attack(args: argparse.Namespace) -> int:
 def run_import(args: argparse.Namespace) -> int:
     from raypurify.atomic import check_new
     from raypurify.attacks.base import log_poisoning
-    from raypurify.attacks.importers import (
-        budget_check,
-        configure_import,
-        describe_over,
-        import_poison,
-    )
-    from raypurify.errors import RaypurifyError
+    from raypurify.attacks.importers import configure_import, held_to_budget, import_poison
 
     if not args.out:
         raise ConfigError("poison import: --out required (the output dataset directory)")
@@ -115,12 +109,8 @@ def run_import(args: argparse.Namespace) -> int:
     importer, cfg = configure_import(args.format, {}, args.overrides)
     spec, base = load_base(args.base, args)
     poisoned, budget = import_poison(base, importer.name, args.paths, settings=cfg.to_dict())
-    check = budget_check(budget, cfg.attack)
-    if not check["within"] and not args.allow_over_budget:
-        raise RaypurifyError(
-            f"{args.paths[0]}: poison over the protocol budget ({describe_over(check, budget)}); "
-            "pass --allow-over-budget to import it anyway"
-        )
+    how = "pass --allow-over-budget to import it anyway"
+    check = held_to_budget(budget, cfg.attack, Path(args.paths[0]), args.allow_over_budget, how)
     config = {
         "attack": cfg.attack or f"import:{importer.name}",
         "attack_config": cfg.to_dict(),

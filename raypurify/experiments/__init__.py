@@ -18,4 +18,4 @@ def presets() -> dict[str, Path]:
 def load_spec(name_or_path: str, overrides: Sequence[str] = ()) -> ExperimentSpec:
     """A shipped preset by name, or a YAML file, with `--set` overrides; validated."""
     path = config.named_or_file(name_or_path, presets(), "preset")
-    return config.load(ExperimentSpec, path, overrides)
+    return config.load(ExperimentSpec, path, overrides).with_paths_from(path.resolve().parent)

@@ -24,7 +24,7 @@ from raypurify import config, defenses
 from raypurify.attacks import ATTACKS
 from raypurify.data import registry
 from raypurify.errors import ConfigError, RaypurifyError
-from raypurify.experiments.spec import ExperimentSpec
+from raypurify.experiments.spec import ExperimentSpec, ReleasedPoison
 from raypurify.experiments.steps import Context, Step, plan
 from raypurify.experiments.store import ERROR_LOG, Store, step_key
 from raypurify.models import ARCHS
@@ -48,6 +48,9 @@ def validate(spec: ExperimentSpec) -> None:
     registry.check(spec.dataset)
     registry.check(spec.test)
     for i, a in enumerate(spec.attacks):
+        if a.released:
+            check_released(a.released, f"attacks.{i}.released")
+            continue
         attack = ATTACKS.get(a.name, key=f"attacks.{i}.name")
         cfg = config.validate(
             attack.config, {**a.options, "ratio": a.ratio}, source=f"attacks.{i}.options"
@@ -72,6 +75,19 @@ def validate(spec: ExperimentSpec) -> None:
             raise ConfigError(f"classifiers.{i}: {e}") from None
         ARCHS.get(cfg.arch, key=f"classifiers.{i}.arch")
         check_options(cfg, f"classifiers.{i}.arch_options")
+
+
+def check_released(released: ReleasedPoison, key: str) -> None:
+    """A released poison's importer, its options and its files, named by `key`."""
+    from raypurify.attacks.importers import configure_import
+
+    try:
+        configure_import(released.format, released.options)
+    except ConfigError as e:
+        raise ConfigError(f"{key}: {e}") from None
+    for j, p in enumerate(released.paths):
+        if not Path(p).exists():
+            raise ConfigError(f"{key}.paths.{j}: {p}: no such file or directory")
 
 
 def default_parallel() -> int:
@@ -244,7 +260,10 @@ class Scheduler:
         free = list(range(1, self.parallel + 1))
         with ThreadPoolExecutor(self.parallel) as pool:
             while pending or running:
-                for step in list(pending):
+                # Steps that hold no CPUs (data written in the driver) start first among the
+                # ready ones: they are quick, and a warm group starting in the background
+                # gets their time.
+                for step in sorted(pending, key=lambda s: s.cpus > 0):
                     if any(i.error for i in step.inputs):
                         step.error = f"input {next(i.name for i in step.inputs if i.error)} failed"
                         pending.remove(step)

@@ -7,6 +7,7 @@ unknown attack, defence, architecture or dataset fails at once with its key path
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, cast
 
 from pydantic import Field, PositiveInt, field_validator, model_validator
@@ -15,13 +16,37 @@ from raypurify.config import Config
 from raypurify.data.spec import DatasetSpec
 
 
+class ReleasedPoison(Config):
+    """A poison made elsewhere (an author's release, or one crafted once and shipped), put
+    onto the table's clean data by an importer (attacks/importers.py) instead of running
+    the attack. Relative paths are read from the spec file's folder. The files' content,
+    not their names, goes into the poison step's key, so an edited file is imported again."""
+
+    format: str  # an importer: perturbation, png, npz, ntga
+    paths: list[str] = Field(min_length=1)
+    options: dict[str, Any] = Field(default_factory=dict)  # the importer's (e.g. units)
+    allow_over_budget: bool = False  # import a poison over its attack's (or the protocol's) budget
+
+
 class AttackEntry(Config):
-    """A row of the table: an attack with its options, optionally a poison ratio."""
+    """A row of the table: an attack with its options, optionally a poison ratio; or a
+    released poison, with `name` naming the attack that made it."""
+
+    added_fields = frozenset({"released"})
 
     name: str
     label: str | None = None  # row name; default: the attack name (and ratio if < 1)
     options: dict[str, Any] = Field(default_factory=dict)
     ratio: float = Field(1.0, gt=0, le=1)
+    released: ReleasedPoison | None = None
+
+    @model_validator(mode="after")
+    def _released_alone(self) -> AttackEntry:
+        if self.released and self.options:
+            raise ValueError("a released poison takes no attack options (give released.options)")
+        if self.released and self.ratio != 1.0:
+            raise ValueError("a released poison is imported whole: ratio must be 1")
+        return self
 
     @property
     def row(self) -> str:
@@ -107,6 +132,14 @@ class ExperimentSpec(Config):
                 raise ValueError(f"clean_row names unknown columns {sorted(missing)}")
             if not self.clean_row:
                 raise ValueError("clean_row: give true, false or the columns to train")
+        return self
+
+    def with_paths_from(self, folder: Path) -> ExperimentSpec:
+        """The spec with its released poisons' relative paths read from `folder` (the spec
+        file's), so a run works from any directory."""
+        for a in self.attacks:
+            if a.released:
+                a.released.paths = [str((folder / p).resolve()) for p in a.released.paths]
         return self
 
     def clean_columns(self) -> list[str]:

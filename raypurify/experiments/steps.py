@@ -10,6 +10,7 @@ cell's metrics).
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -119,6 +120,33 @@ def make_poison(step: Step, directory: Path, ctx: Context) -> dict[str, Any]:
     return dataset_result(info) | {"budget": budget}
 
 
+def make_imported(step: Step, directory: Path, ctx: Context, *, paths: list[str]) -> dict[str, Any]:
+    """A released poison put onto the clean data, held to its attack's budget."""
+    from raypurify.attacks.importers import content_digest, held_to_budget, import_poison
+    from raypurify.errors import DatasetError
+
+    cfg, released = step.config, step.config["released"]
+    if content_digest(paths) != released["sha256"]:
+        raise DatasetError(f"{paths[0]}: changed while the run was going; run it again")
+    clean = read_images(step.input_path())
+    run = step.child_run(ctx)
+    settings = {**released["options"], "attack": cfg["attack"]}
+    poisoned, budget = import_poison(clean, released["format"], paths, run=run, settings=settings)
+    how = "set released.allow_over_budget: true to import it anyway"
+    check = held_to_budget(
+        budget, cfg["attack"], Path(paths[0]), released["allow_over_budget"], how
+    )
+    info = write_images(
+        poisoned,
+        directory / "data",
+        overwrite=True,
+        config={**cfg, "budget": budget, "budget_check": check, "from": paths},
+        parents=[open_dataset(step.input_path()).lineage()],
+    )
+    run.finish()
+    return dataset_result(info) | {"budget": budget}
+
+
 def make_defended(step: Step, directory: Path, ctx: Context) -> dict[str, Any]:
     defense, options = defenses.options(step.config["defense"], step.config["options"])
     source = registry.stream(registry.spec_for(str(step.input_path())))
@@ -198,10 +226,7 @@ def plan(spec: ExperimentSpec) -> list[Step]:
     if spec.clean_row:
         steps += row_steps(spec, "clean", clean, spec.clean_columns())
     for a in spec.attacks:
-        cfg = {"attack": a.name, "options": a.options, "ratio": a.ratio, "seed": spec.seed}
-        source = Step(
-            "poison", f"poison/{a.row}", cfg, [clean], make_poison, {"row": a.row}, attack_cpus(a)
-        )
+        source = poison_step(spec, a, clean)
         steps += [source, *row_steps(spec, a.row, source)]
     steps += analysis_steps(spec, steps)
     return sorted(steps, key=after_purification)  # stable: inputs stay before their users
@@ -210,6 +235,23 @@ def plan(spec: ExperimentSpec) -> list[Step]:
 def after_purification(step: Step) -> bool:
     """True for a purification and for everything that uses one."""
     return step.kind == "purify" or any(after_purification(i) for i in step.inputs)
+
+
+def poison_step(spec: ExperimentSpec, a: AttackEntry, clean: Step) -> Step:
+    """The row's poison: the attack run on the clean data, or a released poison imported
+    onto it. An import is keyed by the files' content and not by the table's seed (nothing
+    in it is random), so every seed of a table reuses it."""
+    name, meta = f"poison/{a.row}", {"row": a.row}
+    if a.released is None:
+        cfg = {"attack": a.name, "options": a.options, "ratio": a.ratio, "seed": spec.seed}
+        return Step("poison", name, cfg, [clean], make_poison, meta, attack_cpus(a))
+    from raypurify.attacks.importers import content_digest
+
+    r = a.released
+    released = r.to_dict() | {"sha256": content_digest(r.paths)}
+    del released["paths"]
+    action = functools.partial(make_imported, paths=r.paths)
+    return Step("poison", name, {"attack": a.name, "released": released}, [clean], action, meta, 0)
 
 
 def attack_cpus(entry: AttackEntry) -> int:
