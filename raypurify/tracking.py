@@ -51,6 +51,14 @@ def _client(uri: str) -> MlflowClient:
     return MlflowClient(tracking_uri=uri)
 
 
+def open_store(uri: str) -> None:
+    """Open `uri`'s store in this process ahead of its first run (MLflow keeps one per
+    URI), as a warm worker does while it waits. A store that cannot be opened is left to
+    fail the first run that logs to it, with that run's own error."""
+    with contextlib.suppress(Exception):
+        _client(uri).search_experiments(max_results=1)
+
+
 def _retry(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """SQLite allows one writer at a time; retry briefly when several processes log at once."""
     for attempt in range(8):
