@@ -298,6 +298,28 @@ def test_steps_within_the_budget_run_together(tmp_path):
     assert [s.error for s in steps] == [None] * 3
 
 
+def test_one_step_at_a_time_the_ready_steps_that_hold_no_cpus_go_first(tmp_path):
+    """Data steps written in the driver run while a warm group starts, not after a step
+    that waits for it."""
+    from raypurify.experiments.runner import Scheduler
+    from raypurify.experiments.steps import Context, Step
+    from raypurify.experiments.store import Store
+
+    order = []
+
+    def action(step, directory, ctx):
+        order.append(step.name)
+        return {"ok": True}
+
+    steps = [
+        Step("probe", f"probe/{i}", {"i": i}, [], action, cpus=c)
+        for i, c in enumerate([1, 0, 1, 0])
+    ]
+    ctx = Context(spec=load_spec("demo", TINY), test=None, parent=None)
+    Scheduler(steps, Store(tmp_path / "store"), ctx, [], 1, tmp_path).run()
+    assert order == ["probe/1", "probe/3", "probe/0", "probe/2"]
+
+
 def test_the_plan_counts_the_cpus_each_step_holds():
     from raypurify.experiments.steps import plan
 

@@ -121,7 +121,9 @@ def make_poison(step: Step, directory: Path, ctx: Context) -> dict[str, Any]:
 
 
 def make_imported(step: Step, directory: Path, ctx: Context, *, paths: list[str]) -> dict[str, Any]:
-    """A released poison put onto the clean data, held to its attack's budget."""
+    """A released poison put onto the clean data, held to its attack's budget (checked
+    before its MLflow run opens, so a refused import leaves none)."""
+    from raypurify.attacks.base import log_poisoning
     from raypurify.attacks.importers import content_digest, held_to_budget, import_poison
     from raypurify.errors import DatasetError
 
@@ -129,12 +131,15 @@ def make_imported(step: Step, directory: Path, ctx: Context, *, paths: list[str]
     if content_digest(paths) != released["sha256"]:
         raise DatasetError(f"{paths[0]}: changed while the run was going; run it again")
     clean = read_images(step.input_path())
-    run = step.child_run(ctx)
     settings = {**released["options"], "attack": cfg["attack"]}
-    poisoned, budget = import_poison(clean, released["format"], paths, run=run, settings=settings)
+    poisoned, budget = import_poison(clean, released["format"], paths, settings=settings)
     how = "set released.allow_over_budget: true to import it anyway"
     check = held_to_budget(
         budget, cfg["attack"], Path(paths[0]), released["allow_over_budget"], how
+    )
+    run = step.child_run(ctx)
+    log_poisoning(
+        run, {"format": released["format"], "from": paths, **settings}, clean, poisoned, budget
     )
     info = write_images(
         poisoned,
