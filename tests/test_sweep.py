@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -396,6 +397,31 @@ def test_the_best_purified_set_is_a_step_run_reuses(sweep):
     assert best["purify_key"] in {
         s.key for s in finished_steps(spec, sweep["out"]) if s.kind == "purify"
     }
+
+
+@pytest.mark.slow
+def test_a_moved_sweep_reruns_to_its_results_from_where_it_is(sweep, tmp_path):
+    """A finished sweep copied elsewhere: the same command on the copy rebuilds its
+    outputs from its own trials and store, and never touches (or recreates) the place it
+    was written."""
+    out = sweep["out"]
+    moved = tmp_path / "moved"
+    shutil.copytree(out, moved)
+    for name in ("results.md", "best.json", "trials.csv"):
+        (moved / name).unlink()
+    away = out.with_name(out.name + "-away")
+    out.rename(away)
+    try:
+        args = ["sweep", str(sweep["space_file"]), "--out", str(moved), "--set", "probe_rows=50"]
+        assert main(args) == 0
+        assert not out.exists()
+        assert trials(moved) == trials(away)
+        best, before = (json.loads((d / "best.json").read_text()) for d in (moved, away))
+        assert best.pop("store") == str(moved / "store")  # where its best purification is now
+        before.pop("store")
+        assert best == before
+    finally:
+        away.rename(out)
 
 
 BAD = [
