@@ -1,6 +1,6 @@
 """Craft the demo's class-wise EM poison on the bundled sample and ship it as ten patterns.
 
-    python scripts/make_demo_poison.py            # craft (about a minute on 2 cores)
+    python scripts/make_demo_poison.py            # craft (1.5 min on 2 AVX2 cores)
     python scripts/make_demo_poison.py --from DIR # take the patterns from a poisoned dataset
 
 Class-wise EM (Huang et al. 2021) adds one pattern per class, so the whole poison is ten
@@ -8,7 +8,7 @@ Class-wise EM (Huang et al. 2021) adds one pattern per class, so the whole poiso
 demo's wall on a slow CPU. The demo imports it the way the paper's tables use the authors'
 released poisons (`released:` in the preset). The patterns are read back from the poisoned
 images exactly (every pixel some image of the class leaves unclipped), and the script
-checks that importing them reproduces the poisoned dataset to the bit.
+checks that adding them back to the clean images rebuilds the poisoned ones to the bit.
 
 Writes raypurify/data/sample/poisons/cifar10-sample-em-class.{npy,json}; the JSON records the
 settings, the seed, the machine and the sha256 of the file.
