@@ -57,9 +57,9 @@ def epochs_loop(job: EpochsJob, ctx: LoopContext) -> None:
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
-def run(tmp_path, name: str, epochs: int, callbacks=None, **extra):
+def run(tmp_path, name: str, epochs: int, callbacks=None, loop=epochs_loop, **extra):
     return fit(
-        epochs_loop,
+        loop,
         EpochsJob(epochs=epochs, **extra),
         workers=1,
         gpu=False,
@@ -155,14 +155,5 @@ def test_a_warm_worker_imports_what_jobs_need_before_its_first_job(ray_session, 
     from raypurify.worker_group import PRELOAD
 
     with warm_group(1, tmp_path / "group"):
-        fitted = fit(
-            modules_loop,
-            EpochsJob(epochs=1),
-            workers=1,
-            gpu=False,
-            storage=tmp_path,
-            name="modules",
-            epochs=1,
-            desc="modules",
-        )
+        fitted = run(tmp_path, "modules", epochs=1, loop=modules_loop)
     assert fitted.metrics["loaded"] == list(PRELOAD)
