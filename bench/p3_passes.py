@@ -1,0 +1,110 @@
+"""How much of a poison P3 keeps when the stage-2 model reconstructs it more than once (issue 17).
+
+A rate-capped VAE keeps a share of a small perturbation along with the image. If its
+reconstruction x_hat() acts on the perturbation like a contraction while an image it already
+reconstructed is nearly a fixed point, then x_hat(x_hat(x2)) keeps less of the poison at little
+cost to the image. This probe trains a preset's two stages in process on ROWS poisoned
+training rows (P1 = x0 - p_hat1(x0), stage 2 on P1, P2 = x1 - p_hat2(x1), z = mu, as the
+pipeline forms them), runs the same stages on the clean originals of those rows and of HELD
+others, and after k = 1..PASSES reconstructions of P2 reports, against the clean originals:
+- kept: the share of the poison the output keeps (the purification trace's measure:
+  <P3 - clean, delta> / <delta, delta>);
+- response: the same for the purifier's own output on the clean rows, P3(poisoned) -
+  P3(clean), which leaves out what the purifier does to a clean image (its blur);
+- p3_db / clean_p3_db: PSNR of P3 of the poisoned and of the clean rows.
+JPEG-10 of the same rows, measured the same way, is the first row: the baseline that the
+CPU-protocol table compares D-VAE with. `--save DIR` writes each pass's P3 of the training
+rows (DIR/p3-poisoned-K, DIR/p3-clean-K) for bench/poison_dose.py and `raypurify train`.
+
+    raypurify datasets export cifar10 --subset 3500 --seed 0 --out clean3500
+    raypurify poison --attack tap --ratio 1.0 --data clean3500 --out tap3500 --set steps=20 \
+        --set restarts=1 --set surrogate_recipe=cpu --set 'surrogate_overrides=[epochs=10]'
+    python bench/p3_passes.py --poison tap3500 --clean clean3500 --passes 3 --save p3
+
+Results: bench/results/p3_passes-<poison dir name>[-<label>][-<cpu kind>].{json,md}.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import in_process as ip  # noqa: E402
+from common import write_results  # noqa: E402
+
+from raypurify.data.imageset import ImageSet  # noqa: E402
+from raypurify.data.interchange import write_images  # noqa: E402
+from raypurify.defenses.squeeze import JpegOptions, jpeg  # noqa: E402
+from raypurify.experiments.trace import psnr, share_kept  # noqa: E402
+
+
+def main() -> None:
+    ap = ip.probe_parser(__doc__)
+    ap.add_argument("--passes", type=int, default=4)
+    ap.add_argument(
+        "--save", help="write each pass's P3 of the training rows here (p3-poisoned-K, p3-clean-K)"
+    )
+    args = ap.parse_args()
+    probe = ip.Probe.load(args)
+    cfg, poisoned, train, held = probe.cfg, probe.poisoned, probe.train, probe.held
+    rows_used = np.concatenate([train, held])
+    x0, xc = poisoned.images[rows_used], probe.originals[rows_used]
+    labels, classes = poisoned.labels[rows_used], poisoned.num_classes
+    n = len(train)
+
+    start = time.perf_counter()
+    stage1 = ip.train_stage(cfg, cfg.stage1, poisoned.images[train], labels[:n], classes)
+    inputs = {"poisoned": x0, "clean": xc}
+    p1 = {
+        k: ip.to_uint8(ip.apply(stage1, ip.as_input(v), labels, ip.subtract))
+        for k, v in inputs.items()
+    }
+    stage2 = ip.train_stage(cfg, cfg.stage2, p1["poisoned"][:n], labels[:n], classes)
+    train_s = time.perf_counter() - start
+    out = {
+        k: ip.apply(stage2, ip.as_input(v), labels, ip.subtract) for k, v in p1.items()
+    }  # P2, float
+
+    delta = x0.astype(np.float64) - xc
+    rows = []
+
+    def measure(name: str, poisoned_out: np.ndarray, clean_out: np.ndarray) -> None:
+        for part, sel in (("training rows", slice(0, n)), ("held-out rows", slice(n, None))):
+            d, clean_rows = delta[sel], xc[sel].astype(np.float64)
+            rows.append(
+                {
+                    "purifier": name,
+                    "rows": part,
+                    "kept": share_kept(poisoned_out[sel] - clean_rows, d),
+                    "response": share_kept(poisoned_out[sel] - clean_out[sel].astype(float), d),
+                    "p3_db": psnr(xc[sel], poisoned_out[sel]),
+                    "clean_p3_db": psnr(xc[sel], clean_out[sel]),
+                }
+            )
+
+    quality = JpegOptions()  # the baseline the table compares with, on the same rows
+    measure(f"JPEG-{quality.quality}", jpeg(x0, quality), jpeg(xc, quality))
+    for k in range(1, args.passes + 1):
+        out = {name: ip.apply(stage2, x, labels, ip.reconstruct) for name, x in out.items()}
+        p3 = {name: ip.to_uint8(x) for name, x in out.items()}
+        if args.save:
+            for name, images in p3.items():
+                rows_of = ImageSet(images[:n], labels[:n], poisoned.index[train], poisoned.classes)
+                write_images(rows_of, Path(args.save) / f"p3-{name}-{k}")
+        measure(f"D-VAE, {k} pass{'es' if k > 1 else ''}", p3["poisoned"], p3["clean"])
+    notes = (
+        f"Poison {args.poison}. Both stages of the {args.preset} preset (overrides: "
+        f"{args.set or 'none'}) trained in process on {n} poisoned rows in {train_s:.0f} s, "
+        f"on {ip.DEV.type}; measured on them and on {len(held)} held-out rows (z = mu)."
+    )
+    columns = ["purifier", "rows", "kept", "response", "p3_db", "clean_p3_db"]
+    tag = f"-{args.label}" if args.label else ""
+    write_results(f"p3_passes-{Path(args.poison).name}{tag}", rows, columns, notes)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""How much of a poison can a purifier leave before the classifier learns the shortcut?
+
+A purifier's output keeps some share of the poison (the purification trace's "kept"). This
+benchmark puts a known share alpha of a poison back onto a base set and trains the
+classifier on it through the real pipeline (Ray Train, the given recipe), validating on
+clean *training* rows outside the set, never the test set:
+
+    images = round(clip(base + alpha * (poisoned - clean)))
+
+With the clean originals as the base (the default) it is the poison's dose-response at this
+recipe; with a purifier's output on the clean rows as the base (`--base`, e.g. P3 of the clean
+rows from bench/p3_passes.py --save) it adds the purifier's blur, which is what a classifier
+trained on purified data sees. Rows are the base's (without one, the
+rows bench/p3_passes.py trains on); validation rows are the clean set's rows
+that are not in the base.
+
+    python bench/p3_passes.py --poison tap3500 --clean clean3500 --save p3
+    python bench/poison_dose.py --poison tap3500 --clean clean3500 --base p3/p3-clean-1 --work dose
+
+Results: bench/results/poison_dose-<poison dir name>[-<label>][-<cpu kind>].{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import write_results  # noqa: E402
+from in_process import positions, probe_split  # noqa: E402
+
+from raypurify.data.imageset import ImageSet  # noqa: E402
+from raypurify.data.interchange import read_images, write_images  # noqa: E402
+from raypurify.training.run import run_training  # noqa: E402
+
+
+def by_index(data: ImageSet, index: np.ndarray) -> np.ndarray:
+    """The images of `data` whose index is `index`, in that order."""
+    return data.images[positions(data, index)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--poison", required=True, help="a poisoned dataset (interchange format)")
+    ap.add_argument("--clean", required=True, help="the clean dataset it was made from")
+    ap.add_argument("--base", help="the images alpha * poison is added to (default: clean)")
+    ap.add_argument("--rows", type=int, default=2500, help="rows, without --base")
+    ap.add_argument("--alphas", default="0,0.1,0.2,0.3,0.5,1", help="shares of the poison")
+    ap.add_argument("--work", required=True, help="a folder for the sets and the classifiers")
+    ap.add_argument("--recipe", default="cpu")
+    ap.add_argument("--num-cpus", type=int, default=None)
+    ap.add_argument("--label", default="", help="the result file's variant name")
+    args = ap.parse_args()
+    poisoned, clean = read_images(args.poison), read_images(args.clean)
+    if args.base:
+        base = read_images(args.base)
+        index, base_images, labels = base.index, base.images, base.labels
+    else:  # the rows bench/p3_passes.py trains on
+        order, _ = probe_split(len(poisoned), args.rows, 0)
+        index, labels = poisoned.index[order], poisoned.labels[order]
+        base_images = by_index(clean, index)
+    delta = by_index(poisoned, index).astype(np.float64) - by_index(clean, index)
+    work = Path(args.work)
+    held = np.setdiff1d(clean.index, index)
+    val = work / "validation"
+    if not val.exists():
+        at = positions(clean, held)
+        val_set = ImageSet(clean.images[at], clean.labels[at], held, clean.classes)
+        write_images(val_set, val)
+    results = []
+    for alpha in (float(a) for a in args.alphas.split(",")):
+        images = np.clip(np.round(base_images + alpha * delta), 0, 255).astype(np.uint8)
+        train = work / f"alpha-{alpha:g}"
+        if not train.exists():
+            write_images(ImageSet(images, labels, index, clean.classes), train)
+        metrics = run_training(
+            str(train),
+            str(val),
+            str(work / f"classifier-alpha-{alpha:g}"),
+            recipe_name=args.recipe,
+            num_cpus=args.num_cpus,
+        )
+        results.append(
+            {"alpha": alpha, "val_accuracy": metrics["accuracy"], "wall_s": metrics["wall_s"]}
+        )
+    notes = (
+        f"Poison {args.poison} on {args.base or 'the clean originals'}, {len(index)} rows; "
+        f"recipe {args.recipe}; validation on {len(held)} clean training rows outside them."
+    )
+    tag = f"-{args.label}" if args.label else ""
+    write_results(
+        f"poison_dose-{Path(args.poison).name}{tag}",
+        results,
+        ["alpha", "val_accuracy", "wall_s"],
+        notes,
+    )
+
+
+if __name__ == "__main__":
+    main()
