@@ -13,8 +13,10 @@ others, and after k = 1..PASSES reconstructions of P2 reports, against the clean
   P3(clean), which leaves out what the purifier does to a clean image (its blur);
 - p3_db / clean_p3_db: PSNR of P3 of the poisoned and of the clean rows.
 JPEG-10 of the same rows, measured the same way, is the first row: the baseline that the
-CPU-protocol table compares D-VAE with. `--save DIR` writes each pass's P3 of the training
-rows (DIR/p3-poisoned-K, DIR/p3-clean-K) for bench/poison_dose.py and `raypurify train`.
+CPU-protocol table compares D-VAE with. `--extrapolate G,...` adds P3 = x_hat + g (x_hat - x2),
+the first pass's change from x2 taken 1 + g times. `--save DIR` writes each P3 of the
+training rows (DIR/p3-poisoned-K and DIR/p3-clean-K after K passes, -xG extrapolated) for
+bench/poison_dose.py and `raypurify train`.
 
     raypurify datasets export cifar10 --subset 3500 --seed 0 --out clean3500
     raypurify poison --attack tap --ratio 1.0 --data clean3500 --out tap3500 --set steps=20 \
@@ -31,6 +33,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import in_process as ip  # noqa: E402
@@ -46,7 +49,13 @@ def main() -> None:
     ap = ip.probe_parser(__doc__)
     ap.add_argument("--passes", type=int, default=4)
     ap.add_argument(
-        "--save", help="write each pass's P3 of the training rows here (p3-poisoned-K, p3-clean-K)"
+        "--extrapolate",
+        type=lambda v: [float(g) for g in v.split(",")],
+        default=[],
+        help="also form P3 = x_hat + g (x_hat - x2) for each g (comma-separated)",
+    )
+    ap.add_argument(
+        "--save", help="write each P3 of the training rows here (p3-poisoned-K, p3-clean-K, ...)"
     )
     args = ap.parse_args()
     probe = ip.Probe.load(args)
@@ -65,9 +74,7 @@ def main() -> None:
     }
     stage2 = ip.train_stage(cfg, cfg.stage2, p1["poisoned"][:n], labels[:n], classes)
     train_s = time.perf_counter() - start
-    out = {
-        k: ip.apply(stage2, ip.as_input(v), labels, ip.subtract) for k, v in p1.items()
-    }  # P2, float
+    p2 = {k: ip.apply(stage2, ip.as_input(v), labels, ip.subtract) for k, v in p1.items()}
 
     delta = x0.astype(np.float64) - xc
     rows = []
@@ -86,16 +93,27 @@ def main() -> None:
                 }
             )
 
+    def keep(name: str, tag: str, out: dict[str, torch.Tensor]) -> None:
+        """Round `out` (P3 of the poisoned and the clean rows) as the pipeline stores it,
+        measure it, and with --save write its training rows as DIR/p3-{poisoned,clean}-TAG."""
+        p3 = {which: ip.to_uint8(x) for which, x in out.items()}
+        if args.save:
+            for which, images in p3.items():
+                rows_of = ImageSet(images[:n], labels[:n], poisoned.index[train], poisoned.classes)
+                write_images(rows_of, Path(args.save) / f"p3-{which}-{tag}")
+        measure(name, p3["poisoned"], p3["clean"])
+
     quality = JpegOptions()  # the baseline the table compares with, on the same rows
     measure(f"JPEG-{quality.quality}", jpeg(x0, quality), jpeg(xc, quality))
+    x_hat = {which: ip.apply(stage2, x, labels, ip.reconstruct) for which, x in p2.items()}
+    out = x_hat
     for k in range(1, args.passes + 1):
-        out = {name: ip.apply(stage2, x, labels, ip.reconstruct) for name, x in out.items()}
-        p3 = {name: ip.to_uint8(x) for name, x in out.items()}
-        if args.save:
-            for name, images in p3.items():
-                rows_of = ImageSet(images[:n], labels[:n], poisoned.index[train], poisoned.classes)
-                write_images(rows_of, Path(args.save) / f"p3-{name}-{k}")
-        measure(f"D-VAE, {k} pass{'es' if k > 1 else ''}", p3["poisoned"], p3["clean"])
+        if k > 1:
+            out = {which: ip.apply(stage2, x, labels, ip.reconstruct) for which, x in out.items()}
+        keep(f"D-VAE, {k} pass{'es' if k > 1 else ''}", str(k), out)
+    for g in args.extrapolate:
+        out = {which: (1 + g) * x_hat[which] - g * p2[which] for which in p2}
+        keep(f"D-VAE, x_hat + {g:g} (x_hat - x2)", f"x{g:g}", out)
     notes = (
         f"Poison {args.poison}. Both stages of the {args.preset} preset (overrides: "
         f"{args.set or 'none'}) trained in process on {n} poisoned rows in {train_s:.0f} s, "
