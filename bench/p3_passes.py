@@ -3,9 +3,10 @@
 A rate-capped VAE keeps a share of a small perturbation along with the image. If its
 reconstruction x_hat() acts on the perturbation like a contraction while an image it already
 reconstructed is nearly a fixed point, then x_hat(x_hat(x2)) keeps less of the poison at little
-cost to the image. This probe trains a preset's two stages in process on ROWS poisoned
-training rows (P1 = x0 - p_hat1(x0), stage 2 on P1, P2 = x1 - p_hat2(x1), z = mu, as the
-pipeline forms them), runs the same stages on the clean originals of those rows and of HELD
+cost to the image (it does not: docs/RESULTS.md, "Why TAP stays"). This probe trains a
+preset's two stages in process on ROWS poisoned training rows (P1 = x0 - p_hat1(x0), stage 2
+on P1, P2 = x1 - p_hat2(x1), z = mu, as the pipeline forms them), runs the same stages on
+the clean originals of those rows and of HELD
 others, and after k = 1..PASSES reconstructions of P2 reports, against the clean originals:
 - kept: the share of the poison the output keeps (the purification trace's measure:
   <P3 - clean, delta> / <delta, delta>);

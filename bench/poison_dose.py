@@ -49,11 +49,14 @@ def main() -> None:
     ap.add_argument("--base", help="the images alpha * poison is added to (default: clean)")
     ap.add_argument("--rows", type=int, default=2500, help="rows, without --base")
     ap.add_argument("--alphas", default="0,0.1,0.2,0.3,0.5,1", help="shares of the poison")
-    ap.add_argument("--work", required=True, help="a folder for the sets and the classifiers")
+    ap.add_argument("--work", required=True, help="a new folder for the sets and classifiers")
     ap.add_argument("--recipe", default="cpu")
     ap.add_argument("--num-cpus", type=int, default=None)
     ap.add_argument("--label", default="", help="the result file's variant name")
     args = ap.parse_args()
+    work = Path(args.work)
+    if work.exists() and any(work.iterdir()):
+        sys.exit(f"--work: {work} is not empty; give a new folder (each run writes its own sets)")
     poisoned, clean = read_images(args.poison), read_images(args.clean)
     if args.base:
         base = read_images(args.base)
@@ -63,19 +66,15 @@ def main() -> None:
         index, labels = poisoned.index[order], poisoned.labels[order]
         base_images = by_index(clean, index)
     delta = by_index(poisoned, index).astype(np.float64) - by_index(clean, index)
-    work = Path(args.work)
     held = np.setdiff1d(clean.index, index)
     val = work / "validation"
-    if not val.exists():
-        at = positions(clean, held)
-        val_set = ImageSet(clean.images[at], clean.labels[at], held, clean.classes)
-        write_images(val_set, val)
+    at = positions(clean, held)
+    write_images(ImageSet(clean.images[at], clean.labels[at], held, clean.classes), val)
     results = []
     for alpha in (float(a) for a in args.alphas.split(",")):
         images = np.clip(np.round(base_images + alpha * delta), 0, 255).astype(np.uint8)
         train = work / f"alpha-{alpha:g}"
-        if not train.exists():
-            write_images(ImageSet(images, labels, index, clean.classes), train)
+        write_images(ImageSet(images, labels, index, clean.classes), train)
         metrics = run_training(
             str(train),
             str(val),
