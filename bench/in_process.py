@@ -5,7 +5,6 @@ pipeline's stage (defenses/dvae/stage.py), on ready tensors."""
 from __future__ import annotations
 
 import argparse
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -17,7 +16,7 @@ from raypurify.data.interchange import read_images
 from raypurify.defenses.dvae.config import PurifyConfig, StageConfig, preset
 from raypurify.defenses.dvae.loss import stage_loss
 from raypurify.defenses.dvae.model import DVAE
-from raypurify.defenses.dvae.stage import build
+from raypurify.defenses.dvae.stage import build, cosine
 from raypurify.runtime import autocast, device, use_bf16
 
 DEV = device()  # the GPU when there is one
@@ -101,10 +100,7 @@ def train_stage(
     groups = model.param_groups(stage.lr, stage.phat_lr_scale, stage.embedding_lr_scale)
     opt = torch.optim.Adam(groups, lr=stage.lr, weight_decay=stage.weight_decay)
     batch = stage.batch_size
-    total = epochs * (len(x) // batch)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
-    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine(epochs * (len(x) // batch)))
     for epoch in range(epochs):
         perm = torch.randperm(len(x), device=DEV)
         for i in range(0, len(x) - batch + 1, batch):

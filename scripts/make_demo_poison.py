@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 import sys
 from pathlib import Path
 
 import numpy as np
 
+from raypurify.atomic import write_bytes
 from raypurify.data.imageset import ImageSet
 from raypurify.data.interchange import read_images
 from raypurify.data.registry import load
@@ -82,8 +84,10 @@ def main() -> None:
         poisoned, _ = poison(clean, "em", settings=SETTINGS)
         made = "crafted by scripts/make_demo_poison.py"
     noise = patterns(clean, poisoned)
-    OUT.mkdir(parents=True, exist_ok=True)
-    np.save(OUT / f"{NAME}.npy", noise)
+    buffer = io.BytesIO()
+    np.save(buffer, noise)
+    data = buffer.getvalue()
+    write_bytes(OUT / f"{NAME}.npy", data)  # under a temporary name, then renamed
     record = {
         "attack": "em",
         "settings": SETTINGS,
@@ -91,9 +95,9 @@ def main() -> None:
         "machine": machine(),
         "shape": list(noise.shape),
         "units": "grey levels",
-        "sha256": hashlib.sha256((OUT / f"{NAME}.npy").read_bytes()).hexdigest(),
+        "sha256": hashlib.sha256(data).hexdigest(),
     }
-    (OUT / f"{NAME}.json").write_text(json.dumps(record, indent=2) + "\n")
+    write_bytes(OUT / f"{NAME}.json", (json.dumps(record, indent=2) + "\n").encode())
     print(f"{OUT / NAME}.npy: {noise.shape}, grey levels {noise.min()}..{noise.max()}")
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -93,6 +93,13 @@ class StageJob(LoopJob):
     storage: str  # where the checkpoints live (named in the non-finite loss error)
 
 
+def cosine(total: int) -> Callable[[int], float]:
+    """A stage's learning-rate factor at step s of `total`. The classifier's cosine
+    (training.epoch.lr_factor) in another float association: sharing it would change every
+    D-VAE result in its last bits, so each keeps its own."""
+    return lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
+
+
 def stage_worker(job: StageJob, ctx: LoopContext) -> None:
     cfg, stage, name = job.purify, job.stage, job.name
     rank, world, dev = setup_worker(cfg.threads)
@@ -106,12 +113,7 @@ def stage_worker(job: StageJob, ctx: LoopContext) -> None:
     per_worker = per_worker_batch(stage.batch_size, world)
     data = batches.EpochBatches(job.data, per_worker, cfg.seed, rank, world, dev)
     optimizer = torch.optim.Adam(groups, lr=stage.lr, weight_decay=stage.weight_decay)
-    total = stage.epochs * data.steps
-    # The classifier's cosine (training.epoch.lr_factor) in another float association:
-    # sharing it would change every D-VAE result in its last bits, so each keeps its own.
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
-    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine(stage.epochs * data.steps))
     start_epoch, history = resume(model, optimizer, scheduler, dev, ctx)
 
     for epoch in range(start_epoch, stage.epochs):
