@@ -320,6 +320,30 @@ def test_one_step_at_a_time_the_ready_steps_that_hold_no_cpus_go_first(tmp_path)
     assert order == ["probe/1", "probe/3", "probe/0", "probe/2"]
 
 
+def test_one_step_at_a_time_the_ready_step_with_the_longest_chain_after_it_goes_first(tmp_path):
+    """A purification (a classifier waits on it) starts before a classifier nothing waits
+    on: the critical path first, and the longest step takes the warm group's start."""
+    from raypurify.experiments.runner import Scheduler, chain_heights
+    from raypurify.experiments.steps import Context, Step
+    from raypurify.experiments.store import Store
+
+    order = []
+
+    def action(step, directory, ctx):
+        order.append(step.name)
+        return {"ok": True}
+
+    train = Step("probe", "train/clean", {"i": 0}, [], action)
+    poison = Step("probe", "poison", {"i": 1}, [], action, cpus=0)
+    purify = Step("probe", "purify", {"i": 2}, [poison], action)
+    train_purified = Step("probe", "train/purified", {"i": 3}, [purify], action)
+    steps = [train, poison, purify, train_purified]
+    assert [chain_heights(steps)[s] for s in steps] == [0, 2, 1, 0]
+    ctx = Context(spec=load_spec("demo", TINY), test=None, parent=None)
+    Scheduler(steps, Store(tmp_path / "store"), ctx, [], 1, tmp_path).run()
+    assert order == ["poison", "purify", "train/clean", "train/purified"]
+
+
 def test_the_plan_counts_the_cpus_each_step_holds():
     from raypurify.experiments.steps import plan
 

@@ -226,9 +226,20 @@ def finished_steps(spec: ExperimentSpec, out: str | Path) -> list[Step]:
     return [s for s in steps if s.result is not None]
 
 
+def chain_heights(steps: list[Step]) -> dict[Step, int]:
+    """For each step, the length of the longest chain of steps that wait on it (0 for a
+    step nothing needs), from `steps` listed after their inputs as `plan` lists them."""
+    height = dict.fromkeys(steps, 0)
+    for step in reversed(steps):
+        for i in step.inputs:
+            height[i] = max(height[i], height[step] + 1)
+    return height
+
+
 class Scheduler:
     """Runs steps whose inputs are done, up to `parallel` at once, in driver threads, and
-    while the CPUs they hold (`Step.cpus`) fit `budget`; a step runs alone if it needs more."""
+    while the CPUs they hold (`Step.cpus`) fit `budget`; a step runs alone if it needs more.
+    Among ready steps, those that hold no CPUs go first, then the longest chain first."""
 
     def __init__(
         self,
@@ -242,6 +253,7 @@ class Scheduler:
     ):
         self.steps, self.store, self.ctx, self.out = steps, store, ctx, out
         self.force, self.parallel, self.budget = list(force), parallel, budget
+        self.height = chain_heights(steps)
         self.cells = tqdm(
             total=sum(s.kind == "train" for s in steps), desc="table", unit="cell", position=0
         )
@@ -262,8 +274,9 @@ class Scheduler:
             while pending or running:
                 # Steps that hold no CPUs (data written in the driver) start first among the
                 # ready ones: they are quick, and a warm group starting in the background
-                # gets their time.
-                for step in sorted(pending, key=lambda s: s.cpus > 0):
+                # gets their time. Then the step with the longest chain of steps waiting on
+                # it: the critical path first, and the longest step absorbs the group's start.
+                for step in sorted(pending, key=lambda s: (s.cpus > 0, -self.height[s])):
                     if any(i.error for i in step.inputs):
                         step.error = f"input {next(i.name for i in step.inputs if i.error)} failed"
                         pending.remove(step)
