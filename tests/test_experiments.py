@@ -320,9 +320,9 @@ def test_one_step_at_a_time_the_ready_steps_that_hold_no_cpus_go_first(tmp_path)
     assert order == ["probe/1", "probe/3", "probe/0", "probe/2"]
 
 
-def test_one_step_at_a_time_the_ready_step_with_the_longest_chain_after_it_goes_first(tmp_path):
-    """A purification (a classifier waits on it) starts before a classifier nothing waits
-    on: the critical path first, and the longest step takes the warm group's start."""
+def chain_order(tmp_path, parallel: int, budget: float = float("inf")) -> list[str]:
+    """The order in which the Scheduler starts a clean classifier and two purifications of
+    one poison, each followed by its classifier, with every step holding a CPU."""
     from raypurify.experiments.runner import Scheduler, chain_heights
     from raypurify.experiments.steps import Context, Step
     from raypurify.experiments.store import Store
@@ -333,15 +333,34 @@ def test_one_step_at_a_time_the_ready_step_with_the_longest_chain_after_it_goes_
         order.append(step.name)
         return {"ok": True}
 
-    train = Step("probe", "train/clean", {"i": 0}, [], action)
-    poison = Step("probe", "poison", {"i": 1}, [], action, cpus=0)
-    purify = Step("probe", "purify", {"i": 2}, [poison], action)
-    train_purified = Step("probe", "train/purified", {"i": 3}, [purify], action)
-    steps = [train, poison, purify, train_purified]
-    assert [chain_heights(steps)[s] for s in steps] == [0, 2, 1, 0]
+    def step(name, *inputs):
+        return Step("probe", name, {"name": name}, list(inputs), action)
+
+    train = step("train/clean")
+    poison = step("poison")
+    purify1, purify2 = step("purify1", poison), step("purify2", poison)
+    steps = [train, poison, purify1, step("train/1", purify1), purify2, step("train/2", purify2)]
+    assert [chain_heights(steps)[s] for s in steps] == [0, 2, 1, 0, 1, 0]
     ctx = Context(spec=load_spec("demo", TINY), test=None, parent=None)
-    Scheduler(steps, Store(tmp_path / "store"), ctx, [], 1, tmp_path).run()
-    assert order == ["poison", "purify", "train/clean", "train/purified"]
+    Scheduler(steps, Store(tmp_path / "store"), ctx, [], parallel, tmp_path, budget).run()
+    return order
+
+
+def test_one_step_at_a_time_the_first_step_is_the_one_with_the_longest_chain_then_plan_order(
+    tmp_path,
+):
+    """The first step that holds CPUs waits for the warm group's start: a poison or a
+    purification takes it, not a classifier. After it, plan order fills the table row by
+    row."""
+    order = chain_order(tmp_path, parallel=1)
+    assert order == ["poison", "train/clean", "purify1", "train/1", "purify2", "train/2"]
+
+
+def test_steps_at_once_start_the_longest_chain_first(tmp_path):
+    """With several slots the critical path goes first (one held step at a time here, as
+    the budget allows one CPU, so the order is deterministic)."""
+    order = chain_order(tmp_path, parallel=2, budget=1)
+    assert order == ["poison", "purify1", "purify2", "train/clean", "train/1", "train/2"]
 
 
 def test_the_plan_counts_the_cpus_each_step_holds():

@@ -239,7 +239,14 @@ def chain_heights(steps: list[Step]) -> dict[Step, int]:
 class Scheduler:
     """Runs steps whose inputs are done, up to `parallel` at once, in driver threads, and
     while the CPUs they hold (`Step.cpus`) fit `budget`; a step runs alone if it needs more.
-    Among ready steps, those that hold no CPUs go first, then the longest chain first."""
+
+    Order among ready steps: those that hold no CPUs first (quick data steps, written in
+    the driver while a warm group starts). Then, where order changes the run's length
+    (several steps at once) and for the first step that holds CPUs (the one that waits
+    for a starting warm group), the step with the longest chain of steps waiting on it
+    first: the critical path, and a poison or a purification (longer than a classifier
+    in every preset) to absorb the group's start. Otherwise plan order, which fills the
+    table row by row while a long run goes on."""
 
     def __init__(
         self,
@@ -254,6 +261,7 @@ class Scheduler:
         self.steps, self.store, self.ctx, self.out = steps, store, ctx, out
         self.force, self.parallel, self.budget = list(force), parallel, budget
         self.height = chain_heights(steps)
+        self.held_started = False  # whether a step that holds CPUs has started
         self.cells = tqdm(
             total=sum(s.kind == "train" for s in steps), desc="table", unit="cell", position=0
         )
@@ -272,11 +280,7 @@ class Scheduler:
         free = list(range(1, self.parallel + 1))
         with ThreadPoolExecutor(self.parallel) as pool:
             while pending or running:
-                # Steps that hold no CPUs (data written in the driver) start first among the
-                # ready ones: they are quick, and a warm group starting in the background
-                # gets their time. Then the step with the longest chain of steps waiting on
-                # it: the critical path first, and the longest step absorbs the group's start.
-                for step in sorted(pending, key=lambda s: (s.cpus > 0, -self.height[s])):
+                for step in sorted(pending, key=self.priority):
                     if any(i.error for i in step.inputs):
                         step.error = f"input {next(i.name for i in step.inputs if i.error)} failed"
                         pending.remove(step)
@@ -287,6 +291,7 @@ class Scheduler:
                             self._done(step)
                         elif free and self.fits(step, [s for s, _ in running.values()]):
                             pending.remove(step)
+                            self.held_started |= step.cpus > 0
                             slot = free.pop(0)
                             running[pool.submit(self.execute, step, slot)] = (step, slot)
                 if not running:
@@ -303,6 +308,11 @@ class Scheduler:
                         tqdm.write(f"step {step.name} failed: {step.error}")
                     self._done(step)
         self.cells.close()
+
+    def priority(self, step: Step) -> tuple[bool, int]:
+        """Sort key of a ready step (the class docstring says why)."""
+        longest_first = self.parallel > 1 or not self.held_started
+        return step.cpus > 0, -self.height[step] if longest_first else 0
 
     def fits(self, step: Step, running: list[Step]) -> bool:
         held = sum(s.cpus for s in running)
