@@ -11,6 +11,7 @@ services that run code. See cluster/README.md for what to firewall on a cluster.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from typing import Literal
 
@@ -29,7 +30,7 @@ def init_ray(num_cpus: int | None = None, *, object_store_bytes: int | None = No
         raise ConfigError(f"--num-cpus: {num_cpus} is not at least 1")
     if ray.is_initialized():
         return
-    quiet_data_logs()
+    quiet_logs()
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
     # Workers' own output (Ray Train's and Ray Data's internals, mostly) stays in Ray's log
@@ -70,18 +71,26 @@ def loopback_only() -> None:
     disable_clustering()
 
 
-def quiet_data_logs() -> None:
+def quiet_logs() -> None:
     """Ray Data logs every operator's progress at INFO (a screenful per dataset when stdout is
-    not a terminal); we draw our own bars, so keep its errors only. RAYPURIFY_VERBOSE=1
-    restores them."""
-    import logging
-
+    not a terminal); we draw our own bars, so keep its errors only. Ray's notice of its
+    default token auth goes too (`token_auth_notice`). RAYPURIFY_VERBOSE=1 restores both."""
     if os.environ.get("RAYPURIFY_VERBOSE") == "1":
         return
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.ERROR)
+    auth = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    if token_auth_notice not in auth.filters:
+        auth.addFilter(token_auth_notice)
+
+
+def token_auth_notice(record: logging.LogRecord) -> bool:
+    """Drops Ray's WARNING that a new local Ray has token authentication on, its default,
+    printed by every command; auth stays on (its token in ~/.ray/auth_token) and the
+    warning that it is off still shows."""
+    return not record.getMessage().startswith("Token authentication is enabled")
 
 
 def device() -> torch.device:

@@ -105,7 +105,12 @@ LISTENERS = textwrap.dedent(
 
     init_ray(1)
     ray.get(ray.remote(lambda: 1).remote())  # a worker is up too
-    print(json.dumps(sorted(listening(socket_inodes(tree(os.getpid()))))))
+    from ray._private.authentication.authentication_utils import get_authentication_mode_name
+    from ray._raylet import get_authentication_mode
+
+    auth = get_authentication_mode_name(get_authentication_mode())
+    print(json.dumps({"listening": sorted(listening(socket_inodes(tree(os.getpid())))),
+                      "auth": auth}))
     ray.shutdown()
     """
 )
@@ -115,7 +120,7 @@ LOOPBACK = {"0100007F", "0000000000000000FFFF00000100007F", "0000000000000000000
 
 
 @pytest.mark.ray  # starts its own local Ray
-def test_local_ray_listens_on_loopback_only():
+def test_local_ray_listens_on_loopback_only_with_token_auth_and_no_notice_of_it():
     env = {k: v for k, v in __import__("os").environ.items() if k != "RAY_ADDRESS"}
     for _ in range(3):  # Ray gives its raylet 30 s to register: a loaded machine may miss it
         proc = subprocess.run(
@@ -124,6 +129,9 @@ def test_local_ray_listens_on_loopback_only():
         if "timed out during startup" not in proc.stderr:
             break
     assert proc.returncode == 0, proc.stderr[-2000:]
-    found = json.loads(proc.stdout.strip().splitlines()[-1])
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    found = report["listening"]
     assert len(found) >= 3  # GCS, raylet, a worker, agents
     assert set(found) <= LOOPBACK, found
+    assert report["auth"] == "token"  # Ray's default for a new local cluster, kept
+    assert "Token authentication is enabled" not in proc.stderr  # ...without its notice
