@@ -1,8 +1,9 @@
-"""The three private Ray names raypurify relies on, kept here and nowhere else.
+"""The private Ray names raypurify relies on, kept here and nowhere else.
 
 Ray has no public switch or query for any. tests/test_ray_private.py fails as soon as a
-Ray upgrade moves or renames one, instead of every worker logging each report, a local Ray
-listening on every interface, or a stopped sweep trial's CPUs staying reserved.
+Ray upgrade moves or renames one, instead of every worker logging each report, every
+command printing Ray's token-auth notice, a local Ray listening on every interface, or a
+stopped sweep trial's CPUs staying reserved.
 """
 
 from __future__ import annotations
@@ -22,6 +23,16 @@ def report_logger() -> logging.Logger:
     if spec is None or spec.origin is None:
         raise RuntimeError(f"Ray Train moved {REPORT_LOGGER_MODULE}: update REPORT_LOGGER_MODULE")
     return logging.getLogger(spec.origin)
+
+
+# A new local Ray logs at WARNING, from this private module's logger, that token auth is
+# on (its default); runtime.quiet_logs filters that one notice out.
+AUTH_NOTICE_MODULE = "ray._private.authentication.authentication_token_setup"
+
+
+def auth_notice_logger() -> logging.Logger:
+    """The logger of Ray's token-auth notices."""
+    return logging.getLogger(AUTH_NOTICE_MODULE)
 
 
 def disable_clustering() -> None:
@@ -71,3 +82,15 @@ def placement_group_records() -> list[GroupRecord]:
             )
         )
     return records
+
+
+def actor_dead(actor_id: str) -> bool:
+    """Whether the actor (hex id) reads DEAD in the control store's actor table (not one
+    that is restarting). A group's `creator_dead` flag can still read False a while after
+    its creator died there, so the sweep cleanup asks both."""
+    from ray._private.state import state
+
+    if not hasattr(state, "actor_table"):
+        raise RuntimeError("Ray moved GlobalState.actor_table: update ray_private.py")
+    info = state.actor_table(actor_id)
+    return bool(info) and info.get("State") == "DEAD"

@@ -79,9 +79,11 @@ def quiet_logs() -> None:
         return
     from ray.data import DataContext
 
+    from raypurify.ray_private import auth_notice_logger
+
     DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.ERROR)
-    auth = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    auth = auth_notice_logger()
     if token_auth_notice not in auth.filters:
         auth.addFilter(token_auth_notice)
 

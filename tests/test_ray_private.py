@@ -7,12 +7,22 @@ import importlib
 import subprocess
 import sys
 
-from raypurify.ray_private import REPORT_LOGGER_MODULE, report_logger
+from raypurify.ray_private import (
+    AUTH_NOTICE_MODULE,
+    REPORT_LOGGER_MODULE,
+    auth_notice_logger,
+    report_logger,
+)
 
 
 def test_ray_train_logs_its_reports_to_the_logger_the_workers_quiet():
     module = importlib.import_module(REPORT_LOGGER_MODULE)
     assert module.logger is report_logger()
+
+
+def test_ray_logs_its_token_auth_notice_to_the_logger_the_runtime_filters():
+    module = importlib.import_module(AUTH_NOTICE_MODULE)
+    assert module.logger is auth_notice_logger()
 
 
 def test_turning_clustering_off_keeps_a_local_ray_on_loopback():
@@ -44,3 +54,26 @@ def test_the_control_store_names_each_groups_job_and_creator(ray_session):
     remove_placement_group(group)
     (record,) = [g for g in placement_group_records() if g.group_id == group.id.hex()]
     assert record.removed
+
+
+def test_an_actor_reads_dead_in_the_control_store_once_killed(ray_session):
+    import time
+
+    import ray
+
+    from raypurify.ray_private import actor_dead
+
+    @ray.remote(num_cpus=0)
+    class Idle:
+        def ping(self):
+            return 1
+
+    actor = Idle.remote()
+    ray.get(actor.ping.remote())
+    actor_id = actor._actor_id.hex()
+    assert not actor_dead(actor_id)
+    ray.kill(actor)
+    deadline = time.monotonic() + 30
+    while not actor_dead(actor_id) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert actor_dead(actor_id)

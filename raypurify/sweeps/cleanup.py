@@ -7,9 +7,10 @@ dashboard's State API, which a local Ray here runs without). Its CPUs stay reser
 on a small machine, the trials after it wait forever.
 
 Ray's control store records, for each group, the actor that created it and whether that
-actor has died. Nothing but its creator places work in a Ray Train group, so a group whose
-creator is dead will never be used again: those of this job are what gets removed, every
-few seconds while the sweep runs and once more after its last trial. A live controller's
+actor has died (a flag that can lag the actor table, so both are asked). Nothing but its
+creator places work in a Ray Train group, so a group whose creator is dead will never be
+used again: those of this job are what gets removed, every few seconds while the sweep
+runs and once more after its last trial. A live controller's
 group is never touched, whatever Tune has reported about its trial (a Ray Train run whose
 group is removed under a live controller starts another).
 """
@@ -17,12 +18,12 @@ group is removed under a live controller starts another).
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import ray
 from ray.tune import Callback
 
-from raypurify.ray_private import GroupRecord, placement_group_records
+from raypurify.ray_private import GroupRecord, actor_dead, placement_group_records
 
 if TYPE_CHECKING:
     from ray.tune.experiment import Trial
@@ -42,7 +43,11 @@ def release_orphaned() -> int:
     """Remove this job's groups whose creating actor has died; how many were removed."""
     from ray.util.placement_group import PlacementGroup
 
-    orphaned = [g for g in _made_by_actors_of_this_job() if g.creator_dead]
+    orphaned = [
+        g
+        for g in _made_by_actors_of_this_job()
+        if g.creator_dead or actor_dead(cast(str, g.creator_actor))
+    ]
     for g in orphaned:
         ray.util.remove_placement_group(PlacementGroup(ray.PlacementGroupID.from_hex(g.group_id)))
     return len(orphaned)
