@@ -222,6 +222,19 @@ def save_torch(path: str | Path, obj: Any) -> None:
         raise
 
 
+def load_user_torch(path: str | Path) -> Any:
+    """torch.load of a file the user gave: weights_only (nothing is unpickled), on the CPU,
+    and torch's warnings about the file (its pickle protocol, a sparse tensor's check) left
+    out, as the caller turns a failure into one line (errors.unreadable_file)."""
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def differences(old: Any, new: Any, prefix: str = "") -> list[str]:
     """Dotted keys whose values differ between two JSON-like records ("a.b: 1 -> 2")."""
     if isinstance(old, dict) and isinstance(new, dict):

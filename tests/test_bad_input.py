@@ -667,7 +667,7 @@ def good_template(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_bad_input_is_one_line(case, good_template, tmp_path, monkeypatch, capsys):
+def test_bad_input_is_one_line(case, good_template, tmp_path, monkeypatch, capsys, recwarn):
     root = tmp_path / "work"
     root.mkdir()
     shutil.copytree(good_template, root / "good")
@@ -685,6 +685,7 @@ def test_bad_input_is_one_line(case, good_template, tmp_path, monkeypatch, capsy
     lines = terminal_lines(err)
     assert code == 2, (out, err)
     assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert not [str(w.message) for w in recwarn]  # nor a warning beside it
     assert "Traceback" not in err + out and "pickle executed" not in out
     assert "weights_only=False" not in err
     assert case.expect in lines[0]

@@ -22,7 +22,6 @@ Every error is one line naming the file. The poisoned column marks the rows that
 from __future__ import annotations
 
 import hashlib
-import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ from PIL import Image
 from pydantic import Field
 
 from raypurify import config
+from raypurify.atomic import load_user_torch
 from raypurify.attacks.base import Norm, chunks, log_poisoning, measure_budget
 from raypurify.config import Config
 from raypurify.data.imageset import ImageSet
@@ -118,9 +118,7 @@ def numeric(value: np.ndarray, where: Path) -> np.ndarray:
 
 
 def _load_tensor(path: Path) -> np.ndarray:
-    with warnings.catch_warnings():  # torch warns as it checks a sparse tensor: one line only
-        warnings.simplefilter("ignore")
-        value = torch.load(path, weights_only=True, map_location="cpu")
+    value = load_user_torch(path)
     if not isinstance(value, torch.Tensor):
         raise DatasetError(f"{path}: expected one tensor, found {type(value).__name__}")
     if value.is_floating_point() and value.dtype not in (torch.float32, torch.float64):
@@ -270,8 +268,8 @@ def images_from_arrays(
 
 def read_npz(paths: list[Path], base: ImageSet, cfg: ScaledImportConfig) -> np.ndarray:
     path = one_path(paths, "npz")
-    try:
-        with np.load(path, allow_pickle=False) as arrays:
+    try:  # the file opened here: np.load leaves its own open when a zip is bad
+        with path.open("rb") as f, np.load(f, allow_pickle=False) as arrays:
             keys = set(arrays.files)
             pair = next((p for p in (("data", "targets"), ("x", "y")) if set(p) <= keys), None)
             if pair is None:

@@ -22,6 +22,7 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
+from raypurify.atomic import load_user_torch
 from raypurify.data.imageset import ImageSet
 from raypurify.data.spec import Stream
 from raypurify.distributed import fit, use_gpu
@@ -68,7 +69,7 @@ def check_weights(path: Path, cfg: PurifyConfig, num_classes: int, image_size: i
     network `cfg` builds for this data (read with weights_only: nothing is unpickled)."""
     what = "not weights of this purification's network"
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_user_torch(path)
     except Exception as e:  # torch raises many types for a bad file
         raise unreadable_file(path, e, what) from None
     if not isinstance(state, dict):
