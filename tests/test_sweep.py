@@ -285,7 +285,7 @@ def test_no_cpu_stays_reserved_by_a_stopped_or_killed_trial(sweep):
     """ASHA's stop and the killed trial process end their Ray Train runs' controllers; the
     runs' placement groups must not keep their CPUs (later trials would wait forever)."""
     assert sweep["trial_killed"] and trials(sweep["out"])
-    assert sweep["reserved"] == []
+    assert sweep["reserved"] == [], sweep["reserved"]  # in full: whose group, in what state
 
 
 @pytest.mark.slow
