@@ -28,6 +28,11 @@ def positions(data: ImageSet, index: np.ndarray) -> np.ndarray:
     return order[np.searchsorted(data.index[order], index)]
 
 
+def by_index(data: ImageSet, index: np.ndarray) -> np.ndarray:
+    """The images of `data` whose index is `index`, in that order."""
+    return data.images[positions(data, index)]
+
+
 def probe_split(rows: int, train: int, held: int) -> tuple[np.ndarray, np.ndarray]:
     """The probes' training and held-out rows among `rows` (positions, seed 0)."""
     order = np.random.default_rng(0).permutation(rows)
@@ -62,7 +67,7 @@ class Probe:
     @classmethod
     def load(cls, args: argparse.Namespace) -> Probe:
         poisoned, clean = read_images(args.poison), read_images(args.clean)
-        originals = clean.images[positions(clean, poisoned.index)]
+        originals = by_index(clean, poisoned.index)
         train, held = probe_split(len(poisoned), args.rows, args.held)
         return cls(preset(args.preset, args.set), poisoned, originals, train, held)
 

@@ -30,16 +30,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_results  # noqa: E402
-from in_process import positions, probe_split  # noqa: E402
+from in_process import by_index, positions, probe_split  # noqa: E402
 
 from raypurify.data.imageset import ImageSet  # noqa: E402
 from raypurify.data.interchange import read_images, write_images  # noqa: E402
 from raypurify.training.run import run_training  # noqa: E402
-
-
-def by_index(data: ImageSet, index: np.ndarray) -> np.ndarray:
-    """The images of `data` whose index is `index`, in that order."""
-    return data.images[positions(data, index)]
 
 
 def main() -> None:

@@ -7,7 +7,8 @@ other output (a training run, a purification, an experiment) by a marker file
 (`.raypurify`). `--overwrite` replaces only such a directory, never the input of the
 command nor a directory holding it, so a mistyped `--out` cannot destroy a user's files.
 Staging directories are named for their writer's pid and host, so the next write of the
-same target can remove what a killed writer left behind.
+same target can remove what a killed writer left behind. `save_torch`'s counterpart for a
+file the user gives, `load_user_torch`, reads it without unpickling anything.
 """
 
 from __future__ import annotations
