@@ -15,7 +15,9 @@ others, and after k = 1..PASSES reconstructions of P2 reports, against the clean
 - p3_db / clean_p3_db: PSNR of P3 of the poisoned and of the clean rows.
 JPEG-10 of the same rows, measured the same way, is the first row: the baseline that the
 CPU-protocol table compares D-VAE with. `--extrapolate G,...` adds P3 = x_hat + g (x_hat - x2),
-the first pass's change from x2 taken 1 + g times. `--save DIR` writes each P3 of the
+the first pass's change from x2 taken 1 + g times; `--shift-average` adds the mean of x_hat
+over the encoder's four pixel phases and a flip (it keeps as much of TAP as one pass:
+docs/RESULTS.md). `--save DIR` writes each P3 of the
 training rows (DIR/p3-poisoned-K and DIR/p3-clean-K after K passes, -xG extrapolated) for
 bench/poison_dose.py and `raypurify train`.
 
@@ -46,6 +48,21 @@ from raypurify.defenses.squeeze import JpegOptions, jpeg  # noqa: E402
 from raypurify.experiments.trace import psnr, share_kept  # noqa: E402
 
 
+def phase_average(model, x: torch.Tensor, labels: np.ndarray) -> torch.Tensor:
+    """Mean of x_hat over the stride-2 encoder's four pixel phases (1-pixel rolls, undone
+    after reconstruction) and a horizontal flip. Image content is (nearly) equivariant to
+    these; a perturbation that the encoder keeps through its alignment with the grid is
+    not, so averaging should cancel more of it than of the image."""
+    total = torch.zeros_like(x)
+    for flip in (False, True):
+        for dy in (0, 1):
+            for dx in (0, 1):
+                xs = torch.roll(x.flip(3) if flip else x, (dy, dx), (2, 3))
+                out = torch.roll(ip.apply(model, xs, labels, ip.reconstruct), (-dy, -dx), (2, 3))
+                total += out.flip(3) if flip else out
+    return total / 8
+
+
 def main() -> None:
     ap = ip.probe_parser(__doc__)
     ap.add_argument("--passes", type=int, default=4)
@@ -54,6 +71,11 @@ def main() -> None:
         type=lambda v: [float(g) for g in v.split(",")],
         default=[],
         help="also form P3 = x_hat + g (x_hat - x2) for each g (comma-separated)",
+    )
+    ap.add_argument(
+        "--shift-average",
+        action="store_true",
+        help="also form P3 as the mean of x_hat over the encoder's four pixel phases and flips",
     )
     ap.add_argument(
         "--save", help="write each P3 of the training rows here (p3-poisoned-K, p3-clean-K, ...)"
@@ -112,6 +134,9 @@ def main() -> None:
         if k > 1:
             out = {which: ip.apply(stage2, x, labels, ip.reconstruct) for which, x in out.items()}
         keep(f"D-VAE, {k} pass{'es' if k > 1 else ''}", str(k), out)
+    if args.shift_average:
+        out = {which: phase_average(stage2, x, labels) for which, x in p2.items()}
+        keep("D-VAE, x_hat averaged over 8 phases and flips", "phases", out)
     for g in args.extrapolate:
         out = {which: (1 + g) * x_hat[which] - g * p2[which] for which in p2}
         keep(f"D-VAE, x_hat + {g:g} (x_hat - x2)", f"x{g:g}", out)
