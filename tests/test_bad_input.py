@@ -586,7 +586,19 @@ CASES = [
         lambda r: experiment_dir(r, None, run_json='{"spec": 3}'),
         "run.json",
     ),
+    # sweep ----------------------------------------------------------------------------
+    Case(
+        "sweep --resume where no sweep ran",
+        lambda r: ["sweep", "demo", "--out", str(r / "good"), "--resume"],
+        expect="--resume: ",
+    ),
     # analyze --------------------------------------------------------------------------
+    Case(
+        "detect with a purification config that is no config",
+        lambda r: ["analyze", "detect", "--data", str(r / "good"), "--purified", str(r / "p")],
+        lambda r: (purification_dir(r, b"x\n"), (r / "p" / "config.json").write_text("[3]")),
+        expect="config.json: not a purification config",
+    ),
     Case(
         "detect with missing input",
         lambda r: ["analyze", "detect", "--data", str(r / "nope"), "--purified", str(r / "p")],

@@ -457,6 +457,21 @@ def test_a_space_name_or_file_is_required(capsys):
     assert "shipped space" in capsys.readouterr().err
 
 
+def test_the_resume_command_repeats_every_setting_of_the_sweep():
+    """A sweep resumed with other settings is refused, so the command printed on Ctrl-C must
+    carry each of them, quoted for the shell."""
+    from raypurify.cli import build_parser
+    from raypurify.cli.sweep import resume_command
+
+    argv = ["sweep", "my space.yaml", "--out", "o", "--set", "seed=3", "--samples", "4"]
+    argv += ["--concurrency", "2", "--num-cpus", "3"]
+    args = build_parser().parse_args(argv)
+    assert resume_command(args) == (
+        "raypurify sweep 'my space.yaml' --out o --set seed=3 --samples 4 --concurrency 2 "
+        "--num-cpus 3 --resume"
+    )
+
+
 def test_the_shipped_spaces_validate():
     for name in ("demo", "cpu", "cifar10-paper", "cifar100-paper"):
         space = load_space(name, datasets=False)  # CIFAR-100 is not offline here
