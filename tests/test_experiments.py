@@ -388,6 +388,51 @@ def test_a_clean_row_of_named_columns_plans_only_those_and_the_table_leaves_the_
     assert "| clean | 50.00 | - |" in table
 
 
+def test_the_iss_column_takes_the_better_of_its_columns_per_row_and_only_when_both_are_done():
+    """cifar10-mini's ISS is derived, never trained: per row and classifier, the better of
+    grayscale and JPEG-10, with the column it chose; a row missing either stays blank."""
+    from raypurify.reports.experiment import collect, markdown
+
+    spec = load_spec("cifar10-mini")
+
+    def train(row, column, accuracy):
+        meta = {"row": row, "column": column, "classifier": "fast-resnet"}
+        result = None if accuracy is None else {"accuracy": accuracy}
+        name = f"train/{row}/{column}/fast-resnet"
+        return {"name": name, "kind": "train", "meta": meta, "result": result}
+
+    records = [
+        train("ops", "grayscale", 0.16),
+        train("ops", "jpeg-10", 0.73),
+        train("lsp", "grayscale", 0.78),
+        train("lsp", "jpeg-10", 0.72),
+        train("tap", "jpeg-10", 0.70),  # its grayscale cell is not done yet
+        train("ar", "grayscale", None),  # a step that has not finished
+    ]
+    results = collect(spec, records)
+    iss = {c["row"]: c for c in results["cells"] if c["column"] == "iss"}
+    assert set(iss) == {"ops", "lsp"}
+    assert (iss["ops"]["accuracy"], iss["ops"]["chosen"]) == (0.73, "jpeg-10")
+    assert (iss["lsp"]["accuracy"], iss["lsp"]["chosen"]) == (0.78, "grayscale")
+    table = markdown(spec, results)
+    assert "| ops | - | 73.00 | 16.00 | - | 73.00 | - | - |" in table
+    assert "| tap | - | 70.00 | - | - | - | - | - |" in table  # no ISS yet
+    assert "better input column per row (lsp: grayscale, ops: jpeg-10)" in table
+
+
+def test_the_detection_table_lists_each_scored_attack_by_statistic():
+    from raypurify.reports.experiment import detection_markdown
+
+    metric = {"accuracy": 0.9, "precision": 0.8, "recall": 1.0, "f1": 0.889}
+    lines = detection_markdown(
+        [{"row": "ops", "norm": metric, "class_cosine": metric}, {"row": "tap", "error": "x"}]
+    )
+    assert "| ops | norm | 90.00 | 80.00 | 100.00 | 88.90 |" in lines
+    assert "| ops | class_cosine | 90.00 | 80.00 | 100.00 | 88.90 |" in lines
+    assert not [line for line in lines if line.startswith("| tap")]
+    assert detection_markdown([{"row": "tap"}]) == []
+
+
 def test_the_analyses_plan_a_clean_control_for_the_disentanglement_check_only():
     from raypurify.experiments.steps import plan
 
