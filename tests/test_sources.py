@@ -211,6 +211,20 @@ def test_folder_resized(image_folder):
     assert data.images[0].std() > 10
 
 
+def test_a_streamed_folder_is_the_folder_loaded(ray_session, image_folder):
+    """The Ray Data path (large folders, ImageNet subsets) decodes the same rows, labels and
+    indices as the in-memory one, and needs the size up front."""
+    spec = DatasetSpec(name="folder", path=str(image_folder), size=16)
+    loaded, stream = registry.load(spec), registry.stream(spec)
+    assert (stream.classes, stream.shape, stream.rows) == (loaded.classes, (16, 16, 3), 5)
+    rows = sorted(stream.ds.take_all(), key=lambda r: r["index"])
+    assert [r["index"] for r in rows] == list(loaded.index)
+    assert [r["label"] for r in rows] == list(loaded.labels)
+    assert np.array_equal(np.stack([r["image"] for r in rows]), loaded.images)
+    with pytest.raises(DatasetError, match="streaming needs size"):
+        registry.stream(DatasetSpec(name="folder", path=str(image_folder)))
+
+
 def test_folder_with_same_sizes_loads_as_is(tmp_path):
     root = tmp_path / "f"
     for cls in ("b", "a"):
