@@ -126,6 +126,26 @@ def test_ports_and_stores(tmp_path):
     assert cmd[cmd.index("--host") + 1] == "127.0.0.1"
 
 
+def test_a_taken_default_port_falls_back_to_a_free_one_and_says_so(monkeypatch):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        monkeypatch.setattr(ui, "DEFAULT_PORT", port)
+        chosen, note = ui.choose_port("127.0.0.1", None)
+    assert chosen != port and note == (
+        f"port {port} is in use on 127.0.0.1; serving on {chosen} instead"
+    )
+
+
+def test_a_tracking_server_is_pointed_to_not_served_again(capsys):
+    """Runs logged to an `mlflow server` are browsed on that server: no second one starts."""
+    assert _cli_main(["--backend-store-uri", "http://127.0.0.1:9/"]) == 0
+    assert capsys.readouterr().out == (
+        "the tracking server at http://127.0.0.1:9/ serves the MLflow UI itself\n"
+    )
+
+
 def test_cli_bad_input_exits_2_with_one_line(sweep_dir, tmp_path, capsys):
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "sweep.json").write_text("{")
