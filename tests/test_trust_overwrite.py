@@ -1,6 +1,7 @@
 """`--overwrite` replaces only what this project wrote, never an input nor a folder holding
 one, and a killed writer's staging directory is cleaned up by the next write of the same
-target (but never a live writer's, nor one from another host)."""
+target (but never a live writer's, nor one from another host); a write that fails keeps
+the last good file."""
 
 from __future__ import annotations
 
@@ -136,3 +137,30 @@ def test_a_replaced_output_is_kept_until_its_successor_is_in_place(tmp_path):
     assert clean_stale(out) == [] and old.path.exists()
     write_images(small_set(seed=2), out)
     assert not old.path.exists() and open_dataset(out).rows == 30
+
+
+def test_a_checkpoint_or_record_that_fails_to_write_leaves_the_last_good_one(tmp_path, monkeypatch):
+    """A save that fails midway (here an object torch cannot pickle, after the file was
+    opened) raises, keeps the previous file as it was and leaves no staging file."""
+    import torch
+
+    from raypurify.atomic import save_torch, write_bytes
+
+    ckpt = tmp_path / "state.pt"
+    save_torch(ckpt, {"epoch": 3})
+    with pytest.raises(Exception, match="pickle|lambda"):
+        save_torch(ckpt, {"epoch": 4, "hook": lambda: None})
+    assert torch.load(ckpt, weights_only=True) == {"epoch": 3}
+
+    record = tmp_path / "step.json"
+    write_bytes(record, b"old")
+
+    def full_disk(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        write_bytes(record, b"new")
+    monkeypatch.undo()
+    assert record.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.pt", "step.json"]
