@@ -25,9 +25,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_results  # noqa: E402
 
+# net -> (its row's label, its batch): the demo's classifier and D-VAE training steps
 NETS = {
-    "classifier: fast-resnet w16, batch 128": ("classifier", 128),
-    "D-VAE: cpu preset w16, batch 32": ("dvae", 32),
+    "classifier": ("classifier: fast-resnet w16, batch 128", 128),
+    "dvae": ("D-VAE: cpu preset w16, batch 32", 32),
 }
 
 
@@ -36,14 +37,15 @@ def worker(net: str, threads: int, steps: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
+    batch = NETS[net][1]
     if net == "classifier":
         from classifier import step_throughput as classifier_steps
 
-        rate = classifier_steps("fast-resnet", {"width": 16}, "fp32", 128, steps)
+        rate = classifier_steps("fast-resnet", {"width": 16}, "fp32", batch, steps)
     else:
         from dvae_throughput import step_throughput as dvae_steps
 
-        rate = dvae_steps(16, "fp32", 32, steps, latent=64)
+        rate = dvae_steps(16, "fp32", batch, steps, latent=64)
     print(json.dumps({"rate": rate}))
 
 
@@ -80,7 +82,7 @@ def main() -> None:
         return
     cores = os.cpu_count() or 1
     rows = []
-    for label, (net, batch) in NETS.items():
+    for net, (label, batch) in NETS.items():
         for r in range(args.rounds):
             steps = args.steps * 128 // batch  # the same images for each net
             whole = launch(net, cores, steps, 1)[0]
