@@ -44,11 +44,12 @@ from common import write_results  # noqa: E402
 
 from raypurify.data.imageset import ImageSet  # noqa: E402
 from raypurify.data.interchange import write_images  # noqa: E402
+from raypurify.defenses.dvae.model import DVAE  # noqa: E402
 from raypurify.defenses.squeeze import JpegOptions, jpeg  # noqa: E402
 from raypurify.experiments.trace import psnr, share_kept  # noqa: E402
 
 
-def phase_average(model, x: torch.Tensor, labels: np.ndarray) -> torch.Tensor:
+def phase_average(model: DVAE, x: torch.Tensor, labels: np.ndarray) -> torch.Tensor:
     """Mean of x_hat over the stride-2 encoder's four pixel phases (1-pixel rolls, undone
     after reconstruction) and a horizontal flip. Image content is (nearly) equivariant to
     these; a perturbation that the encoder keeps through its alignment with the grid is
