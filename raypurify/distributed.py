@@ -1,7 +1,7 @@
 """The driver's side of Ray Train, shared by every trained model (classifiers, D-VAE
 stages, EM): `fit` runs a loop (workers.py) as a TorchTrainer whose storage path and name
 are fixed by the caller, so a rerun resumes, and shows an epoch progress bar; inside
-`serving(group)` it hands the fits a warm worker group can host to it instead. The
+`serving(groups)` it hands each fit a free warm worker group can host to that group instead. The
 resource checks refuse, in one line, what a local Ray would wait for forever.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,24 +27,45 @@ from raypurify.workers import J, LoopCall, LoopContext, loop_entry, saved_state
 if TYPE_CHECKING:
     from raypurify.worker_group import WarmGroup
 
-# The warm worker group that hosts this driver's fits, if one is open (worker_group.py).
-_warm_group: WarmGroup | None = None
+# The warm worker groups that host this driver's fits, if any are open (worker_group.py);
+# each hosts one fit at a time, claimed by the step thread that runs it.
+_warm_groups: tuple[WarmGroup, ...] = ()
+_busy: set[int] = set()  # id() of the groups hosting a fit now
+_claims = threading.Lock()
 
 
 @contextlib.contextmanager
-def serving(group: WarmGroup) -> Iterator[None]:
-    """Within this block `fit` hands the fits `group` can host to it (worker_group.py)."""
-    global _warm_group
-    previous, _warm_group = _warm_group, group
+def serving(*groups: WarmGroup) -> Iterator[None]:
+    """Within this block `fit` hands the fits `groups` can host to a free one of them."""
+    global _warm_groups
+    previous, _warm_groups = _warm_groups, groups
     try:
         yield
     finally:
-        _warm_group = previous
+        _warm_groups = previous
 
 
-def serving_group() -> WarmGroup | None:
-    """The warm group this process's fits are handed to, if one is open."""
-    return _warm_group
+def serving_groups() -> tuple[WarmGroup, ...]:
+    """The warm groups this process's fits are handed to (none if none is open)."""
+    return _warm_groups
+
+
+@contextlib.contextmanager
+def claim(workers: int, gpu: bool) -> Iterator[WarmGroup | None]:
+    """A free warm group that hosts a fit of `workers` workers, held for this block; None
+    if none does (the fit starts its own run)."""
+    with _claims:
+        group = next(
+            (g for g in _warm_groups if id(g) not in _busy and g.hosts(workers, gpu)), None
+        )
+        if group is not None:
+            _busy.add(id(group))
+    try:
+        yield group
+    finally:
+        if group is not None:
+            with _claims:
+                _busy.discard(id(group))
 
 
 def use_gpu(device: str) -> bool:
@@ -141,20 +163,20 @@ def fit(
         cpus = min(1.0, max(0.25, (ray.cluster_resources().get("CPU", 1) - 1) / workers))
     check_cpus(workers, cpus)
     resources = {"CPU": cpus, "GPU": 1} if gpu else {"CPU": cpus}
-    group = _warm_group
-    hosted = not datasets and group is not None and group.hosts(workers, gpu)
+    # A fit that streams Ray Data datasets starts its own run: its data needs Ray Train.
+    host = contextlib.nullcontext(None) if datasets else claim(workers, gpu)
     try:
-        with Progress(epochs, desc, initial=previous["epoch"] if previous else 0) as progress:
+        initial = previous["epoch"] if previous else 0
+        with host as group, Progress(epochs, desc, initial=initial) as progress:
             # A hosted job's worker reads its newest checkpoint from storage itself (see
             # `restore`: also right after a group restart); an own run gets it by value.
-            resume_from = None if hosted else previous and ray.put(previous)
+            resume_from = None if group is not None else previous and ray.put(previous)
             call = LoopCall(loop, job, LoopContext(progress.queue, resume_from))
-            if hosted:
+            if group is not None:
                 from raypurify.worker_group import Job
 
-                # hosted: group is not None
                 job = Job(call, str(storage), name, keep, forward=bool(callbacks))
-                metrics = cast("WarmGroup", group).run(job, callbacks or ())
+                metrics = group.run(job, callbacks or ())
             else:
                 trainer = TorchTrainer(
                     loop_entry,
@@ -186,7 +208,7 @@ def fit(
     if state is None:
         raise TrainingError(f"{desc}: finished without a checkpoint in {storage / name}")
     # Loops that keep a per-epoch history (classifiers, D-VAE stages) say where time went.
-    ran = state.get("history", [])[previous["epoch"] if previous else 0 :]
+    ran = state.get("history", [])[initial:]
     first = progress.first_update_at
     started = time.perf_counter() if not ran or first is None else first - ran[0]["epoch_s"]
     work = float(sum(h["epoch_s"] for h in ran))

@@ -10,11 +10,13 @@ job and write each epoch's checkpoint where the step's own run would keep it, so
 resumes the same way whichever path trained it. A worker or node that dies restarts the
 group (Ray Train's failure config) and the job in flight resumes from its last checkpoint.
 
-The group serves one job at a time, so it is opened only where fits run one after another
-anyway: an experiment whose steps run one at a time (runner.run_experiment), a
-purification's two stages (pipeline.purify), and a sweep trial's stages and classifier
-(sweeps/trial.py). A trial's classifier reports each epoch to Tune: a hosted job sends
-its reports back through the board, and the fit hands them to its Ray Train callbacks.
+A group serves one job at a time. An experiment opens one group per step it runs at once
+(runner.run_experiment; each fit claims a free one, `distributed.claim`), and where
+several share the machine their jobs default to an equal share of its cores. One group
+serves a purification's two stages (pipeline.purify) and a sweep trial's stages and
+classifier (sweeps/trial.py). A trial's classifier reports each epoch to Tune: a hosted
+job sends its reports back through the board, and the fit hands them to its Ray Train
+callbacks.
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ import importlib
 import os
 import pickle
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import ray
 import ray.train
@@ -42,7 +45,8 @@ from raypurify.workers import HostedJob, LoopCall, hosting, loop_entry
 # What a hosted worker holds: no CPU (a bundle cannot be all zeros, hence one byte of
 # memory), so the Ray Data passes between training steps find every CPU they need (even
 # 0.01 CPU held kept a pass's read tasks from starting on 2 CPUs). A job computes with the
-# threads `setup_worker` gives it, and the runner's budget counts each step's CPUs.
+# threads `setup_worker` gives it; the runner runs one step per group at once, and its
+# CPU budget counts none for the steps groups host (runner.Scheduler.holds).
 # Groups are for CPU fits only: a GPU cannot be held at zero, and a worker holding the one
 # GPU of a workstation would leave a purification pass's GPU actors (and TAP's, SEP's)
 # waiting forever.
@@ -78,6 +82,7 @@ class JobBoard:
         self.reports: dict[int, list[dict[str, Any]]] = {}
         self.next_seq = 0
         self.closed = False
+        self.up_at: float | None = None  # time.time() a worker first asked for a job
         self.changed = asyncio.Condition()
 
     async def submit(self, job: Boxed) -> int:
@@ -88,6 +93,7 @@ class JobBoard:
             return seq
 
     async def take(self, after: int) -> tuple[int, Boxed] | None:
+        self.up_at = self.up_at or time.time()
         async with self.changed:
             while True:
                 waiting = [s for s in sorted(self.jobs) if s > after]
@@ -102,6 +108,10 @@ class JobBoard:
             if self.jobs.pop(seq, None) is not None:
                 self.outcomes[seq] = outcome
             self.changed.notify_all()
+
+    async def ready(self) -> float | None:
+        """When the group came up (None: not yet)."""
+        return self.up_at
 
     async def report(self, seq: int, metrics: dict[str, Any]) -> None:
         self.reports.setdefault(seq, []).append(metrics)
@@ -162,6 +172,8 @@ def _preload(uri: str) -> None:
 
 def _serve(config: dict[str, Any]) -> None:
     """A hosted worker's loop: run jobs from the board until it closes."""
+    if config["threads"]:  # a job's own `threads`, or RAYPURIFY_THREADS, still wins
+        os.environ.setdefault("RAYPURIFY_THREADS", str(config["threads"]))
     _preload(config["tracking_uri"])
     board = config["board"]
     world = ray.train.get_context().get_world_size()
@@ -186,9 +198,13 @@ def _serve(config: dict[str, Any]) -> None:
 
 
 class WarmGroup:
-    """The driver's side: a TorchTrainer run serving jobs, in a background thread."""
+    """The driver's side: a TorchTrainer run serving jobs, in a background thread. Its run
+    lives at storage/name; `threads` is its jobs' default torch threads per worker (None:
+    the machine's cores shared among the workers, as in a run of their own)."""
 
-    def __init__(self, workers: int, storage: Path) -> None:
+    def __init__(
+        self, workers: int, storage: Path, name: str = "warm-group", threads: int | None = None
+    ) -> None:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         self.workers = workers
@@ -197,19 +213,25 @@ class WarmGroup:
         self.board = JobBoard.options(scheduling_strategy=here).remote()  # type: ignore[attr-defined]
         self.trainer = TorchTrainer(
             _serve,
-            train_loop_config={"board": self.board, "tracking_uri": tracking_uri()},
+            train_loop_config={
+                "board": self.board,
+                "tracking_uri": tracking_uri(),
+                "threads": threads,
+            },
             scaling_config=ray.train.ScalingConfig(
                 num_workers=workers, resources_per_worker=IDLE_RESOURCES
             ),
             # ray.train exports v2's RunConfig at run time, mypy sees v1's (no logging_config).
             run_config=ray.train.RunConfig(  # type: ignore[call-arg]
-                name="warm-group",
+                name=name,
                 storage_path=str(storage),
                 failure_config=ray.train.FailureConfig(max_failures=distributed.max_failures()),
                 logging_config=ray.train.LoggingConfig(log_level="WARNING"),
             ),
         )
         self.error: BaseException | None = None
+        self.opened = time.time()
+        self.up_at: float | None = None  # when it came up, once seen (`ready`)
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._fit, daemon=True, name="warm-group")
         self.thread.start()
@@ -222,8 +244,23 @@ class WarmGroup:
         finally:
             self.stopped.set()
 
+    def ready(self) -> bool:
+        """Whether the group's workers have started and wait for jobs."""
+        self.up_at = self.up_at or ray.get(self.board.ready.remote())
+        return self.up_at is not None
+
+    def start_s(self) -> float | None:
+        """Seconds from opening the group to its workers asking for a first job."""
+        if not self.ready():
+            return None
+        return cast(float, self.up_at) - self.opened
+
+    def alive(self) -> bool:
+        """Whether its run goes on (a run out of restarts stops, and hosts nothing more)."""
+        return not self.stopped.is_set()
+
     def hosts(self, workers: int, gpu: bool) -> bool:
-        return not self.stopped.is_set() and not gpu and workers == self.workers
+        return self.alive() and not gpu and workers == self.workers
 
     def run(self, job: Job, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
         """Run `job` on the group; return its last reported metrics (or raise its error).
@@ -256,15 +293,21 @@ class WarmGroup:
 
 
 @contextlib.contextmanager
-def warm_group(workers: int, storage: Path) -> Iterator[WarmGroup]:
-    """Within this block, `distributed.fit` runs the CPU fits of `workers` workers on one
-    warm group; the others start their own Ray Train run."""
-    group = WarmGroup(workers, storage)
-    with distributed.serving(group):
+def warm_group(workers: int, storage: Path, count: int = 1) -> Iterator[list[WarmGroup]]:
+    """Within this block, `distributed.fit` runs the CPU fits of `workers` workers on `count`
+    warm groups, each fit on a free one; the others start their own Ray Train run. Groups
+    that share the machine give their jobs an equal share of its cores."""
+    if count == 1:
+        groups = [WarmGroup(workers, storage)]
+    else:
+        threads = max(1, (os.cpu_count() or 1) // (count * workers))
+        groups = [WarmGroup(workers, storage, f"warm-group-{i}", threads) for i in range(count)]
+    with distributed.serving(*groups):
         try:
-            yield group
+            yield groups
         finally:
-            group.close()
+            for group in groups:
+                group.close()
 
 
 def groups_allowed(device: str) -> bool:
@@ -279,18 +322,18 @@ def groups_allowed(device: str) -> bool:
 
 
 def warm_workers(
-    workers: int, device: str, storage: Path, wanted: bool = True
-) -> contextlib.AbstractContextManager[WarmGroup | None]:
-    """A warm group for the fits that follow, where one pays: `wanted` by the caller (fits
-    run one after another), `groups_allowed`, none already open in this process, in the
-    main thread of a driver (not a step running beside others in a runner's thread; a
-    sweep trial opens its group itself, as its driver decided)."""
+    workers: int, device: str, storage: Path, wanted: bool = True, count: int = 1
+) -> contextlib.AbstractContextManager[list[WarmGroup] | None]:
+    """`count` warm groups for the fits that follow, where they pay: `wanted` by the caller,
+    `groups_allowed`, none already open in this process, in the main thread of a driver
+    (not a step running in a runner's thread; a sweep trial opens its group itself, as its
+    driver decided)."""
     if (
         not wanted
         or not groups_allowed(device)
-        or distributed.serving_group() is not None
+        or distributed.serving_groups()
         or threading.current_thread() is not threading.main_thread()
         or ray.get_runtime_context().get_actor_id() is not None
     ):
         return contextlib.nullcontext()
-    return warm_group(workers, storage)
+    return warm_group(workers, storage, count)

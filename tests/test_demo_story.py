@@ -21,8 +21,7 @@ def accuracy(ray_session, tmp_path_factory):
     env = pytest.MonkeyPatch()
     env.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
     try:
-        # One step at a time, as `raypurify run demo` runs on a 2-core machine.
-        results = run_experiment(load_spec("demo", ["max_parallel=1"]), root / "out")
+        results = run_experiment(load_spec("demo"), root / "out")
     finally:
         env.undo()
     return {(c["row"], c["column"]): c["accuracy"] for c in results["cells"]}

@@ -1,5 +1,5 @@
-"""Ray Train glue: the node tags, the run's own group removed, the refusals before Ray
-waits forever, the loops' imports."""
+"""Ray Train glue: the node tags, the run's own group removed, the warm groups' claims,
+the refusals before Ray waits forever, the loops' imports."""
 
 from __future__ import annotations
 
@@ -74,3 +74,29 @@ def test_more_workers_than_the_local_ray_has_cpus_are_refused(ray_session):
     check_cpus(have, 1.0)  # fits
     with pytest.raises(ConfigError, match=f"workers: {have + 1} worker"):
         check_cpus(have + 1, 1.0)
+
+
+class Group:
+    """A warm group as `claim` sees it: it hosts CPU fits of one worker."""
+
+    def hosts(self, workers: int, gpu: bool) -> bool:
+        return workers == 1 and not gpu
+
+
+def test_each_fit_claims_a_free_warm_group_and_gives_it_back():
+    """Steps that run at once each get a group of their own; a fit no free group can host
+    starts its own run (None)."""
+    from raypurify.distributed import claim, serving
+
+    a, b = Group(), Group()
+    with serving(a, b):
+        with claim(1, False) as first, claim(1, False) as second:
+            assert {id(first), id(second)} == {id(a), id(b)}
+            with claim(1, False) as third:
+                assert third is None  # both busy
+        with claim(2, False) as wide, claim(1, True) as gpu:
+            assert wide is None and gpu is None
+        with claim(1, False) as again:
+            assert again is a  # given back
+    with claim(1, False) as outside:
+        assert outside is None

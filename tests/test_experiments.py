@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import shutil
-import threading
 import time
 from pathlib import Path
 
@@ -30,9 +30,9 @@ TINY = [
     "defenses.2.options.overrides=[model.width=8, model.latent=16, stage1.epochs=1, "
     "stage2.epochs=1, stage1.batch_size=32, stage2.batch_size=32]",
     "classifiers.0.overrides=[epochs=2, arch_options.width=8, batch_size=32]",
-    # One step at a time, as on the 2-core machines the demo is for: the steps' fits run
-    # on one warm worker group (worker_group.py), the path a user's demo takes.
-    "max_parallel=1",
+    # Two steps at once, as the demo runs on the 2-core machines it is for: each fit runs
+    # on a free one of two warm worker groups (worker_group.py), the path a user's demo takes.
+    "max_parallel=2",
     # The whole clean row (the demo trains only its no-defence cell): a purification of
     # clean data is a path these tests cover.
     "clean_row=true",
@@ -88,14 +88,32 @@ def test_the_trace_covers_every_defence_output_of_every_row(demo):
     assert "Purification trace" in (out / "results.md").read_text()
 
 
-def test_one_lane_steps_train_on_the_warm_group(demo):
-    out, _ = demo
-    assert (out / ".warm-group").is_dir()
+def test_steps_at_once_train_on_warm_groups_of_their_own(demo):
+    """Every fit ran as a job of one of the two groups (its checkpoints written by the
+    hosted job, not by a run of its own), and some of those steps ran at the same time:
+    with one group, the second of two fits at once would have started its own run."""
+    out, results = demo
+    assert len(results["warm_groups_start_s"]) == 2  # their start, reported apart
+    assert all(s > 0 for s in results["warm_groups_start_s"])
+    assert "Warm worker groups: 2, each up" in (out / "results.md").read_text()
+    assert sorted(p.name for p in (out / ".warm-group").iterdir()) == [
+        "warm-group-0",
+        "warm-group-1",
+    ]
     runs = list(out.glob("store/train/*/train/checkpoints/train"))
-    assert len(runs) == len(ROWS) * len(COLUMNS)
-    for run in runs:  # checkpoints written by the hosted job, not by a run of its own
+    runs += list(out.glob("store/purify/*/purify/checkpoints/stage*"))
+    assert len(runs) == len(ROWS) * len(COLUMNS) + 2 * len(ROWS)
+    for run in runs:
         assert list(run.glob("checkpoint_*/state.pt"))
         assert not (run / "checkpoint_manager_snapshot.json").exists()
+    spans = []  # (start, end) of each step that trained, from its record
+    for path in out.glob("store/*/*/step.json"):
+        record = json.loads(path.read_text())
+        if record["kind"] in ("train", "purify"):
+            end = path.stat().st_mtime
+            spans.append((end - record["seconds"], end))
+    spans.sort()
+    assert any(later[0] < earlier[1] for earlier, later in itertools.pairwise(spans))
 
 
 def test_the_report_says_how_much_of_each_kind_of_step_was_work(demo):
@@ -257,123 +275,6 @@ def test_unknown_keys_in_a_yaml_name_their_path(tmp_path):
         load_spec(str(spec))
 
 
-def scheduled(tmp_path, cpus: list[int], budget: float, action) -> list:
-    """Run steps holding `cpus` each through the Scheduler (4 threads) under `budget`."""
-    from raypurify.experiments.runner import Scheduler
-    from raypurify.experiments.steps import Context, Step
-    from raypurify.experiments.store import Store
-
-    steps = [Step("probe", f"probe/{i}", {"i": i}, [], action, cpus=c) for i, c in enumerate(cpus)]
-    ctx = Context(spec=load_spec("demo", TINY), test=None, parent=None)
-    Scheduler(steps, Store(tmp_path / "store"), ctx, [], 4, tmp_path, budget).run()
-    return steps
-
-
-def test_running_steps_hold_no_more_cpus_than_the_budget(tmp_path):
-    """Two Ray Data passes whose actors held both of 2 CPUs waited for reads forever."""
-    lock, running, peak = threading.Lock(), [0], [0]
-
-    def action(step, directory, ctx):
-        with lock:
-            running[0] += 1
-            peak[0] = max(peak[0], running[0])
-        time.sleep(0.2)
-        with lock:
-            running[0] -= 1
-        return {"ok": True}
-
-    steps = scheduled(tmp_path, [1, 1, 1, 2], budget=1, action=action)
-    assert all(s.result == {"ok": True} for s in steps)  # the 2-CPU step too, alone
-    assert peak[0] == 1
-
-
-def test_steps_within_the_budget_run_together(tmp_path):
-    together = threading.Barrier(3, timeout=60)  # breaks unless all three run at once
-
-    def action(step, directory, ctx):
-        together.wait()
-        return {"ok": True}
-
-    steps = scheduled(tmp_path, [1, 1, 0], budget=2, action=action)
-    assert [s.error for s in steps] == [None] * 3
-
-
-def test_one_step_at_a_time_the_ready_steps_that_hold_no_cpus_go_first(tmp_path):
-    """Data steps written in the driver run while a warm group starts, not after a step
-    that waits for it."""
-    from raypurify.experiments.runner import Scheduler
-    from raypurify.experiments.steps import Context, Step
-    from raypurify.experiments.store import Store
-
-    order = []
-
-    def action(step, directory, ctx):
-        order.append(step.name)
-        return {"ok": True}
-
-    steps = [
-        Step("probe", f"probe/{i}", {"i": i}, [], action, cpus=c)
-        for i, c in enumerate([1, 0, 1, 0])
-    ]
-    ctx = Context(spec=load_spec("demo", TINY), test=None, parent=None)
-    Scheduler(steps, Store(tmp_path / "store"), ctx, [], 1, tmp_path).run()
-    assert order == ["probe/1", "probe/3", "probe/0", "probe/2"]
-
-
-def chain_order(tmp_path, parallel: int, budget: float = float("inf")) -> list[str]:
-    """The order in which the Scheduler starts a clean classifier and two purifications of
-    one poison, each followed by its classifier, with every step holding a CPU."""
-    from raypurify.experiments.runner import Scheduler, chain_heights
-    from raypurify.experiments.steps import Context, Step
-    from raypurify.experiments.store import Store
-
-    order = []
-
-    def action(step, directory, ctx):
-        order.append(step.name)
-        return {"ok": True}
-
-    def step(name, *inputs):
-        return Step("probe", name, {"name": name}, list(inputs), action)
-
-    train = step("train/clean")
-    poison = step("poison")
-    purify1, purify2 = step("purify1", poison), step("purify2", poison)
-    steps = [train, poison, purify1, step("train/1", purify1), purify2, step("train/2", purify2)]
-    assert [chain_heights(steps)[s] for s in steps] == [0, 2, 1, 0, 1, 0]
-    ctx = Context(spec=load_spec("demo", TINY), test=None, parent=None)
-    Scheduler(steps, Store(tmp_path / "store"), ctx, [], parallel, tmp_path, budget).run()
-    return order
-
-
-def test_one_step_at_a_time_the_first_step_is_the_one_with_the_longest_chain_then_plan_order(
-    tmp_path,
-):
-    """The first step that holds CPUs waits for the warm group's start: a poison or a
-    purification takes it, not a classifier. After it, plan order fills the table row by
-    row."""
-    order = chain_order(tmp_path, parallel=1)
-    assert order == ["poison", "train/clean", "purify1", "train/1", "purify2", "train/2"]
-
-
-def test_steps_at_once_start_the_longest_chain_first(tmp_path):
-    """With several slots the critical path goes first (one held step at a time here, as
-    the budget allows one CPU, so the order is deterministic)."""
-    order = chain_order(tmp_path, parallel=2, budget=1)
-    assert order == ["poison", "purify1", "purify2", "train/clean", "train/1", "train/2"]
-
-
-def test_the_plan_counts_the_cpus_each_step_holds():
-    from raypurify.experiments.steps import plan
-
-    steps = {s.name: s for s in plan(load_spec("cifar10-mini"))}
-    assert steps["data/clean"].cpus == steps["defend/ops/jpeg-10"].cpus == 0
-    assert steps["poison/ops"].cpus == 0  # computed in the driver
-    assert steps["poison/tap"].cpus >= 1 and steps["poison/em-class"].cpus >= 1
-    assert steps["purify/ops/d-vae"].cpus >= 1
-    assert steps["train/ops/d-vae/fast-resnet"].cpus == 1
-
-
 def test_a_clean_row_of_named_columns_plans_only_those_and_the_table_leaves_the_rest_blank():
     from raypurify.experiments.steps import plan
     from raypurify.reports.experiment import markdown
@@ -471,14 +372,16 @@ def test_the_table_seed_seeds_its_purifiers_and_seed_0_keeps_stored_keys():
     assert seeded.config != default.config  # so its key differs: no reuse across seeds
 
 
-def test_the_warm_group_is_for_one_lane_local_cpu_runs_and_can_be_turned_off(tmp_path, monkeypatch):
+def test_warm_groups_are_for_local_cpu_runs_and_can_be_turned_off(
+    ray_session, tmp_path, monkeypatch
+):
     import contextlib
 
     from raypurify.experiments.runner import warm_workers
     from raypurify.worker_group import warm_workers as warm
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    assert isinstance(warm_workers(2, tmp_path), contextlib.nullcontext)  # steps run together
+    assert not isinstance(warm_workers(2, tmp_path), contextlib.nullcontext)  # a group per lane
     monkeypatch.setenv("RAYPURIFY_WARM_GROUP", "0")
     assert isinstance(warm_workers(1, tmp_path), contextlib.nullcontext)
     monkeypatch.setenv("RAYPURIFY_WARM_GROUP", "yes")

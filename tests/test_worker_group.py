@@ -1,10 +1,11 @@
-"""The warm worker group: fits run as jobs of one long-lived Ray Train run (real Ray)."""
+"""Warm worker groups: fits run as jobs of long-lived Ray Train runs (real Ray)."""
 
 from __future__ import annotations
 
 import dataclasses
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import ray
@@ -53,6 +54,31 @@ def epochs_loop(job: EpochsJob, ctx: LoopContext) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MeetJob(LoopJob):
+    meet: str  # a folder where two jobs each leave a file and wait for the other's
+
+
+def meet_loop(job: MeetJob, ctx: LoopContext) -> None:
+    """One epoch that reports whether another job reached the same point while this one
+    waited (up to 2 minutes), its pid and its torch threads."""
+    import os
+    import time
+    from pathlib import Path
+
+    from raypurify.runtime import torch_threads
+    from raypurify.workers import report_and_checkpoint
+
+    here = Path(job.meet)
+    (here / str(os.getpid())).touch()
+    deadline = time.monotonic() + 120
+    while len(list(here.iterdir())) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    met = len(list(here.iterdir())) == 2
+    metrics = {"epoch": 1, "pid": os.getpid(), "met": met, "threads": torch_threads()}
+    report_and_checkpoint(metrics, {"epoch": 1, "history": []}, 0)
+
+
 # Pickled by value: the workers cannot import this test module.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -72,7 +98,7 @@ def run(tmp_path, name: str, epochs: int, callbacks=None, loop=epochs_loop, **ex
 
 
 def test_fits_in_a_warm_group_share_one_worker_and_keep_their_checkpoints(ray_session, tmp_path):
-    with warm_group(1, tmp_path / "group") as group:
+    with warm_group(1, tmp_path / "group") as (group,):
         first = run(tmp_path, "first", epochs=3)
         second = run(tmp_path, "second", epochs=2)
         # Another worker count than the group's: the fit starts its own Ray Train run.
@@ -157,3 +183,38 @@ def test_a_warm_worker_imports_what_jobs_need_before_its_first_job(ray_session, 
     with warm_group(1, tmp_path / "group"):
         fitted = run(tmp_path, "modules", epochs=1, loop=modules_loop)
     assert fitted.metrics["loaded"] == list(PRELOAD)
+
+
+def test_two_groups_run_two_fits_at_once_each_on_its_share_of_the_cores(ray_session, tmp_path):
+    """A runner with two steps at once opens two groups: each fit claims a free one, and
+    their jobs default to half the cores each (two fits on all the threads each would
+    oversubscribe them)."""
+    meet = tmp_path / "meet"
+    meet.mkdir()
+
+    def one(i: int):
+        job = MeetJob(meet=str(meet))
+        return fit(
+            meet_loop,
+            job,
+            workers=1,
+            gpu=False,
+            storage=tmp_path,
+            name=f"fit{i}",
+            epochs=1,
+            desc=f"fit{i}",
+        )
+
+    with warm_group(1, tmp_path / "groups", count=2), ThreadPoolExecutor(2) as pool:
+        fitted = list(pool.map(one, range(2)))
+    assert [f.metrics["met"] for f in fitted] == [True, True]
+    assert len({f.metrics["pid"] for f in fitted}) == 2
+    threads = int(os.environ.get("RAYPURIFY_THREADS") or max(1, (os.cpu_count() or 1) // 2))
+    assert [f.metrics["threads"] for f in fitted] == [threads, threads]
+    assert sorted(p.name for p in (tmp_path / "groups").iterdir()) == [
+        "warm-group-0",
+        "warm-group-1",
+    ]
+    # Hosted: the checkpoints are the jobs', not those of runs of their own.
+    assert all(saved_state(tmp_path, f"fit{i}")["epoch"] == 1 for i in range(2))
+    assert not (tmp_path / "fit0" / "checkpoint_manager_snapshot.json").exists()

@@ -25,7 +25,7 @@ from raypurify.attacks import ATTACKS
 from raypurify.data import registry
 from raypurify.errors import ConfigError, RaypurifyError
 from raypurify.experiments.spec import ExperimentSpec, ReleasedPoison
-from raypurify.experiments.steps import Context, Step, plan
+from raypurify.experiments.steps import Context, Step, hosted, plan
 from raypurify.experiments.store import ERROR_LOG, Store, step_key
 from raypurify.models import ARCHS
 from raypurify.progress import bar_slot
@@ -112,14 +112,13 @@ def cpu_budget() -> float:
 
 def warm_workers(
     parallel: int, out: Path, pending: bool = True
-) -> contextlib.AbstractContextManager[WarmGroup | None]:
-    """When steps run one at a time on a local Ray on CPUs (a 2-core machine), one warm
-    Ray Train worker group trains them all, so each does not start its own
-    (worker_group.py); a run with no step `pending` (a rerun that only rebuilds the
-    report) starts no group."""
+) -> contextlib.AbstractContextManager[list[WarmGroup] | None]:
+    """On a local Ray on CPUs, one warm Ray Train worker group per step that runs at once
+    trains the steps, so each does not start its own (worker_group.py); a run with no step
+    `pending` (a rerun that only rebuilds the report) starts none."""
     from raypurify.worker_group import warm_workers as warm
 
-    return warm(1, "auto", out / ".warm-group", wanted=pending and parallel == 1)
+    return warm(1, "auto", out / ".warm-group", wanted=pending, count=parallel)
 
 
 def run_experiment(
@@ -137,9 +136,9 @@ def run_experiment(
     parallel = spec.max_parallel or default_parallel()
     steps = plan(spec)
     pending = bool(force) or len(finished_steps(spec, out)) < len(steps)
-    # The warm group starts in the background (processes, imports, a process group: tens
+    # The warm groups start in the background (processes, imports, a process group: tens
     # of seconds on 2 cores) while MLflow opens its store.
-    with warm_workers(parallel, out, pending):
+    with warm_workers(parallel, out, pending) as groups:
         store = Store(out / "store")
         parent = start_run(
             spec.name, out.name, params={"spec": spec.to_dict()}, tags={"kind": "experiment"}
@@ -147,10 +146,13 @@ def run_experiment(
         ctx = Context(spec=spec, test=test, parent=parent)
         start = time.perf_counter()
         with active_run(parent):
-            Scheduler(steps, store, ctx, force, parallel, out, cpu_budget()).run()
+            Scheduler(steps, store, ctx, force, parallel, out, cpu_budget(), groups or ()).run()
             records = [r for s in steps if s.dir and (r := store.record(s.dir))]
             results = experiment.collect(spec, records)
             results["wall_s"] = time.perf_counter() - start
+            results["warm_groups_start_s"] = [
+                s for g in groups or () if (s := g.start_s()) is not None
+            ]
             results["steps"] = {
                 "ran": sum(s.result is not None and not s.cached for s in steps),
                 "reused": sum(s.cached for s in steps),
@@ -239,6 +241,10 @@ def chain_heights(steps: list[Step]) -> dict[Step, int]:
 class Scheduler:
     """Runs steps whose inputs are done, up to `parallel` at once, in driver threads, and
     while the CPUs they hold (`Step.cpus`) fit `budget`; a step runs alone if it needs more.
+    With warm `groups` serving the fits, a step they host holds none (`steps.hosted`), and
+    starts once a group is up and free for it, so a step's start-up is its own (the
+    groups' start is the run's, reported apart), and the first steps on the groups are
+    the longest chains ready by then, not the first step that happened to be ready.
 
     Order among ready steps: those that hold no CPUs first (quick data steps, written in
     the driver while a warm group starts). Then, where order changes the run's length
@@ -257,10 +263,12 @@ class Scheduler:
         parallel: int,
         out: Path,
         budget: float = float("inf"),
+        groups: Sequence[WarmGroup] = (),
     ):
         self.steps, self.store, self.ctx, self.out = steps, store, ctx, out
-        self.force, self.parallel, self.budget = list(force), parallel, budget
+        self.force, self.parallel, self.budget, self.groups = list(force), parallel, budget, groups
         self.height = chain_heights(steps)
+        self.is_hosted: dict[Step, bool] = {}
         self.held_started = False  # whether a step that holds CPUs has started
         self.cells = tqdm(
             total=sum(s.kind == "train" for s in steps), desc="table", unit="cell", position=0
@@ -294,9 +302,12 @@ class Scheduler:
                             self.held_started |= step.cpus > 0
                             slot = free.pop(0)
                             running[pool.submit(self.execute, step, slot)] = (step, slot)
+                # While a ready step may wait for a group to come up, look every 0.5 s.
+                timeout = 0.5 if free and self.awaits_group(pending) else None
                 if not running:
+                    time.sleep(timeout or 0)
                     continue
-                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                finished, _ = wait(running, timeout, return_when=FIRST_COMPLETED)
                 for future in finished:
                     step, slot = running.pop(future)
                     free.append(slot)
@@ -314,9 +325,37 @@ class Scheduler:
         longest_first = self.parallel > 1 or not self.held_started
         return step.cpus > 0, -self.height[step] if longest_first else 0
 
+    def hosted(self, step: Step) -> bool:
+        """Whether the groups host `step` (asked once its inputs are done)."""
+        if step not in self.is_hosted:
+            self.is_hosted[step] = bool(self.groups) and hosted(step)
+        return self.is_hosted[step]
+
+    def alive(self) -> list[WarmGroup]:
+        """The groups that are up or starting (a group whose run failed hosts nothing more:
+        the fits start their own runs)."""
+        return [g for g in self.groups if g.alive()]
+
+    def group_free(self, running: list[Step]) -> bool:
+        """Whether a group is up and hosts no running step (or none will come up)."""
+        alive = self.alive()
+        return not alive or sum(g.ready() for g in alive) > sum(map(self.hosted, running))
+
+    def awaits_group(self, pending: list[Step]) -> bool:
+        """Whether a ready step may be waiting for a group to come up."""
+        if all(g.ready() for g in self.alive()):
+            return False
+        return any(all(i.result is not None for i in s.inputs) and self.hosted(s) for s in pending)
+
+    def holds(self, step: Step) -> int:
+        """CPUs `step` holds while it runs: none where a warm group hosts its fits."""
+        return 0 if self.hosted(step) else step.cpus
+
     def fits(self, step: Step, running: list[Step]) -> bool:
-        held = sum(s.cpus for s in running)
-        return step.cpus == 0 or held == 0 or held + step.cpus <= self.budget
+        if self.hosted(step) and not self.group_free(running):
+            return False
+        held, cpus = sum(self.holds(s) for s in running), self.holds(step)
+        return cpus == 0 or held == 0 or held + cpus <= self.budget
 
     def _done(self, step: Step) -> None:
         dirs = [str(s.dir) for s in self.steps if s.dir is not None]

@@ -11,6 +11,7 @@ cell's metrics).
 from __future__ import annotations
 
 import functools
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from raypurify.experiments.spec import AttackEntry, ClassifierEntry, ExperimentS
 from raypurify.tracking import Run
 from raypurify.training.classifier import train_classifier
 from raypurify.training.config import recipe
+from raypurify.training.data import MEMORY_LIMIT_BYTES
 
 if TYPE_CHECKING:
     from typing import Protocol
@@ -257,6 +259,23 @@ def poison_step(spec: ExperimentSpec, a: AttackEntry, clean: Step) -> Step:
     del released["paths"]
     action = functools.partial(make_imported, paths=r.paths)
     return Step("poison", name, {"attack": a.name, "released": released}, [clean], action, meta, 0)
+
+
+def hosted(step: Step) -> bool:
+    """Whether one-worker warm groups host all of a ready step's training, so that its Ray
+    work holds no CPU for long (a group's worker holds none, worker_group.IDLE_RESOURCES,
+    and a purification's passes are Ray Data tasks, which free their CPU as they finish):
+    a classifier or a purification of one worker on CPUs whose data travels in memory."""
+    if step.kind == "train":
+        cfg, data_path = step.config["train"], step.config["train"]["data_path"]
+    elif step.kind == "purify":
+        cfg, data_path = step.config["resolved"], "auto"
+    else:
+        return False
+    if cfg["workers"] != 1 or cfg["device"] == "cuda" or data_path == "ray_data":
+        return False
+    info = open_dataset(step.input_path())
+    return data_path == "memory" or info.rows * math.prod(info.shape) <= MEMORY_LIMIT_BYTES
 
 
 def attack_cpus(entry: AttackEntry) -> int:

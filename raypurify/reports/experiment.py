@@ -132,6 +132,14 @@ def markdown(spec: ExperimentSpec, results: dict[str, Any]) -> str:
         picks = ", ".join(f"{x['row']}: {x['chosen']}" for x in chosen)
         out += [f"Derived columns pick the better input column per row ({picks}).", ""]
     out += time_markdown(results.get("time_split", {}))
+    if starts := results.get("warm_groups_start_s"):
+        out += [
+            f"Warm worker groups: {len(starts)}, each up {min(starts):.1f}-{max(starts):.1f} s "
+            "after it was opened at the run's start (the steps above do not count it: the "
+            "steps that hold no CPUs ran meanwhile, and each training step started once a "
+            "group was up for it).",
+            "",
+        ]
     if results.get("wall_s"):
         out.append(f"Wall time of this run: {results['wall_s'] / 60:.1f} min.")
     return "\n".join(out) + "\n"

@@ -237,7 +237,7 @@ def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
     the store, and report the final scores to Tune."""
     from ray import tune
 
-    from raypurify.distributed import serving_group
+    from raypurify.distributed import serving_groups
     from raypurify.experiments.runner import execute, resolve
     from raypurify.sweeps.tracking import trial_run
     from raypurify.worker_group import warm_group
@@ -255,7 +255,7 @@ def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
     with active_run(run), contextlib.ExitStack() as fits:
         for step in (purified, train):
             if not resolve(step, store):
-                if spec.warm_groups is not None and serving_group() is None:
+                if spec.warm_groups is not None and not serving_groups():
                     group = Path(spec.warm_groups) / trial_id
                     fits.enter_context(warm_group(fit_workers(step), group))
                 step.result = execute(step, store, ctx)
