@@ -1,7 +1,7 @@
 """The driver's side of Ray Train, shared by every trained model (classifiers, D-VAE
 stages, EM): `fit` runs a loop (workers.py) as a TorchTrainer whose storage path and name
 are fixed by the caller, so a rerun resumes, and shows an epoch progress bar; inside
-`serving(groups)` it hands each fit a free warm worker group can host to that group instead. The
+`serving(groups)` it hands each fit it can to a free warm worker group instead. The
 resource checks refuse, in one line, what a local Ray would wait for forever.
 """
 

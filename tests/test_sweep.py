@@ -121,13 +121,23 @@ class TrialKiller(threading.Thread):
         self.killed: list[int] = []
         self.stop = threading.Event()
 
-    def run(self) -> None:
-        while not self.stop.wait(0.2):
-            fresh = [
+    def fresh(self) -> list[Path]:
+        """Classifier checkpoints written since this started. The store's writers rename
+        temporary folders away while the walk goes on: a walk that trips on one (its
+        FileNotFoundError once ended this thread silently, and no trial was killed) is
+        taken again at the next poll."""
+        try:
+            return [
                 p
                 for p in self.store.glob("**/checkpoints/train/checkpoint_*/state.pt")
                 if p.stat().st_mtime > self.since
             ]
+        except FileNotFoundError:
+            return []
+
+    def run(self) -> None:
+        while not self.stop.wait(0.2):
+            fresh = self.fresh()
             pids = trial_processes()
             if fresh and pids:
                 for pid in pids:
