@@ -140,6 +140,15 @@ def kill_session(sid: int, *, timeout: float = 60.0) -> None:
         time.sleep(0.1)
 
 
+def holds(ready) -> bool:
+    """`ready()`, taken as false where a folder it looks into vanished meanwhile: the
+    command's writers rename temporary folders away, and Ray Train rotates checkpoints."""
+    try:
+        return bool(ready())
+    except FileNotFoundError:
+        return False
+
+
 def run_and_kill(
     args: list[str], ready, *, timeout: float = 300.0, sig: int = signal.SIGKILL
 ) -> tuple[int, str]:
@@ -160,7 +169,7 @@ def run_and_kill(
         )
         try:
             deadline = time.time() + timeout
-            while not ready():
+            while not holds(ready):
                 if proc.poll() is not None:
                     log.seek(0)
                     pytest.fail(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -243,3 +244,18 @@ def test_steps_do_not_wait_for_groups_whose_runs_stopped(tmp_path, data):
     action, _ = counting({"accuracy": 0.5})
     steps = run_classifiers(tmp_path, data, [Group(threading.Event(), stopped=True)], action)
     assert [s.result for s in steps] == [{"accuracy": 0.5}] * 2
+
+
+def test_a_step_whose_input_cannot_be_read_runs_to_report_its_own_error(tmp_path, data):
+    """Asking whether the groups host a step reads its input's manifest; a missing one is
+    the step's error (recorded, the table goes on), not the scheduler's."""
+    (Path(data.result["path"]) / "manifest.json").unlink()
+    ran = []
+
+    def action(step, directory, ctx):
+        ran.append(step.name)
+        return {"accuracy": 0.5}
+
+    steps = run_classifiers(tmp_path, data, [Group(up())], action)
+    assert sorted(ran) == ["train/0", "train/1"]
+    assert [s.error for s in steps] == [None, None]

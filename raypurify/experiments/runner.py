@@ -23,7 +23,7 @@ from tqdm import tqdm
 from raypurify import config, defenses
 from raypurify.attacks import ATTACKS
 from raypurify.data import registry
-from raypurify.errors import ConfigError, RaypurifyError
+from raypurify.errors import ConfigError, DatasetError, RaypurifyError
 from raypurify.experiments.spec import ExperimentSpec, ReleasedPoison
 from raypurify.experiments.steps import Context, Step, hosted, plan
 from raypurify.experiments.store import ERROR_LOG, Store, step_key
@@ -326,9 +326,13 @@ class Scheduler:
         return step.cpus > 0, -self.height[step] if longest_first else 0
 
     def hosted(self, step: Step) -> bool:
-        """Whether the groups host `step` (asked once its inputs are done)."""
+        """Whether the groups host `step` (asked once its inputs are done; an input that
+        cannot be read is the step's own error, which it reports when it runs)."""
         if step not in self.is_hosted:
-            self.is_hosted[step] = bool(self.groups) and hosted(step)
+            try:
+                self.is_hosted[step] = bool(self.groups) and hosted(step)
+            except DatasetError:
+                self.is_hosted[step] = False
         return self.is_hosted[step]
 
     def alive(self) -> list[WarmGroup]:
