@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 # The warm worker groups that host this driver's fits, if any are open (worker_group.py);
 # each hosts one fit at a time, claimed by the step thread that runs it.
 _warm_groups: tuple[WarmGroup, ...] = ()
-_busy: set[int] = set()  # id() of the groups hosting a fit now
+_busy: set[WarmGroup] = set()  # the groups hosting a fit now
 _claims = threading.Lock()
 
 
@@ -55,17 +55,15 @@ def claim(workers: int, gpu: bool) -> Iterator[WarmGroup | None]:
     """A free warm group that hosts a fit of `workers` workers, held for this block; None
     if none does (the fit starts its own run)."""
     with _claims:
-        group = next(
-            (g for g in _warm_groups if id(g) not in _busy and g.hosts(workers, gpu)), None
-        )
+        group = next((g for g in _warm_groups if g not in _busy and g.hosts(workers, gpu)), None)
         if group is not None:
-            _busy.add(id(group))
+            _busy.add(group)
     try:
         yield group
     finally:
         if group is not None:
             with _claims:
-                _busy.discard(id(group))
+                _busy.discard(group)
 
 
 def use_gpu(device: str) -> bool:
