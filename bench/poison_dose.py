@@ -14,8 +14,16 @@ trained on purified data sees. Rows are the base's (without one, the
 rows bench/p3_passes.py trains on); validation rows are the clean set's rows
 that are not in the base.
 
+`--part` splits the poison in two: `class` keeps only its mean over each class's rows (the
+part a class-conditional decoder such as D-VAE's D_p, told only the label, can learn and
+subtract), `sample` only what is left, each image's own deviation from that mean. Whether
+a sample-wise poison's shortcut survives in its per-image part says whether stage 1 could
+remove it without the latent z carrying the poison.
+
     python bench/p3_passes.py --poison tap3500 --clean clean3500 --save p3
     python bench/poison_dose.py --poison tap3500 --clean clean3500 --base p3/p3-clean-1 --work dose
+    python bench/poison_dose.py --poison tap3500 --clean clean3500 --part sample --alphas 1 \
+        --work dose-sample --label sample
 
 Results: bench/results/poison_dose-<poison dir name>[-<label>][-<cpu kind>].{json,md}.
 """
@@ -37,6 +45,16 @@ from raypurify.data.interchange import read_images, write_images  # noqa: E402
 from raypurify.training.run import run_training  # noqa: E402
 
 
+def split(delta: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
+    """The poison `delta` (rows first), its per-class mean broadcast back to each row
+    (`class`), and each row's deviation from that mean (`sample`): class + sample = whole."""
+    means = np.zeros_like(delta)
+    for c in np.unique(labels):
+        rows = labels == c
+        means[rows] = delta[rows].mean(axis=0)
+    return {"whole": delta, "class": means, "sample": delta - means}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--poison", required=True, help="a poisoned dataset (interchange format)")
@@ -48,6 +66,12 @@ def main() -> None:
     ap.add_argument("--recipe", default="cpu")
     ap.add_argument("--num-cpus", type=int, default=None)
     ap.add_argument("--label", default="", help="the result file's variant name")
+    ap.add_argument(
+        "--part",
+        choices=("whole", "class", "sample"),
+        default="whole",
+        help="the poison, its per-class mean, or each image's deviation from that mean",
+    )
     args = ap.parse_args()
     work = Path(args.work)
     if work.exists() and any(work.iterdir()):
@@ -60,7 +84,9 @@ def main() -> None:
         order, _ = probe_split(len(poisoned), args.rows, 0)
         index, labels = poisoned.index[order], poisoned.labels[order]
         base_images = by_index(clean, index)
-    delta = by_index(poisoned, index).astype(np.float64) - by_index(clean, index)
+    parts = split(by_index(poisoned, index).astype(np.float64) - by_index(clean, index), labels)
+    delta = parts[args.part]
+    energy = float((delta**2).sum() / max((parts["whole"] ** 2).sum(), 1e-12))
     held = np.setdiff1d(clean.index, index)
     val = work / "validation"
     at = positions(clean, held)
@@ -81,7 +107,8 @@ def main() -> None:
             {"alpha": alpha, "val_accuracy": metrics["accuracy"], "wall_s": metrics["wall_s"]}
         )
     notes = (
-        f"Poison {args.poison} on {args.base or 'the clean originals'}, {len(index)} rows; "
+        f"Poison {args.poison} ({args.part}) on {args.base or 'the clean originals'}, "
+        f"{energy:.3f} of its energy, {len(index)} rows; "
         f"recipe {args.recipe}; validation on {len(held)} clean training rows outside them."
     )
     tag = f"-{args.label}" if args.label else ""
