@@ -42,17 +42,8 @@ from in_process import by_index, positions, probe_split  # noqa: E402
 
 from raypurify.data.imageset import ImageSet  # noqa: E402
 from raypurify.data.interchange import read_images, write_images  # noqa: E402
+from raypurify.experiments.trace import class_parts  # noqa: E402
 from raypurify.training.run import run_training  # noqa: E402
-
-
-def split(delta: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
-    """The poison `delta` (rows first), its per-class mean broadcast back to each row
-    (`class`), and each row's deviation from that mean (`sample`): class + sample = whole."""
-    means = np.zeros_like(delta)
-    for c in np.unique(labels):
-        rows = labels == c
-        means[rows] = delta[rows].mean(axis=0)
-    return {"whole": delta, "class": means, "sample": delta - means}
 
 
 def main() -> None:
@@ -84,9 +75,10 @@ def main() -> None:
         order, _ = probe_split(len(poisoned), args.rows, 0)
         index, labels = poisoned.index[order], poisoned.labels[order]
         base_images = by_index(clean, index)
-    parts = split(by_index(poisoned, index).astype(np.float64) - by_index(clean, index), labels)
-    delta = parts[args.part]
-    energy = float((delta**2).sum() / max((parts["whole"] ** 2).sum(), 1e-12))
+    whole = by_index(poisoned, index).astype(np.float64) - by_index(clean, index)
+    class_wise, rest = class_parts(whole, labels)
+    delta = {"whole": whole, "class": class_wise, "sample": rest}[args.part]
+    energy = float((delta**2).sum() / max((whole**2).sum(), 1e-12))
     held = np.setdiff1d(clean.index, index)
     val = work / "validation"
     at = positions(clean, held)
