@@ -52,10 +52,11 @@ def serving_groups() -> tuple[WarmGroup, ...]:
 
 @contextlib.contextmanager
 def claim(workers: int, gpu: bool) -> Iterator[WarmGroup | None]:
-    """A free warm group that hosts a fit of `workers` workers, held for this block; None
-    if none does (the fit starts its own run)."""
+    """A free warm group that hosts a fit of `workers` workers, held for this block, one
+    that is up before one still starting; None if none does (the fit starts its own run)."""
     with _claims:
-        group = next((g for g in _warm_groups if g not in _busy and g.hosts(workers, gpu)), None)
+        free = [g for g in _warm_groups if g not in _busy and g.hosts(workers, gpu)]
+        group = next((g for g in free if g.ready()), free[0] if free else None)
         if group is not None:
             _busy.add(group)
     try:

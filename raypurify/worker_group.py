@@ -200,10 +200,16 @@ def _serve(config: dict[str, Any]) -> None:
 class WarmGroup:
     """The driver's side: a TorchTrainer run serving jobs, in a background thread. Its run
     lives at storage/name; `threads` is its jobs' default torch threads per worker (None:
-    the machine's cores shared among the workers, as in a run of their own)."""
+    the machine's cores shared among the workers, as in a run of their own). With `after`,
+    the run starts once that group is up (or has stopped)."""
 
     def __init__(
-        self, workers: int, storage: Path, name: str = "warm-group", threads: int | None = None
+        self,
+        workers: int,
+        storage: Path,
+        name: str = "warm-group",
+        threads: int | None = None,
+        after: WarmGroup | None = None,
     ) -> None:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -231,13 +237,20 @@ class WarmGroup:
         )
         self.error: BaseException | None = None
         self.opened = time.time()
+        self.started_at: float | None = None  # its run began (after `after` came up)
         self.up_at: float | None = None  # when it came up, once seen (`ready`)
+        self.after = after
         self.stopped = threading.Event()
+        self.closing = threading.Event()
         self.thread = threading.Thread(target=self._fit, daemon=True, name="warm-group")
         self.thread.start()
 
     def _fit(self) -> None:
         try:
+            while self.after is not None and self.after.alive() and not self.after.ready():
+                if self.closing.wait(0.2):
+                    return
+            self.started_at = time.time()
             self.trainer.fit()
         except BaseException as e:  # reported to the job that waits, and to later fits
             self.error = e
@@ -287,21 +300,35 @@ class WarmGroup:
         return value
 
     def close(self) -> None:
+        self.closing.set()
         ray.get(self.board.close.remote())
         self.thread.join(timeout=60)
         ray.kill(self.board)
 
 
 @contextlib.contextmanager
-def warm_group(workers: int, storage: Path, count: int = 1) -> Iterator[list[WarmGroup]]:
+def warm_group(
+    workers: int, storage: Path, count: int = 1, at_once: int | None = None
+) -> Iterator[list[WarmGroup]]:
     """Within this block, `distributed.fit` runs the CPU fits of `workers` workers on `count`
     warm groups, each fit on a free one; the others start their own Ray Train run. Groups
-    that share the machine give their jobs an equal share of its cores."""
+    that share the machine give their jobs an equal share of its cores.
+
+    At most `at_once` groups start at a time, the next as soon as one is up (default: one
+    per two cores). A start keeps about a core busy for seconds (Ray Train starts its
+    controller and workers one after another, each importing torch); on 2 cores two starts
+    side by side took twice as long as one (docs/RESULTS.md), so the first step waited for
+    both. One after another, the first group serves the longest step while the next starts.
+    """
     if count == 1:
         groups = [WarmGroup(workers, storage)]
     else:
         threads = max(1, (os.cpu_count() or 1) // (count * workers))
-        groups = [WarmGroup(workers, storage, f"warm-group-{i}", threads) for i in range(count)]
+        at_once = at_once or max(1, (os.cpu_count() or 1) // 2)
+        groups = []
+        for i in range(count):
+            after = groups[i - at_once] if i >= at_once else None
+            groups.append(WarmGroup(workers, storage, f"warm-group-{i}", threads, after))
     with distributed.serving(*groups):
         try:
             yield groups

@@ -77,10 +77,17 @@ def test_more_workers_than_the_local_ray_has_cpus_are_refused(ray_session):
 
 
 class Group:
-    """A warm group as `claim` sees it: it hosts CPU fits of one worker."""
+    """A warm group as `claim` sees it: it hosts CPU fits of one worker, and is up or still
+    starting."""
+
+    def __init__(self, up: bool = True) -> None:
+        self.up = up
 
     def hosts(self, workers: int, gpu: bool) -> bool:
         return workers == 1 and not gpu
+
+    def ready(self) -> bool:
+        return self.up
 
 
 def test_each_fit_claims_a_free_warm_group_and_gives_it_back():
@@ -100,3 +107,11 @@ def test_each_fit_claims_a_free_warm_group_and_gives_it_back():
             assert again is a  # given back
     with claim(1, False) as outside:
         assert outside is None
+
+
+def test_a_fit_claims_a_group_that_is_up_before_one_still_starting():
+    from raypurify.distributed import claim, serving
+
+    starting, up = Group(up=False), Group()
+    with serving(starting, up), claim(1, False) as first, claim(1, False) as second:
+        assert first is up and second is starting  # none up and free: wait on one

@@ -188,7 +188,8 @@ def test_a_warm_worker_imports_what_jobs_need_before_its_first_job(ray_session, 
 def test_two_groups_run_two_fits_at_once_each_on_its_share_of_the_cores(ray_session, tmp_path):
     """A runner with two steps at once opens two groups: each fit claims a free one, and
     their jobs default to half the cores each (two fits on all the threads each would
-    oversubscribe them)."""
+    oversubscribe them). Starting one at a time, the second group's run begins once the
+    first is up."""
     meet = tmp_path / "meet"
     meet.mkdir()
 
@@ -205,8 +206,14 @@ def test_two_groups_run_two_fits_at_once_each_on_its_share_of_the_cores(ray_sess
             desc=f"fit{i}",
         )
 
-    with warm_group(1, tmp_path / "groups", count=2), ThreadPoolExecutor(2) as pool:
+    with (
+        warm_group(1, tmp_path / "groups", count=2, at_once=1) as groups,
+        ThreadPoolExecutor(2) as pool,
+    ):
         fitted = list(pool.map(one, range(2)))
+    first, second = groups
+    assert first.up_at is not None and second.started_at is not None
+    assert second.started_at >= first.up_at
     assert [f.metrics["met"] for f in fitted] == [True, True]
     assert len({f.metrics["pid"] for f in fitted}) == 2
     threads = int(os.environ.get("RAYPURIFY_THREADS") or max(1, (os.cpu_count() or 1) // 2))
