@@ -333,7 +333,7 @@ def warm_group(
         try:
             yield groups
         finally:
-            for group in groups:
+            for group in reversed(groups):  # one still waiting for another stops waiting first
                 group.close()
 
 
