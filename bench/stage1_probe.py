@@ -7,6 +7,8 @@ P1 = round(clip(x0 - p_hat(x0))) (z = mu, as the pipeline does) on those rows an
 other poisoned rows. Against the clean originals it reports the share of the poison P1
 keeps (1 = all of it, 0 = none), of its class-wise part (each image's class mean) and of
 the rest, and P1's PSNR: the purification trace's measures (experiments/trace.py). The
+x_hat response is the share of the poison in x_hat(poisoned) - x_hat(clean): what the rate
+cap lets into the reconstruction, where Eq. 14 leaves it (p_hat can only take the rest). The
 cosine schedule runs over all EPOCHS, so a 5-epoch evaluation is mid-schedule, not a
 5-epoch stage. It trains in the preset's precision (`auto`: bf16 where that is faster,
 runtime.use_bf16; RAYPURIFY_PRECISION=fp32 forces fp32) and measures in fp32.
@@ -35,6 +37,7 @@ from in_process import (  # noqa: E402
     apply,
     as_input,
     probe_parser,
+    reconstruct,
     subtract,
     to_uint8,
     train_stage,
@@ -45,15 +48,23 @@ from raypurify.runtime import use_bf16  # noqa: E402
 
 
 def p1_measures(model, poisoned: np.ndarray, clean: np.ndarray, labels: np.ndarray) -> dict:
-    """P1 of `poisoned` by `model`, measured against `clean` (the trace's shares)."""
+    """P1 of `poisoned` by `model`, measured against `clean` (the trace's shares), and the
+    share of the poison in the reconstruction's response to it, x_hat(poisoned) -
+    x_hat(clean): what the rate cap lets through into x_hat, which p_hat then cannot take."""
     p1 = to_uint8(apply(model, as_input(poisoned), labels, subtract)).astype(np.float64)
     delta = poisoned.astype(np.float64) - clean
     class_wise, rest = class_parts(delta, labels)
     change = p1 - clean
+    xhat = [
+        apply(model, as_input(images), labels, reconstruct).permute(0, 2, 3, 1).double().numpy()
+        * 255
+        for images in (poisoned, clean.astype(np.uint8))
+    ]
     return {
         "kept": share_kept(change, delta),
         "class_part_kept": share_kept(change, class_wise),
         "rest_kept": share_kept(change, rest),
+        "xhat_response": share_kept(xhat[0] - xhat[1], delta),
         "p1_db": psnr(clean, p1.astype(np.uint8)),
     }
 
@@ -96,7 +107,16 @@ def main() -> None:
         f"{args.rows} training rows, cosine over {args.epochs} epochs, in process, "
         f"{'bf16' if amp else 'fp32'}, on {DEV.type}."
     )
-    columns = ["epoch", "rows", "kept", "class_part_kept", "rest_kept", "p1_db", "train_s"]
+    columns = [
+        "epoch",
+        "rows",
+        "kept",
+        "class_part_kept",
+        "rest_kept",
+        "xhat_response",
+        "p1_db",
+        "train_s",
+    ]
     attack = Path(args.poison).resolve().parent.name.rsplit("-", 1)[0]  # the store's step
     default = "" if args.preset == "cpu" else args.preset
     label = default if args.label is None else args.label
