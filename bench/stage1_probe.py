@@ -58,7 +58,7 @@ def p1_measures(model, poisoned: np.ndarray, clean: np.ndarray, labels: np.ndarr
     xhat = [
         apply(model, as_input(images), labels, reconstruct).permute(0, 2, 3, 1).double().numpy()
         * 255
-        for images in (poisoned, clean.astype(np.uint8))
+        for images in (poisoned, clean)
     ]
     return {
         "kept": share_kept(change, delta),

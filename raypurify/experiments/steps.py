@@ -28,7 +28,7 @@ from raypurify.experiments.spec import AttackEntry, ClassifierEntry, ExperimentS
 from raypurify.tracking import Run
 from raypurify.training.classifier import train_classifier
 from raypurify.training.config import recipe
-from raypurify.training.data import MEMORY_LIMIT_BYTES
+from raypurify.training.data import DataPath, in_memory
 
 if TYPE_CHECKING:
     from typing import Protocol
@@ -266,16 +266,17 @@ def hosted(step: Step) -> bool:
     work holds no CPU for long (a group's worker holds none, worker_group.IDLE_RESOURCES,
     and a purification's passes are Ray Data tasks, which free their CPU as they finish):
     a classifier or a purification of one worker on CPUs whose data travels in memory."""
+    data_path: DataPath = "auto"
     if step.kind == "train":
         cfg, data_path = step.config["train"], step.config["train"]["data_path"]
     elif step.kind == "purify":
-        cfg, data_path = step.config["resolved"], "auto"
+        cfg = step.config["resolved"]
     else:
         return False
     if cfg["workers"] != 1 or cfg["device"] == "cuda" or data_path == "ray_data":
         return False
     info = open_dataset(step.input_path())
-    return data_path == "memory" or info.rows * math.prod(info.shape) <= MEMORY_LIMIT_BYTES
+    return in_memory(info.rows * math.prod(info.shape), data_path)
 
 
 def attack_cpus(entry: AttackEntry) -> int:

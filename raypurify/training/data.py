@@ -50,9 +50,10 @@ class Shipped:
     arrays: Any = None
 
 
-def in_memory(data: ImageSet) -> bool:
-    """Whether `ship` (by default) hands `data` to the workers through the object store."""
-    return data.images.nbytes <= MEMORY_LIMIT_BYTES
+def in_memory(nbytes: int, data_path: DataPath = "auto") -> bool:
+    """Whether `ship` hands a set of `nbytes` decoded images to the workers through the
+    object store: by default when it fits in MEMORY_LIMIT_BYTES."""
+    return data_path == "memory" or (data_path == "auto" and nbytes <= MEMORY_LIMIT_BYTES)
 
 
 def ship(
@@ -62,7 +63,7 @@ def ship(
     Train). In memory unless `data_path` is "ray_data", the data is a Stream, or it is
     larger than MEMORY_LIMIT_BYTES decoded."""
     if isinstance(data, ImageSet):
-        if data_path == "memory" or (data_path == "auto" and in_memory(data)):
+        if in_memory(data.images.nbytes, data_path):
             return Shipped(len(data), arrays=ray.put(pack(data))), None
         data = Stream(imageset_to_ray(data), data.classes, data.shape, len(data), data.name)
     rows = data.rows if data.rows is not None else data.ds.count()

@@ -182,7 +182,7 @@ def purify(
     # of starting its own (worker_group.py), unless the data is streamed through Ray Data
     # (too big for the object store), which a warm group does not host. Inside an
     # experiment, its group serves already.
-    hosted = len(cfg.stages) > 1 and in_memory(data0)
+    hosted = len(cfg.stages) > 1 and in_memory(data0.images.nbytes)
     warm = warm_workers(cfg.workers, cfg.device, out / "checkpoints" / ".warm-group", hosted)
     with active_run(parent) if run is None else contextlib.nullcontext(), warm:
         source, data = info, data0
