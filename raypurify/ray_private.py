@@ -2,8 +2,8 @@
 
 Ray has no public switch or query for any. tests/test_ray_private.py fails as soon as a
 Ray upgrade moves or renames one, instead of every worker logging each report, every
-command printing Ray's token-auth notice, a local Ray listening on every interface, or a
-stopped sweep trial's CPUs staying reserved.
+command printing Ray's token-auth notice or its raylet's worker-pool warning, a local Ray
+listening on every interface, or a stopped sweep trial's CPUs staying reserved.
 """
 
 from __future__ import annotations
@@ -33,6 +33,36 @@ AUTH_NOTICE_MODULE = "ray._private.authentication.authentication_token_setup"
 def auth_notice_logger() -> logging.Logger:
     """The logger of Ray's token-auth notices."""
     return logging.getLogger(AUTH_NOTICE_MODULE)
+
+
+# The driver prints every error the raylet publishes, log_to_driver or not, through this
+# module function, which its listening thread looks up at each message.
+ERROR_PRINTER_MODULE = "ray._private.worker"
+WORKER_POOL_NOTICE = "worker processes have been started on node"
+
+
+def drop_worker_pool_notice() -> None:
+    """Keep the raylet's warning that it started several times more worker processes than
+    it starts at once off the driver's terminal (`runtime.quiet_logs` says why); every
+    other error the raylet publishes still prints. Idempotent."""
+    worker = importlib.import_module(ERROR_PRINTER_MODULE)
+    printer = getattr(worker, "print_to_stdstream", None)
+    if printer is None:
+        raise RuntimeError(
+            f"Ray moved {ERROR_PRINTER_MODULE}.print_to_stdstream: update ray_private.py"
+        )
+    if getattr(printer, "drops_worker_pool_notice", False):
+        return
+
+    def print_unless_notice(data: dict, ignore_prefix: bool) -> None:
+        if data.get("pid") == "raylet" and any(
+            WORKER_POOL_NOTICE in line for line in data["lines"]
+        ):
+            return
+        printer(data, ignore_prefix)
+
+    print_unless_notice.drops_worker_pool_notice = True  # type: ignore[attr-defined]
+    worker.print_to_stdstream = print_unless_notice  # type: ignore[attr-defined]
 
 
 def disable_clustering() -> None:

@@ -74,18 +74,23 @@ def loopback_only() -> None:
 def quiet_logs() -> None:
     """Ray Data logs every operator's progress at INFO (a screenful per dataset when stdout is
     not a terminal); we draw our own bars, so keep its errors only. Ray's notice of its
-    default token auth goes too (`token_auth_notice`). RAYPURIFY_VERBOSE=1 restores both."""
+    default token auth goes too (`token_auth_notice`), and the raylet's warning that it has
+    started four times (then five, ...) more worker processes than it starts at once: Ray
+    Train runs five zero-CPU actors per run beside its workers, Ray Data two more, so a
+    2-core machine trips it in every demo, where it reads as a fault ("tasks blocked in
+    ray.get()") that is not there. RAYPURIFY_VERBOSE=1 restores all three."""
     if os.environ.get("RAYPURIFY_VERBOSE") == "1":
         return
     from ray.data import DataContext
 
-    from raypurify.ray_private import auth_notice_logger
+    from raypurify.ray_private import auth_notice_logger, drop_worker_pool_notice
 
     DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.ERROR)
     auth = auth_notice_logger()
     if token_auth_notice not in auth.filters:
         auth.addFilter(token_auth_notice)
+    drop_worker_pool_notice()
 
 
 def token_auth_notice(record: logging.LogRecord) -> bool:

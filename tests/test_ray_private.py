@@ -4,13 +4,16 @@ moves or renames one, these fail here, by name, instead of the behaviour going q
 from __future__ import annotations
 
 import importlib
+import inspect
 import subprocess
 import sys
 
 from raypurify.ray_private import (
     AUTH_NOTICE_MODULE,
+    ERROR_PRINTER_MODULE,
     REPORT_LOGGER_MODULE,
     auth_notice_logger,
+    drop_worker_pool_notice,
     report_logger,
 )
 
@@ -23,6 +26,31 @@ def test_ray_train_logs_its_reports_to_the_logger_the_workers_quiet():
 def test_ray_logs_its_token_auth_notice_to_the_logger_the_runtime_filters():
     module = importlib.import_module(AUTH_NOTICE_MODULE)
     assert module.logger is auth_notice_logger()
+
+
+def test_the_driver_prints_the_raylets_errors_through_the_function_we_wrap():
+    worker = importlib.import_module(ERROR_PRINTER_MODULE)
+    assert "print_to_stdstream(" in inspect.getsource(worker.listen_error_messages)
+
+
+def test_only_the_worker_pool_notice_is_kept_off_the_terminal(capsys):
+    """The raylet's notice, as Ray 2.60 words it, goes; another raylet error and a worker's
+    own line still print. Wrapping twice wraps once."""
+    worker = importlib.import_module(ERROR_PRINTER_MODULE)
+    drop_worker_pool_notice()
+    drop_worker_pool_notice()
+    notice = (
+        "WARNING: 11 PYTHON worker processes have been started on node: 5e15 with address: "
+        "127.0.0.1, which is 5x the maximum expected startup concurrency (2)."
+    )
+    worker.print_to_stdstream({"lines": [notice], "pid": "raylet", "is_err": False}, False)
+    assert capsys.readouterr().out == ""
+    other = "A worker died or was killed while executing a task by an unexpected system error."
+    worker.print_to_stdstream({"lines": [other], "pid": "raylet", "is_err": False}, False)
+    worker.print_to_stdstream({"lines": ["hello"], "pid": 42, "is_err": False}, False)
+    out = capsys.readouterr().out
+    assert other in out and "hello" in out
+    assert notice not in out
 
 
 def test_turning_clustering_off_keeps_a_local_ray_on_loopback():
