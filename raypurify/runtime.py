@@ -78,7 +78,10 @@ def quiet_logs() -> None:
     started four times (then five, ...) more worker processes than it starts at once: Ray
     Train runs five zero-CPU actors per run beside its workers, Ray Data two more, so a
     2-core machine trips it in every demo, where it reads as a fault ("tasks blocked in
-    ray.get()") that is not there. RAYPURIFY_VERBOSE=1 restores all three."""
+    ray.get()") that is not there. A sweep draws its own table of trials, so Ray Tune's
+    output goes as well: its INFO logs, and the box and hints (a TensorBoard command for a
+    folder under /tmp) that its new output engine prints even at `verbose=0`; the old
+    engine prints nothing there. RAYPURIFY_VERBOSE=1 restores all of it."""
     if os.environ.get("RAYPURIFY_VERBOSE") == "1":
         return
     from ray.data import DataContext
@@ -87,6 +90,8 @@ def quiet_logs() -> None:
 
     DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.ERROR)
+    logging.getLogger("ray.tune").setLevel(logging.WARNING)
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     auth = auth_notice_logger()
     if token_auth_notice not in auth.filters:
         auth.addFilter(token_auth_notice)

@@ -238,6 +238,15 @@ def test_ctrl_c_names_the_resume_command_and_no_trial_stopped_by_asha(sweep):
     assert all("asha_stopped_at_epoch" not in tags for tags in interrupted["tags"])
 
 
+def test_a_sweep_prints_its_own_table_and_not_tunes_or_optunas(sweep):
+    """Tune's box, its TensorBoard hint (a folder under /tmp) and its INFO lines, and
+    Optuna's INFO lines, stay off the terminal; our progress and resume line do not."""
+    output = sweep["interrupted"]["output"]
+    assert "preparing data/clean" in output and "--resume" in output
+    for noise in ("Configuration for experiment", "tensorboard", "INFO tune.py", "[I 20"):
+        assert noise not in output, noise
+
+
 @pytest.mark.slow
 def test_an_interrupted_sweep_resumes_to_every_output(sweep):
     out = sweep["out"]
@@ -448,6 +457,11 @@ BAD = [
     ({"budget.samples": 0}, "budget.samples"),
     ({"asha.grace_period": 6}, "asha.grace_period"),
     ({"dataset.subset": None}, "dataset.subset"),
+    (
+        {"attack.released": {"format": "perturbation", "paths": ["nope.npy"]}},
+        "attack.released.paths.0",
+    ),
+    ({"attack.released": {"format": "nope", "paths": ["bad.yaml"]}}, "attack.released"),
     ({"budget.points": [{"kld1": 1.0}]}, "budget.points"),
 ]
 
@@ -480,6 +494,70 @@ def test_the_resume_command_repeats_every_setting_of_the_sweep():
         "raypurify sweep 'my space.yaml' --out o --set seed=3 --samples 4 --concurrency 2 "
         "--num-cpus 3 --resume"
     )
+
+
+def test_a_released_poison_is_imported_from_beside_the_space_file_into_the_tables_step(
+    tmp_path, monkeypatch, mlflow_uri
+):
+    """A space may name a released poison, as a table's row does, by a path relative to the
+    space file; the sweep imports it (from any working directory) into the same store step
+    a table with that row would use."""
+    import numpy as np
+
+    from raypurify.data.interchange import read_images
+    from raypurify.experiments.runner import finished_steps
+    from raypurify.experiments.spec import ExperimentSpec
+    from raypurify.experiments.store import Store
+    from raypurify.sweeps.driver import prepare
+    from raypurify.tracking import start_run
+
+    patterns = np.random.default_rng(0).integers(-8, 9, size=(4, 3, 32, 32)).astype(np.int16)
+    (tmp_path / "poisons").mkdir()
+    np.save(tmp_path / "poisons" / "noise.npy", patterns)
+    released = {
+        "format": "perturbation",
+        "paths": ["../poisons/noise.npy"],
+        "options": {"granularity": "class", "units": "pixel"},
+    }
+    attack = {"name": "random-noise", "label": "noise", "released": released}
+    (tmp_path / "spaces").mkdir()
+    space_file = write_space(tmp_path / "spaces" / "s.yaml", attack=attack)
+    monkeypatch.chdir(tmp_path / "spaces")
+    space = load_space(str(space_file))
+    monkeypatch.chdir("/")
+    out = tmp_path / "out"
+    prepared = prepare(space, Store(out / "store"), start_run("sweep", "prepare"))
+
+    poisoned, clean = (read_images(prepared[k].result["path"]) for k in ("poison", "clean"))
+    delta = poisoned.images.astype(int) - clean.images.astype(int)
+    assert prepared["poison"].name == "poison/noise"
+    # each row carries its class's pattern (HWC), clipped where the image saturates
+    unclipped = (clean.images >= 8) & (clean.images <= 247)
+    expected = patterns.transpose(0, 2, 3, 1)[clean.labels]
+    assert np.array_equal(delta[unclipped], expected[unclipped])
+    table = ExperimentSpec.model_validate(
+        {
+            "name": "t",
+            "dataset": space.dataset.to_dict(),
+            "test": space.test.to_dict(),
+            "attacks": [attack],
+            "defenses": [{"name": "none"}],
+            "clean_row": False,
+        }
+    ).with_paths_from(tmp_path / "spaces")
+    found = {s.name: s.key for s in finished_steps(table, out) if s.kind == "poison"}
+    assert found == {"poison/noise": prepared["poison"].key}
+
+
+def test_a_space_that_names_no_new_attack_field_keeps_its_digest():
+    """The attack dumps as it did before sweeps took a table's row (name and options), so
+    a sweep started then still resumes; a label, once given, is part of it."""
+    from raypurify.sweeps.space import SweepSpace
+
+    space = SweepSpace.model_validate(TINY)
+    assert space.attack.to_dict() == {"name": "random-noise", "options": {}}
+    labelled = SweepSpace.model_validate({**TINY, "attack": {"name": "random-noise", "label": "n"}})
+    assert labelled.digest() != space.digest()
 
 
 def test_the_shipped_spaces_validate():

@@ -24,7 +24,7 @@ from raypurify import config, defenses
 from raypurify.attacks import ATTACKS
 from raypurify.data import registry
 from raypurify.errors import ConfigError, DatasetError, RaypurifyError
-from raypurify.experiments.spec import ExperimentSpec, ReleasedPoison
+from raypurify.experiments.spec import AttackEntry, ExperimentSpec, ReleasedPoison
 from raypurify.experiments.steps import Context, Step, hosted, plan
 from raypurify.experiments.store import ERROR_LOG, Store, step_key
 from raypurify.models import ARCHS
@@ -43,19 +43,12 @@ def validate(spec: ExperimentSpec) -> None:
     """Every name and option resolves and both datasets are there, before Ray or MLflow
     start (errors carry key paths): options passed through to models (a classifier's
     `arch_options`, an attack's surrogate) are built once here, not in a Ray worker."""
-    from raypurify.training.run import check_attack_options, check_options
+    from raypurify.training.run import check_options
 
     registry.check(spec.dataset)
     registry.check(spec.test)
     for i, a in enumerate(spec.attacks):
-        if a.released:
-            check_released(a.released, f"attacks.{i}.released")
-            continue
-        attack = ATTACKS.get(a.name, key=f"attacks.{i}.name")
-        cfg = config.validate(
-            attack.config, {**a.options, "ratio": a.ratio}, source=f"attacks.{i}.options"
-        )
-        check_attack_options(cfg, f"attacks.{i}.options")
+        check_attack(a, f"attacks.{i}")
     for i, d in enumerate(spec.defenses):
         if d.best_of:
             continue
@@ -75,6 +68,19 @@ def validate(spec: ExperimentSpec) -> None:
             raise ConfigError(f"classifiers.{i}: {e}") from None
         ARCHS.get(cfg.arch, key=f"classifiers.{i}.arch")
         check_options(cfg, f"classifiers.{i}.arch_options")
+
+
+def check_attack(a: AttackEntry, key: str) -> None:
+    """An attack entry (a table's row, a sweep's poison): its attack and options, or its
+    released poison's importer and files, named by `key`."""
+    from raypurify.training.run import check_attack_options
+
+    if a.released:
+        check_released(a.released, f"{key}.released")
+        return
+    attack = ATTACKS.get(a.name, key=f"{key}.name")
+    cfg = config.validate(attack.config, {**a.options, "ratio": a.ratio}, source=f"{key}.options")
+    check_attack_options(cfg, f"{key}.options")
 
 
 def check_released(released: ReleasedPoison, key: str) -> None:

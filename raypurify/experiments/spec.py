@@ -54,6 +54,13 @@ class AttackEntry(Config):
             return self.label
         return self.name if self.ratio == 1.0 else f"{self.name}@{self.ratio:g}"
 
+    def with_paths_from(self, folder: Path) -> AttackEntry:
+        """The entry with its released poison's relative paths read from `folder` (that of
+        the file that names it), so a run works from any directory."""
+        if self.released:
+            self.released.paths = [str((folder / p).resolve()) for p in self.released.paths]
+        return self
+
 
 class DefenseEntry(Config):
     """A column: a defence (transform, training-time or purifier) or a derived column."""
@@ -138,8 +145,7 @@ class ExperimentSpec(Config):
         """The spec with its released poisons' relative paths read from `folder` (the spec
         file's), so a run works from any directory."""
         for a in self.attacks:
-            if a.released:
-                a.released.paths = [str((folder / p).resolve()) for p in a.released.paths]
+            a.with_paths_from(folder)
         return self
 
     def clean_columns(self) -> list[str]:

@@ -233,7 +233,7 @@ def plan(spec: ExperimentSpec) -> list[Step]:
     if spec.clean_row:
         steps += row_steps(spec, "clean", clean, spec.clean_columns())
     for a in spec.attacks:
-        source = poison_step(spec, a, clean)
+        source = poison_step(a, clean, spec.seed)
         steps += [source, *row_steps(spec, a.row, source)]
     steps += analysis_steps(spec, steps)
     return sorted(steps, key=after_purification)  # stable: inputs stay before their users
@@ -244,13 +244,13 @@ def after_purification(step: Step) -> bool:
     return step.kind == "purify" or any(after_purification(i) for i in step.inputs)
 
 
-def poison_step(spec: ExperimentSpec, a: AttackEntry, clean: Step) -> Step:
-    """The row's poison: the attack run on the clean data, or a released poison imported
-    onto it. An import is keyed by the files' content and not by the table's seed (nothing
-    in it is random), so every seed of a table reuses it."""
+def poison_step(a: AttackEntry, clean: Step, seed: int) -> Step:
+    """A table row's poison, or a sweep's: the attack run on the clean data with `seed`, or
+    a released poison imported onto it. An import is keyed by the files' content and not by
+    the seed (nothing in it is random), so every seed of a table reuses it."""
     name, meta = f"poison/{a.row}", {"row": a.row}
     if a.released is None:
-        cfg = {"attack": a.name, "options": a.options, "ratio": a.ratio, "seed": spec.seed}
+        cfg = {"attack": a.name, "options": a.options, "ratio": a.ratio, "seed": seed}
         return Step("poison", name, cfg, [clean], make_poison, meta, attack_cpus(a))
     from raypurify.attacks.importers import content_digest
 

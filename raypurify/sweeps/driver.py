@@ -12,6 +12,7 @@ from their checkpoints, and Optuna continues from what it knew.
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from pathlib import Path
@@ -23,7 +24,7 @@ from raypurify.atomic import write_json
 from raypurify.data import registry
 from raypurify.data.interchange import read_images, write_images
 from raypurify.errors import ConfigError
-from raypurify.experiments.steps import Step, make_clean, make_poison
+from raypurify.experiments.steps import Step, make_clean, poison_step
 from raypurify.experiments.store import Store
 from raypurify.sweeps.results import STUDY_FILE
 from raypurify.sweeps.space import SweepSpace, classifier_epochs, preset_values
@@ -69,16 +70,7 @@ def prepare_steps(space: SweepSpace) -> list[Step]:
         [clean],
         make_validation,
     )
-    a = space.attack
-    poison = Step(
-        "poison",
-        f"poison/{a.name}",
-        {"attack": a.name, "options": a.options, "ratio": 1.0, "seed": space.seed},
-        [clean],
-        make_poison,
-        {"row": a.name},
-    )
-    return [clean, validation, poison]
+    return [clean, validation, poison_step(space.attack, clean, space.seed)]
 
 
 def stand_in_purify(space: SweepSpace) -> Step:
@@ -175,6 +167,7 @@ def load_state(out: Path, space: SweepSpace) -> dict[str, Any]:
 
 def run_sweep(space: SweepSpace, out: str | Path, *, num_cpus: int | None = None) -> dict:
     """Run (or resume) the sweep of `space` into `out`; returns the summary."""
+    import optuna
     from ray import tune
 
     from raypurify.storage import join_cluster
@@ -188,6 +181,8 @@ def run_sweep(space: SweepSpace, out: str | Path, *, num_cpus: int | None = None
     from raypurify.sweeps.tracking import parent_run, reconcile
     from raypurify.tracking import tracking_uri
 
+    if os.environ.get("RAYPURIFY_VERBOSE") != "1":  # its INFO lines: a study made or loaded
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
     state = load_state(Path(out).resolve(), space)
     registry.load(space.test)  # a missing test set fails here, not in every trial
     uri = state.get("tracking_uri") or tracking_uri()

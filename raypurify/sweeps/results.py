@@ -111,7 +111,7 @@ def summarize(space: SweepSpace, trials: list[dict], state: dict, wall_s: float)
     pairs = [(t["label_free"], t["test_accuracy"]) for t in done]
     return {
         "space": space.name,
-        "attack": space.attack.name,
+        "attack": space.attack.row,
         "objective_name": space.objective,
         "trials": len(trials),
         "done": len(done),
@@ -213,7 +213,7 @@ def markdown(space: SweepSpace, trials: list[dict], s: dict) -> str:
         "wall s",
     ]
     lines = [
-        f"# Sweep `{space.name}`: {space.attack.name}, objective `{space.objective}`",
+        f"# Sweep `{space.name}`: {space.attack.row}, objective `{space.objective}`",
         "",
         f"{s['trials']} trials ({s['done']} finished, {s['stopped_by_asha']} stopped by ASHA, "
         f"{s['errors']} failed, {s['interrupted']} still to run; {s['restarts']} restarts "

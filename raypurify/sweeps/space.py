@@ -22,6 +22,7 @@ from raypurify import config
 from raypurify.config import Config
 from raypurify.data.spec import DatasetSpec
 from raypurify.errors import ConfigError
+from raypurify.experiments.spec import AttackEntry
 
 SPACE_DIR = Path(__file__).resolve().parents[2] / "tune_spaces"
 
@@ -81,9 +82,13 @@ class ParameterRange(Config):
         )
 
 
-class AttackChoice(Config):
-    name: str
-    options: dict[str, Any] = Field(default_factory=dict)
+class SweepAttack(AttackEntry):
+    """The poison every trial purifies, given as a table's row is: an attack with options,
+    or a released poison. `label` and `ratio` are left out of a dump at their defaults, as
+    `released` is, so a space written before a sweep took them keeps its digest and its
+    sweep still resumes."""
+
+    added_fields = frozenset({"released", "label", "ratio"})
 
 
 class PurifierChoice(Config):
@@ -130,7 +135,7 @@ class SweepSpace(Config):
     dataset: DatasetSpec  # the clean training rows that are poisoned (needs `subset`)
     validation: Validation = Field(default_factory=Validation)
     test: DatasetSpec  # reported only: never read by the searcher or ASHA
-    attack: AttackChoice
+    attack: SweepAttack
     purifier: PurifierChoice = Field(default_factory=PurifierChoice)
     classifier: ClassifierChoice = Field(default_factory=ClassifierChoice)
     parameters: dict[str, ParameterRange]
@@ -205,6 +210,7 @@ def load_space(
     (every parameter's range ends resolve to a valid purification config)."""
     path = config.named_or_file(name_or_path, spaces(), "space")
     space = config.load(SweepSpace, path, overrides)
+    space.attack.with_paths_from(path.resolve().parent)
     check(space, source=str(path), datasets=datasets)
     return space
 
@@ -213,23 +219,19 @@ def check(space: SweepSpace, source: str = "space", datasets: bool = True) -> No
     """Every name resolves, every range end gives a valid config and (with `datasets`) the
     data is there, before Ray starts."""
     from raypurify import defenses
-    from raypurify.attacks import ATTACKS
     from raypurify.data import registry
     from raypurify.defenses.dvae.config import preset
+    from raypurify.experiments.runner import check_attack
     from raypurify.models import ARCHS
     from raypurify.training.config import recipe
-    from raypurify.training.run import check_attack_options, check_options
+    from raypurify.training.run import check_options
 
     for spec in (space.dataset, space.test):
         if datasets:
             registry.check(spec)
         else:
             registry.source(spec)
-    attack = ATTACKS.get(space.attack.name, key=f"{source}: attack.name")
-    options = config.validate(
-        attack.config, space.attack.options, source=f"{source}: attack.options"
-    )
-    check_attack_options(options, f"{source}: attack.options")
+    check_attack(space.attack, f"{source}: attack")
     defenses.options("dvae", {"preset": space.purifier.preset})
     try:
         base = preset(space.purifier.preset, space.purifier.overrides + overrides_for(space.fixed))

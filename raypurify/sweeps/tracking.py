@@ -43,7 +43,7 @@ def trial_run(parent: Run, trial_id: str, params: dict[str, Any], space: SweepSp
         f"trial-{trial_id}",
         params={**params, **fixed, "objective_name": space.objective},
         parent=parent,
-        tags={TRIAL_TAG: trial_id, "kind": "trial", "attack": space.attack.name},
+        tags={TRIAL_TAG: trial_id, "kind": "trial", "attack": space.attack.row},
     )
 
 
@@ -62,7 +62,7 @@ def parent_run(space: SweepSpace, name: str, run_id: str | None, uri: str) -> Ru
         f"sweep-{space.name}",
         name,
         params=flatten({"space": space.to_dict()}),
-        tags={"kind": "sweep", "space": space.name, "attack": space.attack.name},
+        tags={"kind": "sweep", "space": space.name, "attack": space.attack.row},
     )
 
 
