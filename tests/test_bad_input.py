@@ -163,6 +163,16 @@ CASES = [
         lambda r: ["datasets", "export", "synthetic", "--subset", "0", "--out", str(r / "o")],
     ),
     Case("show missing", lambda r: ["datasets", "show", str(r / "nope")]),
+    Case(
+        "show a registered name",
+        lambda r: ["datasets", "show", "cifar10-sample"],
+        expect="raypurify datasets export cifar10-sample --out DIR",
+    ),
+    Case(
+        "verify a registered name",
+        lambda r: ["datasets", "verify", "synthetic"],
+        expect="a registered dataset, not a directory",
+    ),
     Case("show a file", lambda r: ["datasets", "show", str(r / "good" / MANIFEST)]),
     Case(
         "manifest not JSON",

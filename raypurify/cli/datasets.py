@@ -65,9 +65,24 @@ def run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def not_a_registered_name(path: str) -> None:
+    """`show` and `verify` read a directory; a registered name there gets the command that
+    makes one instead of "no such directory"."""
+    from pathlib import Path
+
+    from raypurify.errors import DatasetError
+
+    if path in SOURCES.names() and not Path(path).exists():
+        raise DatasetError(
+            f"{path}: a registered dataset, not a directory; write one first with "
+            f"`raypurify datasets export {path} --out DIR`"
+        )
+
+
 def run_show(args: argparse.Namespace) -> int:
     from raypurify.data.summary import summarize
 
+    not_a_registered_name(args.dir)
     print("\n".join(summarize(args.dir, args.grid).lines()))
     return 0
 
@@ -75,6 +90,7 @@ def run_show(args: argparse.Namespace) -> int:
 def run_verify(args: argparse.Namespace) -> int:
     from raypurify.data.interchange import open_dataset
 
+    not_a_registered_name(args.dir)
     info = open_dataset(args.dir, verify=True)
     print(f"{info.path}: {info.rows} rows, content matches its id {info.id}")
     return 0
