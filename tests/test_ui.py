@@ -41,7 +41,8 @@ EXPERIMENT = "sweep-ui-test"
 
 @pytest.fixture(scope="module")
 def sweep_dir(tmp_path_factory) -> Path:
-    """A sweep's output directory: sweep.json pointing at a real store with 3 trials."""
+    """A sweep's output directory: sweep.json pointing at a real store with 3 trials and,
+    below the same parent, the run of the poison step the sweep prepared."""
     root = tmp_path_factory.mktemp("sweep")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     parent = start_run(EXPERIMENT, "sweep-demo", uri=uri, tags={"kind": "sweep"})
@@ -56,6 +57,7 @@ def sweep_dir(tmp_path_factory) -> Path:
         trial.log_metrics({"label_free": 1.0 - objective})
         trial.log_dict({"trial": i, "kld1": kld1}, "summary.json")
         trial.finish()
+    parent.child("poison/em-class", {"attack": "em"}).finish()  # a prepared step's run
     parent.finish()
     client = parent.client
     (root / "sweep.json").write_text(

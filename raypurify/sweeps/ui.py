@@ -92,9 +92,12 @@ def load_sweep(directory: str | Path) -> dict[str, Any]:
 
 
 def sweep_runs(tracking_uri: str, experiment_id: str, parent_run_id: str) -> list:
-    """The sweep's trial runs (MLflow Run entities, deleted ones left out), oldest first."""
+    """The sweep's trial runs (MLflow Run entities, deleted ones left out), oldest first:
+    the parent's children that carry a trial id, not the runs of the steps a sweep prepares
+    (its poison), which hang below the parent too."""
     from mlflow.tracking import MlflowClient
 
+    from raypurify.sweeps.tracking import TRIAL_TAG
     from raypurify.tracking import _retry
 
     client = MlflowClient(tracking_uri=tracking_uri)
@@ -112,7 +115,8 @@ def sweep_runs(tracking_uri: str, experiment_id: str, parent_run_id: str) -> lis
         token = page.token
         if not token:
             break
-    return sorted(runs, key=lambda r: (r.info.start_time or 0, r.info.run_id))
+    trials = [r for r in runs if TRIAL_TAG in r.data.tags]
+    return sorted(trials, key=lambda r: (r.info.start_time or 0, r.info.run_id))
 
 
 # --- the store ----------------------------------------------------------------------------
