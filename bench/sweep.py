@@ -57,11 +57,16 @@ def main() -> None:
                     for trial in csv.DictReader(f):
                         what = f"{trial['status']}, {trial['epoch']} epochs"
                         step = f"  trial {trial['trial_id']} ({what})"
-                        rows.append(first | {"step": step, "wall_s": float(trial["wall_s"])})
+                        wall_s, val = float(trial["wall_s"]), trial["val_accuracy"]
+                        val = float(val) if val else None  # a failed trial has none
+                        rows.append(first | {"step": step, "wall_s": wall_s, "accuracy": val})
                 rows += step_rows(out, n, group)
     columns = ["group", "seed", "step", "wall_s", "work_s", "startup_s", "rest_s", "rest_pct"]
     columns += ["steady_img_s", "accuracy"]
-    notes = f"Space `{args.space}`; `seed` is the round (each round: warm groups, then not)."
+    notes = (
+        f"Space `{args.space}`; `seed` is the round (each round: warm groups, then not). A "
+        "trial's accuracy is the validation accuracy it ended with (where ASHA stopped it)."
+    )
     write_results(f"sweep-{args.space}", rows, columns, notes)
 
 

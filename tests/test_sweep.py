@@ -286,6 +286,8 @@ def test_an_interrupted_sweep_resumes_to_every_output(sweep):
         assert split[kind]["steps"] >= 1
         assert 0 < split[kind]["work_s"] < split[kind]["wall_s"]
     assert "Where the steps' time went" in (out / "results.md").read_text()
+    # two trials give no rank correlation: the report says why instead of printing "-"
+    assert "need three finished trials (" in (out / "results.md").read_text()
 
 
 @pytest.mark.slow

@@ -242,11 +242,19 @@ def markdown(space: SweepSpace, trials: list[dict], s: dict) -> str:
     ptrial = preset["trial"] or {**preset["config"], "objective": None, "test_accuracy": None}
     lines.append(_vs_row(f"preset `{space.purifier.preset}`", names, ptrial))
     lf, vt = s["label_free_vs_test"], s["val_vs_test"]
-    lines += [
-        "",
+    ranks = (
         f"Rank correlation with test accuracy over the finished trials: label-free score "
         f"rho = {_cell(lf['spearman'])} ({lf['trials']} trials), validation accuracy "
-        f"rho = {_cell(vt['spearman'])} ({vt['trials']} trials).",
+        f"rho = {_cell(vt['spearman'])} ({vt['trials']} trials)."
+    )
+    if max(lf["trials"], vt["trials"]) < 3:
+        ranks = (
+            "Rank correlations with test accuracy need three finished trials "
+            f"({vt['trials']} here)."
+        )
+    lines += [
+        "",
+        ranks,
         "",
         *time_markdown(
             s.get("time_split", {}),
