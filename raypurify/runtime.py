@@ -76,12 +76,14 @@ def quiet_logs() -> None:
     not a terminal); we draw our own bars, so keep its errors only. Ray's notice of its
     default token auth goes too (`token_auth_notice`), and the raylet's warning that it has
     started four times (then five, ...) more worker processes than it starts at once: Ray
-    Train runs five zero-CPU actors per run beside its workers, Ray Data two more, so a
-    2-core machine trips it in every demo, where it reads as a fault ("tasks blocked in
-    ray.get()") that is not there. A sweep draws its own table of trials, so Ray Tune's
-    output goes as well: its INFO logs, and the box and hints (a TensorBoard command for a
-    folder under /tmp) that its new output engine prints even at `verbose=0`; the old
-    engine prints nothing there. RAYPURIFY_VERBOSE=1 restores all of it."""
+    Train starts four zero-CPU actors per run beside its workers (controller, placement
+    group cleaner, synchronisation, dataset manager), Ray Data two, a warm group its job
+    board and progress queue, so a 2-core machine trips it in every demo, where it reads
+    as a fault ("tasks blocked in ray.get()") that is not there. A sweep draws its own
+    table of trials, so Ray Tune's output goes as well: its INFO logs, and the box and
+    hints (a TensorBoard command for a folder under /tmp) that its new output engine
+    prints even at `verbose=0`; the old engine prints nothing there. RAYPURIFY_VERBOSE=1
+    restores all of it."""
     if os.environ.get("RAYPURIFY_VERBOSE") == "1":
         return
     from ray.data import DataContext
