@@ -124,3 +124,22 @@ def actor_dead(actor_id: str) -> bool:
         raise RuntimeError("Ray moved GlobalState.actor_table: update ray_private.py")
     info = state.actor_table(actor_id)
     return bool(info) and info.get("State") == "DEAD"
+
+
+# The class of the actor Ray Train starts per run to drive it: it makes the run's group
+# (ray.train.v2._internal.execution.controller.TrainController).
+TRAIN_CONTROLLER_CLASS = "TrainController"
+
+
+def live_actors(class_name: str) -> set[str]:
+    """The (hex) ids of the connected job's actors of class `class_name` not yet DEAD."""
+    import ray
+    from ray._private.state import state
+
+    job = ray.JobID.from_hex(ray.get_runtime_context().get_job_id())
+    table = state.actor_table(None, job_id=job)
+    return {
+        actor
+        for actor, info in table.items()
+        if info["ActorClassName"] == class_name and info["State"] != "DEAD"
+    }

@@ -7,6 +7,9 @@ import importlib
 import inspect
 import subprocess
 import sys
+import time
+
+import ray
 
 from raypurify.ray_private import (
     AUTH_NOTICE_MODULE,
@@ -85,8 +88,6 @@ def test_the_control_store_names_each_groups_job_and_creator(ray_session):
 
 
 def test_an_actor_reads_dead_in_the_control_store_once_killed(ray_session):
-    import time
-
     import ray
 
     from raypurify.ray_private import actor_dead
@@ -105,3 +106,28 @@ def test_an_actor_reads_dead_in_the_control_store_once_killed(ray_session):
     while not actor_dead(actor_id) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert actor_dead(actor_id)
+
+
+@ray.remote(num_cpus=0)
+class Waited:
+    """An actor of a module-level class (Ray records a nested one by its qualified name)."""
+
+    def ping(self):
+        return 1
+
+
+def test_the_sweep_cleanup_waits_for_actors_of_ray_trains_controller_class(ray_session):
+    from ray.train.v2._internal.execution.controller.controller import TrainController
+
+    from raypurify.ray_private import TRAIN_CONTROLLER_CLASS, live_actors
+
+    assert TrainController.__name__ == TRAIN_CONTROLLER_CLASS
+
+    actor = Waited.remote()
+    ray.get(actor.ping.remote())
+    assert actor._actor_id.hex() in live_actors("Waited")
+    ray.kill(actor)
+    deadline = time.monotonic() + 30
+    while live_actors("Waited") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not live_actors("Waited")

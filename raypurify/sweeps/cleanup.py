@@ -13,17 +13,29 @@ used again: those of this job are what gets removed, every few seconds while the
 runs and once more after its last trial. A live controller's group is never touched,
 whatever Tune has reported about its trial (a Ray Train run whose group is removed under a
 live controller starts another).
+
+After the last trial, the cleanup first waits for every controller the sweep started to
+die: one can still make a group as its trial's process dies (the flag then never turns
+True), and in one full run such a group appeared after the groups then in place were gone,
+and outlived the sweep.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
 import ray
 from ray.tune import Callback
 
-from raypurify.ray_private import GroupRecord, actor_dead, placement_group_records
+from raypurify.ray_private import (
+    TRAIN_CONTROLLER_CLASS,
+    GroupRecord,
+    actor_dead,
+    live_actors,
+    placement_group_records,
+)
 
 if TYPE_CHECKING:
     from ray.tune.experiment import Trial
@@ -54,23 +66,51 @@ def release_orphaned() -> int:
 
 
 def groups_made_by_actors() -> set[str]:
-    """The ids of this job's actor-made groups in place now (before a sweep starts)."""
+    """The ids of this job's actor-made groups in place now."""
     return {g.group_id for g in _made_by_actors_of_this_job()}
 
 
-def release_after_trials(before: set[str], timeout_s: float = 30.0) -> int:
-    """Once Tune has stopped every trial process: wait for the actors those processes
-    owned (their Ray Train controllers) to die, which Ray propagates a moment later, and
-    remove their groups. Groups in `before` (the caller's own, from before the sweep)
-    are not waited for; one whose creator still lives after `timeout_s` is left."""
-    removed = release_orphaned()
+@dataclass(frozen=True)
+class Before:
+    """What was in place before the trials: the caller's own groups and controllers."""
+
+    groups: frozenset[str]
+    controllers: frozenset[str]
+
+    @classmethod
+    def now(cls) -> Before:
+        return cls(frozenset(groups_made_by_actors()), frozenset(controllers()))
+
+
+def controllers() -> set[str]:
+    """This job's Ray Train controllers not yet dead."""
+    return live_actors(TRAIN_CONTROLLER_CLASS)
+
+
+def release_after_trials(before: Before, timeout_s: float = 30.0, settle_s: float = 1.0) -> int:
+    """Once Tune has stopped every trial process: wait for the controllers those processes
+    owned to die (Ray propagates an owner's death a moment later), then remove their
+    groups, until none has been left for `settle_s`. What `before` holds is not waited
+    for; a group whose creator still lives after `timeout_s` is left. Returns how many
+    groups were removed."""
     deadline = time.monotonic() + timeout_s
-    while any(g.group_id not in before for g in _made_by_actors_of_this_job()):
-        if time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
+    removed = 0
+    while controllers() - before.controllers and time.monotonic() < deadline:
         removed += release_orphaned()
-    return removed
+        time.sleep(0.2)
+    clear_since: float | None = None
+    while True:
+        removed += release_orphaned()
+        now = time.monotonic()
+        if any(g.group_id not in before.groups for g in _made_by_actors_of_this_job()):
+            clear_since = None
+            if now > deadline:
+                return removed
+        else:
+            clear_since = clear_since or now
+            if now - clear_since >= settle_s:
+                return removed
+        time.sleep(0.2)
 
 
 class ReleasePlacementGroups(Callback):

@@ -172,11 +172,7 @@ def run_sweep(space: SweepSpace, out: str | Path, *, num_cpus: int | None = None
 
     from raypurify.storage import join_cluster
     from raypurify.sweeps import results
-    from raypurify.sweeps.cleanup import (
-        ReleasePlacementGroups,
-        groups_made_by_actors,
-        release_after_trials,
-    )
+    from raypurify.sweeps.cleanup import Before, ReleasePlacementGroups, release_after_trials
     from raypurify.sweeps.live import LiveTable
     from raypurify.sweeps.tracking import parent_run, reconcile
     from raypurify.tracking import tracking_uri
@@ -215,7 +211,7 @@ def run_sweep(space: SweepSpace, out: str | Path, *, num_cpus: int | None = None
         )
         live = LiveTable(space, concurrency)
         release = ReleasePlacementGroups()
-        before = groups_made_by_actors()
+        before = Before.now()
         tune_path = out / TUNE_DIR
         if tune.Tuner.can_restore(str(tune_path)):
             print(f"resuming the sweep in {out}", flush=True)
