@@ -9,6 +9,12 @@ and the rest, from the step records.
 
     python bench/sweep.py                      # the demo space, two rounds of on/off
     python bench/sweep.py --space cpu --rounds 1
+    python bench/sweep.py --against ../old --name "per-trial groups"   # this tree's sweep
+        # against another source tree's (a worktree of an earlier commit), both warm
+
+`--against TREE` compares two versions of the code side by side on one machine: each
+round runs this tree's sweep, then TREE's (imported through PYTHONPATH), both with warm
+groups.
 
 Results: bench/results/sweep.{json,md}.
 """
@@ -29,10 +35,13 @@ from common import write_results  # noqa: E402
 from demo import step_rows  # noqa: E402
 
 
-def run_sweep(space: str, out: Path, warm: bool) -> float:
-    """Wall seconds of one `raypurify sweep` in a fresh process (and a fresh Ray)."""
+def run_sweep(space: str, out: Path, warm: bool, tree: str | None = None) -> float:
+    """Wall seconds of one `raypurify sweep` in a fresh process (and a fresh Ray), of the
+    code in source tree `tree` if given (its raypurify first on the path)."""
     cmd = [sys.executable, "-m", "raypurify", "sweep", space, "--out", str(out)]
     env = os.environ | {"RAYPURIFY_WARM_GROUP": "1" if warm else "0"}
+    if tree is not None:
+        env["PYTHONPATH"] = str(Path(tree).resolve())
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, cwd=out.parent, env=env, stdout=subprocess.DEVNULL)
     return time.perf_counter() - t0
@@ -42,15 +51,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--space", default="demo")
     parser.add_argument("--rounds", type=int, default=2, help="pairs of runs, on then off")
+    parser.add_argument("--against", help="another source tree, run instead of groups off")
+    parser.add_argument("--name", default="against", help="its label in the results")
     args = parser.parse_args()
+    if args.against:
+        variants = [("this tree", True, None), (args.name, True, args.against)]
+    else:
+        variants = [("warm groups", True, None), ("run per fit", False, None)]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for n in range(args.rounds):
-            for warm in (True, False):
-                group = "warm groups" if warm else "run per fit"
-                out = Path(tmp) / f"sweep-{n}-{int(warm)}"
+            for i, (group, warm, tree) in enumerate(variants):
+                out = Path(tmp) / f"sweep-{n}-{i}"
                 out.mkdir()
-                wall = run_sweep(args.space, out, warm)
+                wall = run_sweep(args.space, out, warm, tree)
                 first = {"group": group, "seed": n}
                 rows.append(first | {"step": "whole sweep (command to results)", "wall_s": wall})
                 with (out / "trials.csv").open() as f:
@@ -63,11 +77,13 @@ def main() -> None:
                 rows += step_rows(out, n, group)
     columns = ["group", "seed", "step", "wall_s", "work_s", "startup_s", "rest_s", "rest_pct"]
     columns += ["steady_img_s", "accuracy"]
+    order = ", then ".join(v[0] for v in variants)
     notes = (
-        f"Space `{args.space}`; `seed` is the round (each round: warm groups, then not). A "
+        f"Space `{args.space}`; `seed` is the round (each round: {order}). A "
         "trial's accuracy is the validation accuracy it ended with (where ASHA stopped it)."
     )
-    write_results(f"sweep-{args.space}", rows, columns, notes)
+    name = f"sweep-{args.space}" + ("-against" if args.against else "")
+    write_results(name, rows, columns, notes)
 
 
 if __name__ == "__main__":

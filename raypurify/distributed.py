@@ -25,17 +25,17 @@ from raypurify.progress import Progress
 from raypurify.workers import J, LoopCall, LoopContext, loop_entry, saved_state
 
 if TYPE_CHECKING:
-    from raypurify.worker_group import WarmGroup
+    from raypurify.job_board import GroupClient
 
 # The warm worker groups that host this driver's fits, if any are open (worker_group.py);
 # each hosts one fit at a time, claimed by the step thread that runs it.
-_warm_groups: tuple[WarmGroup, ...] = ()
-_busy: set[WarmGroup] = set()  # the groups hosting a fit now
+_warm_groups: tuple[GroupClient, ...] = ()
+_busy: set[GroupClient] = set()  # the groups hosting a fit now
 _claims = threading.Lock()
 
 
 @contextlib.contextmanager
-def serving(*groups: WarmGroup) -> Iterator[None]:
+def serving(*groups: GroupClient) -> Iterator[None]:
     """Within this block `fit` hands the fits `groups` can host to a free one of them."""
     global _warm_groups
     previous, _warm_groups = _warm_groups, groups
@@ -45,13 +45,13 @@ def serving(*groups: WarmGroup) -> Iterator[None]:
         _warm_groups = previous
 
 
-def serving_groups() -> tuple[WarmGroup, ...]:
+def serving_groups() -> tuple[GroupClient, ...]:
     """The warm groups this process's fits are handed to (none if none is open)."""
     return _warm_groups
 
 
 @contextlib.contextmanager
-def claim(workers: int, gpu: bool) -> Iterator[WarmGroup | None]:
+def claim(workers: int, gpu: bool) -> Iterator[GroupClient | None]:
     """A free warm group that hosts a fit of `workers` workers, held for this block, one
     that is up before one still starting; None if none does (the fit starts its own run)."""
     with _claims:
@@ -152,7 +152,7 @@ def fit(
     The run lives at storage/name: rerunning with the same pair resumes from its last
     checkpoint; `keep` checkpoints are kept (None: all of them). `callbacks` are Ray Train
     callbacks (a sweep trial passes Tune's report callback, so each epoch reaches Tune); a
-    fit hosted by a warm group hands them each report too (worker_group.WarmGroup.run).
+    fit hosted by a warm group hands them each report too (job_board.GroupClient.run).
     Errors the user can act on come back as themselves, not as Ray wrappers.
     """
     check_gpus(workers, gpu)
@@ -172,7 +172,7 @@ def fit(
             resume_from = None if group is not None else previous and ray.put(previous)
             call = LoopCall(loop, job, LoopContext(progress.queue, resume_from))
             if group is not None:
-                from raypurify.worker_group import Job
+                from raypurify.job_board import Job
 
                 job = Job(call, str(storage), name, keep, forward=bool(callbacks))
                 metrics = group.run(job, callbacks or ())

@@ -10,26 +10,25 @@ job and write each epoch's checkpoint where the step's own run would keep it, so
 resumes the same way whichever path trained it. A worker or node that dies restarts the
 group (Ray Train's failure config) and the job in flight resumes from its last checkpoint.
 
-A group serves one job at a time. An experiment opens one group per step it runs at once
-(runner.run_experiment; each fit claims a free one, `distributed.claim`), and where
-several share the machine their jobs default to an equal share of its cores. One group
-serves a purification's two stages (pipeline.purify) and a sweep trial's stages and
-classifier (sweeps/trial.py). A trial's classifier reports each epoch to Tune: a hosted
-job sends its reports back through the board, and the fit hands them to its Ray Train
-callbacks.
+A group serves one job at a time, taken from its board (job_board.py), which any process
+may hand jobs to through the group's client. An experiment opens one group per step it
+runs at once (runner.run_experiment; each fit claims a free one, `distributed.claim`),
+and where several share the machine their jobs default to an equal share of its cores.
+One group serves a purification's two stages (pipeline.purify); a sweep opens one per
+trial at once, which its trials claim for their stages and classifier (sweeps/groups.py).
+A trial's classifier reports each epoch to Tune: a hosted job sends its reports back
+through the board, and the fit hands them to its Ray Train callbacks.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import dataclasses
 import importlib
 import os
 import pickle
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -39,8 +38,9 @@ from ray.train.torch import TorchTrainer
 
 from raypurify import distributed
 from raypurify.errors import ConfigError, TrainingError
+from raypurify.job_board import GroupClient, Job, JobBoard
 from raypurify.tracking import open_store, tracking_uri
-from raypurify.workers import HostedJob, LoopCall, hosting, loop_entry
+from raypurify.workers import HostedJob, hosting, loop_entry
 
 # What a hosted worker holds: no CPU (a bundle cannot be all zeros, hence one byte of
 # memory), so the Ray Data passes between training steps find every CPU they need (even
@@ -51,84 +51,6 @@ from raypurify.workers import HostedJob, LoopCall, hosting, loop_entry
 # GPU of a workstation would leave a purification pass's GPU actors (and TAP's, SEP's)
 # waiting forever.
 IDLE_RESOURCES = {"CPU": 0, "memory": 1}
-
-
-@dataclasses.dataclass(frozen=True)
-class Job:
-    """One `fit` as the group runs it: the loop with its job, and where its run lives."""
-
-    call: LoopCall
-    storage: str
-    name: str
-    keep: int | None
-    forward: bool = False  # send each report back to the fit (for its callbacks)
-
-
-# A job as the board holds it: the object ref of the Job, in a list so that Ray hands the
-# ref on instead of the Job. The board never unpickles a job, which would import its loop's
-# modules (torch among them) into the board's process: 2.3 s of the first job's start on
-# 2 cores.
-Boxed = list[ray.ObjectRef]
-
-
-@ray.remote(num_cpus=0)
-class JobBoard:
-    """Jobs in, outcomes out. A worker asks for the first unfinished job after the last
-    one it ran; a restarted group asks from the start, and so gets the job in flight."""
-
-    def __init__(self) -> None:
-        self.jobs: dict[int, Boxed] = {}
-        self.outcomes: dict[int, tuple[str, Any]] = {}
-        self.reports: dict[int, list[dict[str, Any]]] = {}
-        self.next_seq = 0
-        self.closed = False
-        self.up_at: float | None = None  # time.time() a worker first asked for a job
-        self.changed = asyncio.Condition()
-
-    async def submit(self, job: Boxed) -> int:
-        async with self.changed:
-            seq, self.next_seq = self.next_seq, self.next_seq + 1
-            self.jobs[seq] = job
-            self.changed.notify_all()
-            return seq
-
-    async def take(self, after: int) -> tuple[int, Boxed] | None:
-        self.up_at = self.up_at or time.time()
-        async with self.changed:
-            while True:
-                waiting = [s for s in sorted(self.jobs) if s > after]
-                if waiting:
-                    return waiting[0], self.jobs[waiting[0]]
-                if self.closed:
-                    return None
-                await self.changed.wait()
-
-    async def finish(self, seq: int, outcome: tuple[str, Any]) -> None:
-        async with self.changed:
-            if self.jobs.pop(seq, None) is not None:
-                self.outcomes[seq] = outcome
-            self.changed.notify_all()
-
-    async def ready(self) -> float | None:
-        """When the group came up (None: not yet)."""
-        return self.up_at
-
-    async def report(self, seq: int, metrics: dict[str, Any]) -> None:
-        self.reports.setdefault(seq, []).append(metrics)
-
-    async def new_reports(self, seq: int) -> list[dict[str, Any]]:
-        """Job `seq`'s reports not yet asked for (the fit's thread is their one reader)."""
-        return self.reports.pop(seq, [])
-
-    async def outcome(self, seq: int) -> tuple[str, Any]:
-        async with self.changed:
-            await self.changed.wait_for(lambda: seq in self.outcomes)
-            return self.outcomes.pop(seq)
-
-    async def close(self) -> None:
-        async with self.changed:
-            self.closed = True
-            self.changed.notify_all()
 
 
 def _portable(error: Exception) -> Exception:
@@ -148,6 +70,15 @@ def _forwarder(board: Any, seq: int) -> Callable[[dict[str, Any]], None]:
         ray.get(board.report.remote(seq, metrics))
 
     return forward
+
+
+def _cancelled(board: Any, seq: int) -> Callable[[], bool]:
+    """Whether job `seq` has been cancelled, asked at each of its reports."""
+
+    def cancelled() -> bool:
+        return bool(ray.get(board.is_cancelled.remote(seq)))
+
+    return cancelled
 
 
 # What a fresh worker's first job would import and open before its first epoch: the jobs'
@@ -181,10 +112,16 @@ def _serve(config: dict[str, Any]) -> None:
     after = -1
     while (taken := ray.get(board.take.remote(after))) is not None:
         seq, (ref,) = taken
-        job: Job = ray.get(ref)
-        forward = _forwarder(board, seq) if job.forward and rank == 0 else None
-        hosted = HostedJob(Path(job.storage), job.name, job.keep, forward=forward)
         try:
+            job: Job = ray.get(ref)  # lost if the process that submitted it died
+            forward = _forwarder(board, seq) if job.forward and rank == 0 else None
+            hosted = HostedJob(
+                Path(job.storage),
+                job.name,
+                job.keep,
+                forward=forward,
+                cancelled=_cancelled(board, seq),
+            )
             with hosting(hosted):
                 loop_entry({"call": job.call})
         except Exception as e:
@@ -197,11 +134,12 @@ def _serve(config: dict[str, Any]) -> None:
         after = seq
 
 
-class WarmGroup:
-    """The driver's side: a TorchTrainer run serving jobs, in a background thread. Its run
+class WarmGroup(GroupClient):
+    """The owner's side: a TorchTrainer run serving jobs, in a background thread. Its run
     lives at storage/name; `threads` is its jobs' default torch threads per worker (None:
     the machine's cores shared among the workers, as in a run of their own). With `after`,
-    the run starts once that group is up (or has stopped)."""
+    the run starts once that group is up (or has stopped). `client()` is what another
+    process (a sweep trial) uses it through."""
 
     def __init__(
         self,
@@ -213,10 +151,9 @@ class WarmGroup:
     ) -> None:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        self.workers = workers
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         # ray.remote's stubs keep the class type; it is an ActorClass with .options.
-        self.board = JobBoard.options(scheduling_strategy=here).remote()  # type: ignore[attr-defined]
+        super().__init__(JobBoard.options(scheduling_strategy=here).remote(), workers)  # type: ignore[attr-defined]
         self.trainer = TorchTrainer(
             _serve,
             train_loop_config={
@@ -238,7 +175,6 @@ class WarmGroup:
         self.error: BaseException | None = None
         self.opened = time.time()
         self.started_at: float | None = None  # its run began (after `after` came up)
-        self.up_at: float | None = None  # when it came up, once seen (`ready`)
         self.after = after
         self.stopped = threading.Event()
         self.closing = threading.Event()
@@ -256,11 +192,11 @@ class WarmGroup:
             self.error = e
         finally:
             self.stopped.set()
+            with contextlib.suppress(Exception):  # the board is gone once closed
+                ray.get(self.board.stop.remote(f"the warm worker group stopped: {self.error}"))
 
-    def ready(self) -> bool:
-        """Whether the group's workers have started and wait for jobs."""
-        self.up_at = self.up_at or ray.get(self.board.ready.remote())
-        return self.up_at is not None
+    def client(self) -> GroupClient:
+        return GroupClient(self.board, self.workers)
 
     def start_s(self) -> float | None:
         """Seconds from opening the group to its workers asking for a first job."""
@@ -269,35 +205,7 @@ class WarmGroup:
         return cast(float, self.up_at) - self.opened
 
     def alive(self) -> bool:
-        """Whether its run goes on (a run out of restarts stops, and hosts nothing more)."""
         return not self.stopped.is_set()
-
-    def hosts(self, workers: int, gpu: bool) -> bool:
-        return self.alive() and not gpu and workers == self.workers
-
-    def run(self, job: Job, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
-        """Run `job` on the group; return its last reported metrics (or raise its error).
-
-        With `callbacks` (Ray Train UserCallbacks: a sweep trial's Tune report), each
-        report of the job reaches their `after_report` in this thread, as a run of its own
-        would hand it to them (here without a run context or a checkpoint object)."""
-        boxed = [ray.put(job)]  # held here until the outcome, so the ref stays alive
-        seq = ray.get(self.board.submit.remote(boxed))
-        pending = self.board.outcome.remote(seq)
-        while True:
-            done = bool(ray.wait([pending], timeout=0.5 if job.forward else 1.0)[0])
-            if job.forward:
-                for metrics in ray.get(self.board.new_reports.remote(seq)):
-                    for callback in callbacks:
-                        callback.after_report(run_context=None, metrics=[metrics], checkpoint=None)
-            if done:
-                break
-            if self.stopped.is_set():
-                raise TrainingError(f"the warm worker group stopped: {self.error}")
-        status, value = ray.get(pending)
-        if status == "error":
-            raise value
-        return value
 
     def close(self) -> None:
         self.closing.set()

@@ -46,10 +46,15 @@ class HostedJob:
     name: str
     keep: int | None
     forward: Callable[[dict[str, Any]], None] | None = None  # rank 0: each report to the fit
+    cancelled: Callable[[], bool] | None = None  # whether the fit no longer wants the job
     last_metrics: dict[str, Any] | None = None
 
 
 _hosted: HostedJob | None = None
+
+
+class JobCancelled(Exception):
+    """A hosted job whose fit no longer wants it (its sweep trial ended) stops here."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -211,6 +216,8 @@ def _checkpoint_hosted(job: HostedJob, metrics: dict, state: dict | None, rank: 
     report is a barrier)."""
     import torch.distributed as dist
 
+    if job.cancelled is not None and job.cancelled():
+        raise JobCancelled(f"{job.name}: cancelled before its checkpoint of {metrics}")
     job.last_metrics = metrics
     if rank == 0 and state is not None:
         run_dir = job.storage / job.name

@@ -310,13 +310,13 @@ def test_no_cpu_stays_reserved_by_a_stopped_or_killed_trial(sweep):
 
 
 @pytest.mark.slow
-def test_each_trial_trains_on_a_warm_group_of_its_own(sweep):
-    """On this local Ray, a trial's D-VAE stages and classifier are jobs of one warm group
-    the trial opens (the ASHA test shows the classifier's epochs still reach Tune): their
+def test_the_trials_train_on_the_sweeps_warm_group(sweep):
+    """On this local Ray, the trials' D-VAE stages and classifiers are jobs of the warm
+    group the driver opened for them (one: one trial at a time), killed and stopped trials
+    included (the ASHA test shows the classifier's epochs still reach Tune): their
     checkpoints are written by the group's jobs, not by Ray Train runs of their own."""
     out = sweep["out"]
-    started = {d.name for d in (out / ".warm-groups").iterdir()}
-    assert {r["trial_id"] for r in trials(out)} <= started
+    assert sorted(d.name for d in (out / ".warm-groups").iterdir()) == ["warm-group"]
     fits = {p.parents[1] for p in out.glob("store/*/*/*/checkpoints/*/checkpoint_*/state.pt")}
     assert {f.name for f in fits} == {"stage1", "stage2", "train"}
     assert not [f for f in fits if (f / "checkpoint_manager_snapshot.json").exists()]
@@ -606,42 +606,31 @@ def test_the_linear_probe_finds_a_shortcut_and_not_noise():
     assert acc(noise) < 0.3
 
 
-def test_a_trials_warm_group_is_sized_for_the_step_it_runs_first(tmp_path):
-    """A warm group hosts fits of its own size: a trial sizes its group by the first step
-    it runs, the purification's stages or, with those in the store, the classifier."""
-    from raypurify.experiments.steps import Step
-    from raypurify.sweeps.trial import classifier_step, fit_workers, purify_step
-
-    overrides = [*TINY["classifier"]["overrides"], "workers=2"]
-    space = load_space(
-        str(write_space(tmp_path / "two.yaml", **{"classifier.overrides": overrides}))
-    )
-    stand_in = Step("poison", "poison/x", {}, [], None)
-    purify = purify_step(space, {"kld1": 1.0, "kld2": 50.0, "lambda": 0.01}, stand_in)
-    train = classifier_step(space, purify, stand_in)
-    assert (fit_workers(purify), fit_workers(train)) == (1, 2)
-
-
-def test_trials_open_warm_groups_only_on_a_local_ray_on_cpus(tmp_path, monkeypatch):
+def test_trials_share_groups_sized_for_a_purification_only_on_a_local_ray_on_cpus(
+    tmp_path, monkeypatch
+):
     """The driver decides for its trials (a trial's process may not know it runs on a
-    cluster): groups on a local Ray on CPUs, none on a cluster, on a GPU, or when off."""
-    from raypurify.sweeps.driver import warm_groups
+    cluster): groups on a local Ray on CPUs, none on a cluster, on a GPU, or when off; of
+    the purification's workers, the step a trial starts with."""
+    from raypurify.sweeps.groups import group_size
 
-    def space(classifier_device: str):
-        purifier = [*TINY["purifier"]["overrides"], "device=cpu"]
+    def space(classifier_device: str, purify_workers: int = 1):
+        purifier = [*TINY["purifier"]["overrides"], "device=cpu", f"workers={purify_workers}"]
         classifier = [*TINY["classifier"]["overrides"], f"device={classifier_device}"]
         changes = {"purifier.overrides": purifier, "classifier.overrides": classifier}
-        return load_space(str(write_space(tmp_path / f"{classifier_device}.yaml", **changes)))
+        name = f"{classifier_device}-{purify_workers}.yaml"
+        return load_space(str(write_space(tmp_path / name, **changes)))
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.delenv("RAYPURIFY_WARM_GROUP", raising=False)
-    assert warm_groups(space("cpu"), tmp_path) == str(tmp_path / ".warm-groups")
-    assert warm_groups(space("cuda"), tmp_path) is None
+    assert group_size(space("cpu")) == 1
+    assert group_size(space("cpu", purify_workers=2)) == 2
+    assert group_size(space("cuda")) is None
     monkeypatch.setenv("RAYPURIFY_WARM_GROUP", "0")
-    assert warm_groups(space("cpu"), tmp_path) is None
+    assert group_size(space("cpu")) is None
     monkeypatch.setenv("RAYPURIFY_WARM_GROUP", "1")
     monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
-    assert warm_groups(space("cpu"), tmp_path) is None
+    assert group_size(space("cpu")) is None
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -23,6 +24,7 @@ class EpochsJob(LoopJob):
     fail: str | None = None
     kill_after: int | None = None
     marker: str | None = None
+    sleep_s: float = 0.0  # per epoch
 
 
 def epochs_loop(job: EpochsJob, ctx: LoopContext) -> None:
@@ -44,6 +46,7 @@ def epochs_loop(job: EpochsJob, ctx: LoopContext) -> None:
     start, history = (state["epoch"], state["history"]) if state else (0, [])
     for epoch in range(start, job.epochs):
         t0 = time.perf_counter()
+        time.sleep(job.sleep_s)
         history = [*history, {"epoch": epoch + 1, "epoch_s": time.perf_counter() - t0}]
         metrics = {"epoch": epoch + 1, "pid": os.getpid()}
         report_and_checkpoint(metrics, {"epoch": epoch + 1, "history": history}, rank)
@@ -112,6 +115,49 @@ def test_fits_in_a_warm_group_share_one_worker_and_keep_their_checkpoints(ray_se
     # Outside the group the same fit resumes from those checkpoints: nothing left to train.
     again = run(tmp_path, "first", epochs=3)
     assert again.state["epoch"] == 3 and again.work_s == 0
+
+
+@ray.remote(num_cpus=0)
+def fit_elsewhere(client, tmp_path, name: str, epochs: int, owner: str, sleep_s: float = 0.0):
+    """In another process (as a sweep trial's): claim the group through its client and
+    fit on it."""
+    from raypurify import distributed
+
+    assert client.claim(owner)
+    with distributed.serving(client):
+        return run(tmp_path, name, epochs, sleep_s=sleep_s).metrics
+
+
+def test_a_process_that_holds_a_groups_client_fits_on_it(ray_session, tmp_path):
+    """A sweep trial's process gets the driver's groups as clients: its fits are jobs of
+    the driver's group, checkpointed where their own runs would be."""
+    with warm_group(1, tmp_path / "group") as (group,):
+        metrics = ray.get(fit_elsewhere.remote(group.client(), tmp_path, "elsewhere", 2, "t1"))
+        here = run(tmp_path, "here", epochs=1)
+    assert metrics["epoch"] == 2 and metrics["pid"] == here.metrics["pid"]
+    assert saved_state(tmp_path, "elsewhere")["epoch"] == 2
+    assert not (tmp_path / "elsewhere" / "checkpoint_manager_snapshot.json").exists()
+
+
+def test_a_released_claim_stops_its_job_before_the_next_checkpoint(ray_session, tmp_path):
+    """What the sweep's driver does when ASHA stops a trial: the trial's job in flight
+    stops at its next report without writing it, its fit fails as cancelled, and the
+    group serves the next job."""
+    with warm_group(1, tmp_path / "group") as (group,):
+        slow = fit_elsewhere.remote(group.client(), tmp_path, "slow", 200, "t1", sleep_s=0.2)
+        deadline = time.monotonic() + 120
+        while (saved_state(tmp_path, "slow") or {"epoch": 0})["epoch"] < 2:
+            assert time.monotonic() < deadline, "the job never reached its second epoch"
+            time.sleep(0.1)
+        group.release("t1")
+        at_release = saved_state(tmp_path, "slow")["epoch"]
+        with pytest.raises(ray.exceptions.RayTaskError, match="cancelled"):
+            ray.get(slow)
+        last = saved_state(tmp_path, "slow")["epoch"]
+        after = run(tmp_path, "after", epochs=1)
+    assert at_release <= last <= at_release + 1 < 200  # + 1: a checkpoint being written
+    assert after.metrics["epoch"] == 1
+    assert saved_state(tmp_path, "slow")["epoch"] == last  # nothing written since
 
 
 def test_a_failed_job_raises_in_its_fit_and_the_group_serves_the_next(ray_session, tmp_path):

@@ -33,7 +33,7 @@ from raypurify.sweeps.trial import Prepared, TrialSpec, purify_step, run_trial
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from ray.tune import Callback, Tuner
+    from ray.tune import Callback, ResultGrid, Tuner
 
     from raypurify.sweeps.trial import TrialContext
     from raypurify.tracking import Run
@@ -85,20 +85,6 @@ def trial_cpus(space: SweepSpace) -> int:
 
     workers = recipe(space.classifier.recipe, space.classifier.overrides).workers
     return max(stand_in_purify(space).cpus, workers)
-
-
-def warm_groups(space: SweepSpace, out: Path) -> str | None:
-    """Where each trial opens a warm worker group for its fits (worker_group.py), or None
-    where groups are not allowed: decided here, in the driver, which knows whether it
-    joined a cluster (a trial's process may not)."""
-    from raypurify.training.config import recipe
-    from raypurify.worker_group import groups_allowed
-
-    devices = (
-        stand_in_purify(space).config["resolved"]["device"],
-        recipe(space.classifier.recipe, space.classifier.overrides).device,
-    )
-    return str(out / ".warm-groups") if all(groups_allowed(d) for d in devices) else None
 
 
 def concurrency_bound(space: SweepSpace, requested: int | str) -> int:
@@ -168,12 +154,11 @@ def load_state(out: Path, space: SweepSpace) -> dict[str, Any]:
 def run_sweep(space: SweepSpace, out: str | Path, *, num_cpus: int | None = None) -> dict:
     """Run (or resume) the sweep of `space` into `out`; returns the summary."""
     import optuna
-    from ray import tune
 
     from raypurify.storage import join_cluster
     from raypurify.sweeps import results
-    from raypurify.sweeps.cleanup import Before, ReleasePlacementGroups, release_after_trials
-    from raypurify.sweeps.live import LiveTable
+    from raypurify.sweeps.cleanup import Before, release_after_trials
+    from raypurify.sweeps.groups import sweep_groups
     from raypurify.sweeps.tracking import parent_run, reconcile
     from raypurify.tracking import tracking_uri
 
@@ -202,29 +187,14 @@ def run_sweep(space: SweepSpace, out: str | Path, *, num_cpus: int | None = None
     write_json(out / STATE, state)
     start = time.perf_counter()
     try:
-        prepared = prepare(space, store, parent)
-        spec = TrialSpec(
-            space, str(store.root), parent, **prepared, warm_groups=warm_groups(space, out)
-        )
-        trainable = tune.with_resources(
-            tune.with_parameters(run_trial, spec=spec), {"cpu": 0, "memory": 2**20}
-        )
-        live = LiveTable(space, concurrency)
-        release = ReleasePlacementGroups()
         before = Before.now()
-        tune_path = out / TUNE_DIR
-        if tune.Tuner.can_restore(str(tune_path)):
-            print(f"resuming the sweep in {out}", flush=True)
-            tuner = tune.Tuner.restore(
-                str(tune_path), trainable, resume_errored=True, resume_unfinished=True
-            )
-        else:
-            tuner = new_tuner(space, out, state, trainable, concurrency, [live, release])
-        try:
-            grid = tuner.fit()
+        try:  # the trials' groups start while the sweep's data is prepared
+            with sweep_groups(space, out, concurrency) as groups:
+                prepared = prepare(space, store, parent)
+                spec = TrialSpec(space, str(store.root), parent, **prepared, groups=groups)
+                grid = fit_trials(space, out, state, spec, concurrency)
         finally:
             release_after_trials(before)
-        live.close()
     except BaseException:
         parent.finish("FAILED")
         raise
@@ -234,6 +204,34 @@ def run_sweep(space: SweepSpace, out: str | Path, *, num_cpus: int | None = None
     results.log(parent, out, summary)
     parent.finish("KILLED" if summary["interrupted"] else "FINISHED")
     return summary
+
+
+def fit_trials(
+    space: SweepSpace, out: Path, state: dict, spec: TrialSpec, concurrency: int
+) -> ResultGrid:
+    """Run (or resume) the trials of the sweep in `out` with Tune."""
+    from ray import tune
+
+    from raypurify.sweeps.cleanup import ReleasePlacementGroups
+    from raypurify.sweeps.groups import ReleaseClaims
+    from raypurify.sweeps.live import LiveTable
+
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, spec=spec), {"cpu": 0, "memory": 2**20}
+    )
+    live = LiveTable(space, concurrency)
+    tune_path = out / TUNE_DIR
+    if tune.Tuner.can_restore(str(tune_path)):
+        print(f"resuming the sweep in {out}", flush=True)
+        tuner = tune.Tuner.restore(
+            str(tune_path), trainable, resume_errored=True, resume_unfinished=True
+        )
+    else:
+        callbacks = [live, ReleasePlacementGroups(), ReleaseClaims()]
+        tuner = new_tuner(space, out, state, trainable, concurrency, callbacks)
+    grid = tuner.fit()
+    live.close()
+    return grid
 
 
 def new_tuner(

@@ -11,9 +11,9 @@ report callback): ASHA stops on the epoch's accuracy on the clean validation row
 test set is read once, after the last epoch, for the report only.
 
 Where the driver allows it (a local Ray on CPUs), a trial's D-VAE stages and classifier
-run as jobs of one warm worker group (worker_group.py) that the trial opens, instead of
-starting three Ray Train runs: each start costs seconds, as long as a small trial's
-epochs. The group dies with the trial's process, as its own runs would.
+run as jobs of one of the sweep's warm worker groups (sweeps/groups.py), which the trial
+claims, instead of starting three Ray Train runs: each start costs seconds, as long as a
+small trial's epochs.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from raypurify.sweeps.space import SweepSpace, overrides_for
 from raypurify.tracking import Run, active_run
 
 if TYPE_CHECKING:
+    from raypurify.job_board import GroupClient
     from raypurify.training.config import TrainConfig
 
 # Fields of a trial's result, besides its parameters (the trials table's columns).
@@ -70,7 +71,7 @@ class TrialSpec:
     clean: Prepared
     validation: Prepared
     poison: Prepared
-    warm_groups: str | None = None  # where trials keep their warm groups' runs; None: none
+    groups: tuple[GroupClient, ...] = ()  # the sweep's warm groups (sweeps/groups.py)
 
 
 @dataclass
@@ -223,24 +224,15 @@ def linear_probe_accuracy(train: ImageSet, probe: ImageSet, seed: int, epochs: i
     return float((pred == torch.from_numpy(probe.labels)).float().mean())
 
 
-def fit_workers(step: Step) -> int:
-    """Ray Train workers of `step`'s fits: a warm group hosts the fits of its own size, so a
-    trial's group is sized for the first step it runs (a purification's stages, or the
-    classifier when the purification was in the store)."""
-    if step.kind == "purify":
-        return int(step.config["resolved"]["workers"])
-    return int(step.config["train"]["workers"])
-
-
 def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
     """The Tune trainable: find or start this trial's MLflow run, run its two steps through
     the store, and report the final scores to Tune."""
     from ray import tune
 
-    from raypurify.distributed import serving_groups
+    from raypurify.distributed import serving, serving_groups
     from raypurify.experiments.runner import execute, resolve
+    from raypurify.sweeps.groups import claimed
     from raypurify.sweeps.tracking import trial_run
-    from raypurify.worker_group import warm_group
 
     space = spec.space
     params = {name: config[name] for name in space.parameters}
@@ -255,9 +247,10 @@ def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
     with active_run(run), contextlib.ExitStack() as fits:
         for step in (purified, train):
             if not resolve(step, store):
-                if spec.warm_groups is not None and not serving_groups():
-                    group = Path(spec.warm_groups) / trial_id
-                    fits.enter_context(warm_group(fit_workers(step), group))
+                if spec.groups and not serving_groups():
+                    group = fits.enter_context(claimed(spec.groups, trial_id))
+                    if group is not None:
+                        fits.enter_context(serving(group))
                 step.result = execute(step, store, ctx)
         result = cast(dict[str, Any], train.result)  # set just above
         final = {
