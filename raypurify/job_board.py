@@ -16,12 +16,14 @@ import asyncio
 import dataclasses
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 
 from raypurify.errors import TrainingError
-from raypurify.workers import LoopCall
+
+if TYPE_CHECKING:  # the board's process imports this module: not torch with it
+    from raypurify.workers import LoopCall
 
 
 @dataclasses.dataclass(frozen=True)
