@@ -445,6 +445,25 @@ def test_a_moved_sweep_reruns_to_its_results_from_where_it_is(sweep, tmp_path):
         away.rename(out)
 
 
+def test_a_sweep_that_ran_to_the_end_opens_no_group_when_rerun(tmp_path):
+    """A rerun of a finished sweep only rebuilds its outputs: no trial runs, so no warm
+    group is started for one (a group's start is seconds on 2 cores). One that was
+    interrupted, or has failed trials (a resume reruns them), or wrote no summary does."""
+    from raypurify.sweeps.results import SUMMARY, ran_to_the_end
+
+    assert not ran_to_the_end(tmp_path)
+    for summary, ended in [
+        ({"interrupted": 0, "errors": 0}, True),
+        ({"interrupted": 1, "errors": 0}, False),
+        ({"interrupted": 0, "errors": 2}, False),
+        ({}, False),
+    ]:
+        (tmp_path / SUMMARY).write_text(json.dumps(summary))
+        assert ran_to_the_end(tmp_path) is ended, summary
+    (tmp_path / SUMMARY).write_text("{not json")
+    assert not ran_to_the_end(tmp_path)
+
+
 BAD = [
     ({"parameters.width2": {"low": 1, "high": 2}}, "parameters.width2"),
     ({"parameters.kld1": {"low": 2.0, "high": 2.0}}, "parameters.kld1"),

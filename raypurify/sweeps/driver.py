@@ -189,7 +189,8 @@ def run_sweep(space: SweepSpace, out: str | Path, *, num_cpus: int | None = None
     try:
         before = Before.now()
         try:  # the trials' groups start while the sweep's data is prepared
-            with sweep_groups(space, out, concurrency) as groups:
+            wanted = 0 if results.ran_to_the_end(out) else concurrency
+            with sweep_groups(space, out, wanted) as groups:
                 prepared = prepare(space, store, parent)
                 spec = TrialSpec(space, str(store.root), parent, **prepared, groups=groups)
                 grid = fit_trials(space, out, state, spec, concurrency)

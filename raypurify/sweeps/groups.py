@@ -48,12 +48,12 @@ def group_size(space: SweepSpace) -> int | None:
 @contextlib.contextmanager
 def sweep_groups(space: SweepSpace, out: Path, count: int) -> Iterator[tuple[GroupClient, ...]]:
     """`count` groups for the trials, as clients they can take to their processes (none
-    where `group_size` allows none); closed at the end of the block."""
+    where `group_size` allows none, or for none); closed at the end of the block."""
     global _open
     from raypurify.worker_group import warm_group
 
     workers = group_size(space)
-    if workers is None:
+    if workers is None or count == 0:
         yield ()
         return
     with warm_group(workers, out / GROUPS_DIR, count) as groups:

@@ -7,6 +7,7 @@ Test accuracy is a reported-only column: nothing here or in the search reads it 
 from __future__ import annotations
 
 import csv
+import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,6 +29,20 @@ if TYPE_CHECKING:
 
 STUDY_FILE = "optuna.journal"  # the Optuna study (journal storage: safe on NFS too)
 PLOTS = ("parallel_coordinates.png", "param_importance.png", "objective_by_trial.png")
+
+
+SUMMARY = "summary.json"
+
+
+def ran_to_the_end(out: Path) -> bool:
+    """Whether an earlier run of the sweep in `out` left no trial to run: every one ended
+    and none failed (a resume reruns failed trials). A rerun then only rebuilds the
+    outputs from the trials Tune kept."""
+    try:
+        summary = json.loads((out / SUMMARY).read_text())
+    except (OSError, ValueError):
+        return False
+    return summary.get("interrupted") == 0 and summary.get("errors") == 0
 
 
 def collect(space: SweepSpace, grid: ResultGrid) -> list[dict[str, Any]]:
@@ -163,7 +178,7 @@ def write(space: SweepSpace, trials: list[dict], out: Path, state: dict, wall_s:
                 "purifier": {"preset": space.purifier.preset, "overrides": overrides},
             },
         )
-    write_json(out / "summary.json", summary)
+    write_json(out / SUMMARY, summary)
     (out / "results.md").write_text(markdown(space, trials, summary))
     plots(space, trials, out, state)
     return summary
@@ -281,7 +296,7 @@ def plots(space: SweepSpace, trials: list[dict], out: Path, state: dict) -> None
 
 def log(parent: Run, out: Path, summary: dict) -> None:
     """The sweep's tables, plots and best config on its MLflow parent run."""
-    for name in ("trials.csv", "results.md", "summary.json", "best.json", *PLOTS):
+    for name in ("trials.csv", "results.md", SUMMARY, "best.json", *PLOTS):
         if (out / name).exists():
             parent.log_artifact(out / name)
     metrics = {"trials": summary["trials"], "stopped_by_asha": summary["stopped_by_asha"]}
