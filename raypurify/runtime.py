@@ -36,9 +36,11 @@ def init_ray(num_cpus: int | None = None, *, object_store_bytes: int | None = No
     # Workers' own output (Ray Train's and Ray Data's internals, mostly) stays in Ray's log
     # files; our progress bars, MLflow and raised errors carry what the user needs.
     verbose = os.environ.get("RAYPURIFY_VERBOSE") == "1"
+    # Ray's own INFO lines ("Started a local Ray instance.") say nothing the user acts on.
+    level = logging.INFO if verbose else logging.WARNING
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=verbose)
+        ray.init(address=address, log_to_driver=verbose, logging_level=level)
         return
     store = object_store_bytes or int(
         os.environ.get("RAYPURIFY_OBJECT_STORE_BYTES", DEFAULT_OBJECT_STORE_BYTES)
@@ -51,6 +53,7 @@ def init_ray(num_cpus: int | None = None, *, object_store_bytes: int | None = No
         object_store_memory=store,
         include_dashboard=False,
         log_to_driver=verbose,
+        logging_level=level,
     )
 
 

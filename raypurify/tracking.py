@@ -10,6 +10,7 @@ MLFLOW_TRACKING_URI points everything at a server instead.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import tempfile
@@ -48,6 +49,10 @@ def tracking_uri() -> str:
 def _client(uri: str) -> MlflowClient:
     from mlflow.tracking import MlflowClient
 
+    if os.environ.get("RAYPURIFY_VERBOSE") != "1":
+        # A new local store announces its tables at INFO, the first thing a newcomer's
+        # first command prints; set here, after MLflow's import has configured its loggers.
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     return MlflowClient(tracking_uri=uri)
 
 

@@ -17,9 +17,11 @@ from raypurify import tracking
 from raypurify.tracking import PARENT_TAG, Run, active_run, start_run
 
 
-def test_tracking_round_trip(ray_session, mlflow_uri, tmp_path):
+def test_tracking_round_trip(ray_session, mlflow_uri, tmp_path, capfd):
     assert tracking.tracking_uri() == mlflow_uri
     check_params_metrics_artifacts(mlflow_uri, tmp_path)
+    # The new store's creation is not announced (MLflow's INFO line).
+    assert "database tables" not in capfd.readouterr().err
     check_children_and_status(mlflow_uri)
     check_long_and_many_params(mlflow_uri)
     check_logging_from_a_ray_task(mlflow_uri)

@@ -120,7 +120,7 @@ LOOPBACK = {"0100007F", "0000000000000000FFFF00000100007F", "0000000000000000000
 
 
 @pytest.mark.ray  # starts its own local Ray
-def test_local_ray_listens_on_loopback_only_with_token_auth_and_no_notice_of_it():
+def test_local_ray_listens_on_loopback_only_with_token_auth_and_no_notice_of_it_or_its_start():
     env = {k: v for k, v in __import__("os").environ.items() if k != "RAY_ADDRESS"}
     for _ in range(3):  # Ray gives its raylet 30 s to register: a loaded machine may miss it
         proc = subprocess.run(
@@ -135,3 +135,4 @@ def test_local_ray_listens_on_loopback_only_with_token_auth_and_no_notice_of_it(
     assert set(found) <= LOOPBACK, found
     assert report["auth"] == "token"  # Ray's default for a new local cluster, kept
     assert "Token authentication is enabled" not in proc.stderr  # ...without its notice
+    assert "Started a local Ray instance" not in proc.stderr  # nor Ray's INFO line
