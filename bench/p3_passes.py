@@ -17,7 +17,13 @@ JPEG-10 of the same rows, measured the same way, is the first row: the baseline 
 CPU-protocol table compares D-VAE with. `--extrapolate G,...` adds P3 = x_hat + g (x_hat - x2),
 the first pass's change from x2 taken 1 + g times; `--shift-average` adds the mean of x_hat
 over the encoder's four pixel phases and a flip (it keeps as much of TAP as one pass:
-docs/RESULTS.md). `--save DIR` writes each P3 of the
+docs/RESULTS.md). `--bands` also writes, for JPEG-10 and one pass, the same measures per
+band of spatial frequency (the poison's and the images' spectra, and what share of each
+band of the poison and of the clean image the purifier passes), to p3_passes-...-bands.
+`--train-on clean` trains both stages on the rows' clean originals instead (no defender
+has them): whether the purifier passes a poison because it learned it from the poisoned
+rows it was trained on.
+`--save DIR` writes each P3 of the
 training rows (DIR/p3-poisoned-K and DIR/p3-clean-K after K passes, -xG extrapolated) for
 bench/poison_dose.py and `raypurify train`.
 
@@ -33,6 +39,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +71,60 @@ def phase_average(model: DVAE, x: torch.Tensor, labels: np.ndarray) -> torch.Ten
     return total / 8
 
 
+# Radial bands of spatial frequency (cycles per image) for --bands; 32-px images reach 16.
+BANDS = ((0, 2), (2, 4), (4, 8), (8, 12), (12, 23))
+
+
+def band_rows(
+    name: str, delta: np.ndarray, clean: np.ndarray, out_p: np.ndarray, out_c: np.ndarray
+) -> list[dict]:
+    """Per band of spatial frequency: the share of the poison's energy and of the clean
+    images' energy (each image's mean removed) in the band; `response`, the share of the
+    poison's band that the purifier's own change passes (<F(out_p - out_c), F(delta)> /
+    <F(delta), F(delta)>, as p3_passes' response, within the band); `image`, the same for
+    the clean image's band (<F(out_c), F(clean)> / <F(clean), F(clean)>)."""
+
+    def spectrum(x: np.ndarray) -> np.ndarray:
+        return np.fft.fft2(x.astype(np.float64), axes=(1, 2))
+
+    size = delta.shape[1]
+    f = np.fft.fftfreq(size) * size
+    radius = np.hypot(*np.meshgrid(f, f, indexing="ij"))[None, :, :, None]
+    fd, fc = spectrum(delta), spectrum(clean - clean.mean(axis=(1, 2), keepdims=True))
+    fr, fo = spectrum(out_p.astype(np.float64) - out_c), spectrum(out_c)
+    fc_dc = spectrum(clean)
+    rows = []
+    for lo, hi in BANDS:
+        band = np.broadcast_to((radius >= lo) & (radius < hi), fd.shape)
+        energy_d = float(np.sum(np.abs(fd[band]) ** 2))
+        energy_c = float(np.sum(np.abs(fc_dc[band]) ** 2))
+        rows.append(
+            {
+                "purifier": name,
+                "band": f"{lo}-{min(hi, size // 2)} cycles",
+                "poison_share": energy_d / float(np.sum(np.abs(fd) ** 2)),
+                "image_share": float(np.sum(np.abs(fc[band]) ** 2))
+                / float(np.sum(np.abs(fc) ** 2)),
+                "response": float(np.sum((fr[band] * fd[band].conj()).real)) / energy_d,
+                "image": float(np.sum((fo[band] * fc_dc[band].conj()).real)) / energy_c,
+            }
+        )
+    return rows
+
+
+def quantized(step: float) -> Callable[[DVAE, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """x_hat with z = mu rounded to a grid of `step` posterior standard deviations, per
+    latent value: a locally constant map, as JPEG's quantiser is, so a perturbation that
+    moves mu by less than the grid leaves the output unchanged."""
+
+    def fn(model: DVAE, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        mu, logvar = model.encode(x)
+        grid = step * torch.exp(0.5 * logvar.float())
+        return model.reconstruct(torch.round(mu.float() / grid) * grid).float()
+
+    return fn
+
+
 def main() -> None:
     ap = ip.probe_parser(__doc__)
     ap.add_argument("--passes", type=int, default=4)
@@ -79,6 +140,22 @@ def main() -> None:
         help="also form P3 as the mean of x_hat over the encoder's four pixel phases and flips",
     )
     ap.add_argument(
+        "--quantize",
+        type=lambda v: [float(g) for g in v.split(",")],
+        default=[],
+        help="also form P3 = x_hat with z = mu rounded to STEP posterior std (comma-separated)",
+    )
+    ap.add_argument(
+        "--train-on",
+        choices=("poisoned", "clean"),
+        default="poisoned",
+        help="train both stages on the poisoned rows (the defence) or on their clean "
+        "originals (a probe: does the purifier pass the poison because it learned it?)",
+    )
+    ap.add_argument(
+        "--bands", action="store_true", help="also measure JPEG-10 and one pass per frequency band"
+    )
+    ap.add_argument(
         "--save", help="write each P3 of the training rows here (p3-poisoned-K, p3-clean-K, ...)"
     )
     args = ap.parse_args()
@@ -90,13 +167,14 @@ def main() -> None:
     n = len(train)
 
     start = time.perf_counter()
-    stage1 = ip.train_stage(cfg, cfg.stage1, poisoned.images[train], labels[:n], classes)
     inputs = {"poisoned": x0, "clean": xc}
+    fit_on = args.train_on  # the rows both stages learn from: the defender's, or (a probe) clean
+    stage1 = ip.train_stage(cfg, cfg.stage1, inputs[fit_on][:n], labels[:n], classes)
     p1 = {
         k: ip.to_uint8(ip.apply(stage1, ip.as_input(v), labels, ip.subtract))
         for k, v in inputs.items()
     }
-    stage2 = ip.train_stage(cfg, cfg.stage2, p1["poisoned"][:n], labels[:n], classes)
+    stage2 = ip.train_stage(cfg, cfg.stage2, p1[fit_on][:n], labels[:n], classes)
     train_s = time.perf_counter() - start
     p2 = {k: ip.apply(stage2, ip.as_input(v), labels, ip.subtract) for k, v in p1.items()}
 
@@ -128,8 +206,16 @@ def main() -> None:
         measure(name, p3["poisoned"], p3["clean"])
 
     quality = JpegOptions()  # the baseline the table compares with, on the same rows
-    measure(f"JPEG-{quality.quality}", jpeg(x0, quality), jpeg(xc, quality))
+    jpeg_out = {"poisoned": jpeg(x0, quality), "clean": jpeg(xc, quality)}
+    measure(f"JPEG-{quality.quality}", jpeg_out["poisoned"], jpeg_out["clean"])
     x_hat = {which: ip.apply(stage2, x, labels, ip.reconstruct) for which, x in p2.items()}
+    if args.bands:  # on the training rows
+        one = {which: ip.to_uint8(x) for which, x in x_hat.items()}
+        bands = [
+            row
+            for name, o in ((f"JPEG-{quality.quality}", jpeg_out), ("D-VAE, 1 pass", one))
+            for row in band_rows(name, delta[:n], xc[:n], o["poisoned"][:n], o["clean"][:n])
+        ]
     out = x_hat
     for k in range(1, args.passes + 1):
         if k > 1:
@@ -138,17 +224,25 @@ def main() -> None:
     if args.shift_average:
         out = {which: phase_average(stage2, x, labels) for which, x in p2.items()}
         keep("D-VAE, x_hat averaged over 8 phases and flips", "phases", out)
+    for step in args.quantize:
+        fn = quantized(step)
+        out = {which: ip.apply(stage2, x, labels, fn) for which, x in p2.items()}
+        keep(f"D-VAE, z = mu rounded to {step:g} std", f"q{step:g}", out)
     for g in args.extrapolate:
         out = {which: (1 + g) * x_hat[which] - g * p2[which] for which in p2}
         keep(f"D-VAE, x_hat + {g:g} (x_hat - x2)", f"x{g:g}", out)
     notes = (
         f"Poison {args.poison}. Both stages of the {args.preset} preset (overrides: "
-        f"{args.set or 'none'}) trained in process on {n} poisoned rows in {train_s:.0f} s, "
+        f"{args.set or 'none'}) trained in process on {n} {fit_on} rows in {train_s:.0f} s, "
         f"on {ip.DEV.type}; measured on them and on {len(held)} held-out rows (z = mu)."
     )
     columns = ["purifier", "rows", "kept", "response", "p3_db", "clean_p3_db"]
     tag = f"-{args.label}" if args.label else ""
     write_results(f"p3_passes-{Path(args.poison).name}{tag}", rows, columns, notes)
+    if args.bands:
+        columns = ["purifier", "band", "poison_share", "image_share", "response", "image"]
+        name = f"p3_passes-{Path(args.poison).name}{tag}-bands"
+        write_results(name, bands, columns, notes + f" Bands on the {n} training rows.")
 
 
 if __name__ == "__main__":

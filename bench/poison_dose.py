@@ -18,7 +18,10 @@ that are not in the base.
 part a class-conditional decoder such as D-VAE's D_p, told only the label, can learn and
 subtract), `sample` only what is left, each image's own deviation from that mean. Whether
 a sample-wise poison's shortcut survives in its per-image part says whether stage 1 could
-remove it without the latent z carrying the poison.
+remove it without the latent z carrying the poison. `low` and `high` split it by spatial
+frequency instead, below and from `--cut` cycles per image: which band carries the
+shortcut says whether a purifier that keeps the image's low frequencies must also remove
+the poison there.
 
     python bench/p3_passes.py --poison tap3500 --clean clean3500 --save p3
     python bench/poison_dose.py --poison tap3500 --clean clean3500 --base p3/p3-clean-1 --work dose
@@ -46,6 +49,16 @@ from raypurify.experiments.trace import class_parts  # noqa: E402
 from raypurify.training.run import run_training  # noqa: E402
 
 
+def frequency_parts(delta: np.ndarray, cut: float) -> tuple[np.ndarray, np.ndarray]:
+    """`delta` (N, H, W, C) split into its spatial frequencies below `cut` cycles per image
+    and the rest (the two add up to `delta`)."""
+    size = delta.shape[1]
+    f = np.fft.fftfreq(size) * size
+    below = np.hypot(*np.meshgrid(f, f, indexing="ij"))[None, :, :, None] < cut
+    low = np.fft.ifft2(np.fft.fft2(delta, axes=(1, 2)) * below, axes=(1, 2)).real
+    return low, delta - low
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--poison", required=True, help="a poisoned dataset (interchange format)")
@@ -59,10 +72,12 @@ def main() -> None:
     ap.add_argument("--label", default="", help="the result file's variant name")
     ap.add_argument(
         "--part",
-        choices=("whole", "class", "sample"),
+        choices=("whole", "class", "sample", "low", "high"),
         default="whole",
-        help="the poison, its per-class mean, or each image's deviation from that mean",
+        help="the poison, its per-class mean, each image's deviation from that mean, or its "
+        "spatial frequencies below or from --cut",
     )
+    ap.add_argument("--cut", type=float, default=8, help="cycles per image, for low/high")
     args = ap.parse_args()
     work = Path(args.work)
     if work.exists() and any(work.iterdir()):
@@ -77,7 +92,9 @@ def main() -> None:
         base_images = by_index(clean, index)
     whole = by_index(poisoned, index).astype(np.float64) - by_index(clean, index)
     class_wise, rest = class_parts(whole, labels)
-    delta = {"whole": whole, "class": class_wise, "sample": rest}[args.part]
+    low, high = frequency_parts(whole, args.cut)
+    parts = {"whole": whole, "class": class_wise, "sample": rest, "low": low, "high": high}
+    delta = parts[args.part]
     energy = float((delta**2).sum() / max((whole**2).sum(), 1e-12))
     held = np.setdiff1d(clean.index, index)
     val = work / "validation"
@@ -99,7 +116,9 @@ def main() -> None:
             {"alpha": alpha, "val_accuracy": metrics["accuracy"], "wall_s": metrics["wall_s"]}
         )
     notes = (
-        f"Poison {args.poison} ({args.part}) on {args.base or 'the clean originals'}, "
+        f"Poison {args.poison} ({args.part}"
+        + (f", cut at {args.cut:g} cycles" if args.part in ("low", "high") else "")
+        + f") on {args.base or 'the clean originals'}, "
         f"{energy:.3f} of its energy, {len(index)} rows; "
         f"recipe {args.recipe}; validation on {len(held)} clean training rows outside them."
     )
