@@ -32,7 +32,8 @@ bench/poison_dose.py and `raypurify train`.
         --set restarts=1 --set surrogate_recipe=cpu --set 'surrogate_overrides=[epochs=10]'
     python bench/p3_passes.py --poison tap3500 --clean clean3500 --passes 3 --save p3
 
-Results: bench/results/p3_passes-<poison dir name>[-<label>][-<cpu kind>].{json,md}.
+Results: bench/results/p3_passes-<poison dir name>[-<label>][-<cpu kind>].{json,md}, and with
+--bands p3_passes-<poison dir name>[-<label>]-bands[-<cpu kind>].{json,md}.
 """
 
 from __future__ import annotations
@@ -71,7 +72,8 @@ def phase_average(model: DVAE, x: torch.Tensor, labels: np.ndarray) -> torch.Ten
     return total / 8
 
 
-# Radial bands of spatial frequency (cycles per image) for --bands; 32-px images reach 16.
+# Radial bands of spatial frequency (cycles per image) for --bands; 32-px images reach 16
+# along an axis, and the last band (labelled 12-16) also holds the corners beyond, to 16 * 2**0.5.
 BANDS = ((0, 2), (2, 4), (4, 8), (8, 12), (12, 23))
 
 
