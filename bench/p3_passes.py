@@ -90,8 +90,7 @@ def band_rows(
         return np.fft.fft2(x.astype(np.float64), axes=(1, 2))
 
     size = delta.shape[1]
-    f = np.fft.fftfreq(size) * size
-    radius = np.hypot(*np.meshgrid(f, f, indexing="ij"))[None, :, :, None]
+    radius = ip.radial_frequency(size)
     fd, fc = spectrum(delta), spectrum(clean - clean.mean(axis=(1, 2), keepdims=True))
     fr, fo = spectrum(out_p.astype(np.float64) - out_c), spectrum(out_c)
     fc_dc = spectrum(clean)
@@ -127,12 +126,17 @@ def quantized(step: float) -> Callable[[DVAE, torch.Tensor, torch.Tensor], torch
     return fn
 
 
+def floats(text: str) -> list[float]:
+    """A comma-separated list of numbers (an option's value)."""
+    return [float(v) for v in text.split(",")]
+
+
 def main() -> None:
     ap = ip.probe_parser(__doc__)
     ap.add_argument("--passes", type=int, default=4)
     ap.add_argument(
         "--extrapolate",
-        type=lambda v: [float(g) for g in v.split(",")],
+        type=floats,
         default=[],
         help="also form P3 = x_hat + g (x_hat - x2) for each g (comma-separated)",
     )
@@ -143,7 +147,7 @@ def main() -> None:
     )
     ap.add_argument(
         "--quantize",
-        type=lambda v: [float(g) for g in v.split(",")],
+        type=floats,
         default=[],
         help="also form P3 = x_hat with z = mu rounded to STEP posterior std (comma-separated)",
     )
