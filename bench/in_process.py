@@ -99,9 +99,12 @@ def train_stage(
     num_classes: int,
     epochs: int | None = None,
     after_epoch: Callable[[int, DVAE], None] | None = None,
+    input_noise: float = 0.0,
 ) -> DVAE:
     """A fresh stage model trained on `images` for `epochs` (default: the stage's), cosine
-    over all of them; `after_epoch(epoch, model)` is called after each (1-based)."""
+    over all of them; `after_epoch(epoch, model)` is called after each (1-based). With
+    `input_noise` the model reads each batch plus Gaussian noise of that std (fresh per
+    step) and Eq. 14's targets stay the batch itself: a denoising stage."""
     epochs = epochs or stage.epochs
     x = as_input(images).to(DEV)
     y = torch.from_numpy(labels.astype(np.int64)).to(DEV)
@@ -118,8 +121,9 @@ def train_stage(
         for i in range(0, len(x) - batch + 1, batch):
             b = perm[i : i + batch]
             xb = x[b].contiguous(memory_format=torch.channels_last)
+            x_in = xb + input_noise * torch.randn_like(xb) if input_noise else xb
             with autocast(DEV, amp):
-                x_hat, p_hat, mu, logvar = model(xb, y[b])
+                x_hat, p_hat, mu, logvar = model(x_in, y[b])
             loss, _ = stage_loss(stage, epoch, xb, x_hat, p_hat, mu, logvar)
             opt.zero_grad(set_to_none=True)
             loss.backward()

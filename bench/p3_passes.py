@@ -22,7 +22,9 @@ band of spatial frequency (the poison's and the images' spectra, and what share 
 band of the poison and of the clean image the purifier passes), to p3_passes-...-bands.
 `--train-on clean` trains both stages on the rows' clean originals instead (no defender
 has them): whether the purifier passes a poison because it learned it from the poisoned
-rows it was trained on.
+rows it was trained on. `--train-noise S` trains stage 2 as a denoiser (its input plus
+Gaussian noise of std S/255, Eq. 14's targets the clean input): more selective by band,
+but no better a trade for the classifier (docs/RESULTS.md, "A denoising stage 2").
 `--save DIR` writes each P3 of the
 training rows (DIR/p3-poisoned-K and DIR/p3-clean-K after K passes, -xG extrapolated) for
 bench/poison_dose.py and `raypurify train`.
@@ -159,6 +161,13 @@ def main() -> None:
         "originals (a probe: does the purifier pass the poison because it learned it?)",
     )
     ap.add_argument(
+        "--train-noise",
+        type=float,
+        default=0.0,
+        help="train stage 2 to reconstruct its rows from the rows plus Gaussian noise of this "
+        "std (in units of 1/255): a denoising stage 2",
+    )
+    ap.add_argument(
         "--bands", action="store_true", help="also measure JPEG-10 and one pass per frequency band"
     )
     ap.add_argument(
@@ -180,7 +189,8 @@ def main() -> None:
         k: ip.to_uint8(ip.apply(stage1, ip.as_input(v), labels, ip.subtract))
         for k, v in inputs.items()
     }
-    stage2 = ip.train_stage(cfg, cfg.stage2, p1[fit_on][:n], labels[:n], classes)
+    noise = args.train_noise / 255
+    stage2 = ip.train_stage(cfg, cfg.stage2, p1[fit_on][:n], labels[:n], classes, input_noise=noise)
     train_s = time.perf_counter() - start
     p2 = {k: ip.apply(stage2, ip.as_input(v), labels, ip.subtract) for k, v in p1.items()}
 
@@ -239,7 +249,8 @@ def main() -> None:
         keep(f"D-VAE, x_hat + {g:g} (x_hat - x2)", f"x{g:g}", out)
     notes = (
         f"Poison {args.poison}. Both stages of the {args.preset} preset (overrides: "
-        f"{args.set or 'none'}) trained in process on {n} {fit_on} rows in {train_s:.0f} s, "
+        f"{args.set or 'none'}; stage 2's input noise std {args.train_noise:g}/255) "
+        f"trained in process on {n} {fit_on} rows in {train_s:.0f} s, "
         f"on {ip.DEV.type}; measured on them and on {len(held)} held-out rows (z = mu)."
     )
     columns = ["purifier", "rows", "kept", "response", "p3_db", "clean_p3_db"]
