@@ -43,7 +43,9 @@ from raypurify.defenses.squeeze import JpegOptions, jpeg  # noqa: E402
 from raypurify.training.run import run_training  # noqa: E402
 
 
-def outputs(spec: str, passes: str, poison: str, clean: str, rows: ImageSet) -> dict:
+def outputs(
+    spec: str, passes: str, poison: str, clean: str, rows: ImageSet
+) -> dict[str, np.ndarray]:
     """A purifier's outputs on the poisoned rows and on their clean originals, as floats:
     JPEG-10 of them (`jpeg`) or the P3s bench/p3_passes.py --save wrote to the folder
     `spec` (p3-poisoned-PASSES, p3-clean-PASSES), on the rows of `rows`."""
@@ -56,7 +58,7 @@ def outputs(spec: str, passes: str, poison: str, clean: str, rows: ImageSet) -> 
     saved = {w: read_images(Path(spec) / f"p3-{w}-{passes}") for w in ("poisoned", "clean")}
     for which, data in saved.items():
         if not np.array_equal(data.index, rows.index):
-            sys.exit(f"{spec}: its {which} P3 holds other rows than {rows.index[:3]}...")
+            sys.exit(f"{spec}: its {which} P3 holds other rows than the --dvae folder's")
     return {w: d.images.astype(np.float64) for w, d in saved.items()}
 
 
