@@ -26,7 +26,8 @@ rows it was trained on. `--train-noise S` trains stage 2 as a denoiser (its inpu
 Gaussian noise of std S/255, Eq. 14's targets the clean input): more selective by band,
 but no better a trade for the classifier (docs/RESULTS.md, "A denoising stage 2").
 `--save DIR` writes each P3 of the
-training rows (DIR/p3-poisoned-K and DIR/p3-clean-K after K passes, -xG extrapolated) for
+training rows (DIR/p3-poisoned-K and DIR/p3-clean-K after K passes; -phases, -qSTEP and
+-xG for the averaged, quantised and extrapolated P3s) for
 bench/poison_dose.py and `raypurify train`.
 
     raypurify datasets export cifar10 --subset 3500 --seed 0 --out clean3500

@@ -1,11 +1,12 @@
 """Is it what a purifier passes of a poison, or what it does to the image, that decides?
 
-JPEG-10 and the D-VAE let similar shares of TAP through at 10,000 rows, yet a classifier
-trained on JPEG-10's output is far more accurate (docs/RESULTS.md). Each purifier's output
-on a poisoned row is its output on the clean original (the base) plus what it passes of
-the poison (the residual, out(poisoned) - out(clean)). This benchmark swaps the two parts
-between the D-VAE and JPEG-10 and trains the classifier through the real pipeline (Ray
-Train, the given recipe) on
+A classifier trained on JPEG-10's output of TAP-poisoned rows is far more accurate than one
+trained on the D-VAE's, and the share of TAP each lets through has not predicted by how
+much (docs/RESULTS.md). Each purifier's output on a poisoned row is its output on the clean
+original (the base) plus what it passes of the poison (the residual, out(poisoned) -
+out(clean)). This benchmark swaps the two parts between the D-VAE and JPEG-10 (or, with
+`--other`, a second D-VAE's saved P3s) and trains the classifier through the real pipeline
+(Ray Train, the given recipe) on
 
     D-VAE base + JPEG-10 residual:  round(clip(dvae(clean) + jpeg(poisoned) - jpeg(clean)))
     JPEG-10 base + D-VAE residual:  round(clip(jpeg(clean) + dvae(poisoned) - dvae(clean)))
