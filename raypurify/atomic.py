@@ -2,10 +2,12 @@
 
 Outputs are staged in a hidden sibling directory (same filesystem, so the final rename is
 atomic) and only renamed into place once complete and verified. Every output directory
-this project writes is recognisable as its own: a dataset by its manifest's format, any
-other output (a training run, a purification, an experiment) by a marker file
-(`.raypurify`). `--overwrite` replaces only such a directory, never the input of the
-command nor a directory holding it, so a mistyped `--out` cannot destroy a user's files.
+this project writes is recognisable as its own: a dataset by its manifest's format, a
+training run or a purification by a marker file (`.raypurify`). `--overwrite` replaces
+only such a directory, never the input of the command nor a directory holding it, so a
+mistyped `--out` cannot destroy a user's files. An experiment or a sweep is never
+replaced, only added to: `check_home` lets it write only into a new or empty folder or
+one that already holds its kind of output.
 Staging directories are named for their writer's pid and host, so the next write of the
 same target can remove what a killed writer left behind. `save_torch`'s counterpart for a
 file the user gives, `load_user_torch`, reads it without unpickling anything.
@@ -20,7 +22,7 @@ import os
 import shutil
 import socket
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +102,9 @@ def check_new(out: str | Path | None, overwrite: bool, inputs: Iterable = ()) ->
     check_not_input(out, inputs)
     path = Path(out)
     if not (path.exists() or path.is_symlink()):
+        above = next(p for p in path.absolute().parents if p.exists())
+        if not above.is_dir():
+            raise RaypurifyError(f"--out {out}: {above} is a file, not a folder")
         return
     if not replaceable(path):
         raise RaypurifyError(
@@ -108,6 +113,21 @@ def check_new(out: str | Path | None, overwrite: bool, inputs: Iterable = ()) ->
         )
     if not overwrite:
         raise RaypurifyError(f"{out} already exists; pass --overwrite to replace it")
+
+
+def check_home(out: str | Path, signs: Sequence[str], kind: str) -> None:
+    """Refuse, in one line, an existing `out` that is neither empty nor a `kind` output (one
+    of `signs` inside it): such commands write their files into the folder one by one
+    (results.md, the plots), and would replace a user's files of the same names."""
+    path = Path(out)
+    if not (path.exists() or path.is_symlink()):
+        return
+    if path.is_dir() and (any((path / s).exists() for s in signs) or not any(path.iterdir())):
+        return
+    held = " or ".join(signs)
+    raise RaypurifyError(
+        f"{out} already exists and holds no {kind} (no {held}); choose another --out"
+    )
 
 
 def remove_ours(path: str | Path) -> None:
@@ -262,7 +282,7 @@ def check_claim(
         return "new"
     plain_dir = out.is_dir() and not out.is_symlink()
     ours = read_marker(out) if plain_dir else None
-    if ours is not None and overwrite:
+    if overwrite and is_ours(out):  # a marked run, or a dataset
         return "replace"
     if ours is not None and ours.get("what") == what:
         return "resume"
@@ -275,6 +295,10 @@ def check_claim(
         )
     if plain_dir and not any(out.iterdir()):  # an empty folder made for us is fine
         return "new"
+    if is_ours(out):
+        raise RaypurifyError(
+            f"{out} holds a dataset; choose another --out, or pass --overwrite to replace it"
+        )
     raise RaypurifyError(
         f"{out} already exists and was not written by this version of raypurify "
         f"(no {MARKER} marker); it is never replaced: choose another --out"

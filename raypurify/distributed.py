@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import ray
 import ray.train
@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 _warm_groups: tuple[GroupClient, ...] = ()
 _busy: set[GroupClient] = set()  # the groups hosting a fit now
 _claims = threading.Lock()
+T = TypeVar("T")
 
 
 @contextlib.contextmanager
@@ -133,6 +134,33 @@ class Fitted:
         }
 
 
+def off_main_thread(run: Callable[[], T]) -> T:
+    """`run()` in a helper thread while this one waits, so that Ctrl-C reaches the caller as
+    KeyboardInterrupt. Called from the main thread, a TorchTrainer's fit installs Ray
+    Train's own SIGINT handler, which aborts the run and exits with status 0 or 1 and no
+    message (or was seen to let the run go on to its end), and stays installed after the
+    fit; called from another thread (a Tune trial, a warm group) it installs none. An
+    interrupted run's workers stop with the driver; a rerun resumes from its last
+    checkpoint."""
+    if threading.current_thread() is not threading.main_thread():
+        return run()
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["value"] = run()
+        except BaseException as e:  # raised again in the waiting thread
+            outcome["error"] = e
+
+    helper = threading.Thread(target=target, name="ray-train-fit", daemon=True)
+    helper.start()
+    while helper.is_alive():
+        helper.join(0.2)
+    if "error" in outcome:
+        raise outcome["error"]
+    return cast(T, outcome["value"])
+
+
 def fit(
     loop: Callable[[J, LoopContext], None],
     job: J,
@@ -197,7 +225,7 @@ def fit(
                     ),
                 )
                 # Typed Optional; a run that ends with a checkpoint has reported.
-                metrics = cast(dict[str, Any], trainer.fit().metrics)
+                metrics = cast(dict[str, Any], off_main_thread(trainer.fit).metrics)
     except Exception as e:
         err = user_error(e)
         if err is not None:

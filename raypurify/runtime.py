@@ -13,9 +13,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
+from pydantic import AfterValidator, Field
 
 DEFAULT_OBJECT_STORE_BYTES = 2 * 1024**3
 
@@ -115,7 +116,27 @@ def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-Precision = Literal["auto", "bf16", "fp32"]
+def env_decides_auto(precision: str) -> str:
+    """A precision with "auto" made concrete by RAYPURIFY_PRECISION (fp32 or bf16) where that
+    is set. Applied to every config's `precision` as it is read, so the variable acts as
+    `--set precision=...` on each config left at auto: part of what a result is reused
+    for (a bf16 result is not reused when fp32 is asked for), and refused before any work
+    when it is neither."""
+    if precision != "auto":
+        return precision
+    chosen = os.environ.get("RAYPURIFY_PRECISION", "auto")
+    if chosen not in ("auto", "fp32", "bf16"):
+        from raypurify.errors import ConfigError
+
+        raise ConfigError(f"RAYPURIFY_PRECISION: {chosen!r} is not fp32 or bf16")
+    return chosen
+
+
+Precision = Annotated[
+    Literal["auto", "bf16", "fp32"],
+    AfterValidator(env_decides_auto),
+    Field(validate_default=True),  # "auto" as a default is read through it too
+]
 
 
 def use_bf16(precision: str, dev: torch.device) -> bool:
@@ -126,15 +147,10 @@ def use_bf16(precision: str, dev: torch.device) -> bool:
     CPU kind"): with AMX bf16 trains 1.3-2.7x faster; on an AMD EPYC with AVX-512-BF16
     (Zen 4) 1.2-1.8x faster; on an Intel Xeon with AVX-512-BF16 but no AMX 30-40 % slower;
     with AVX2 alone bf16 is emulated. `precision: bf16` forces autocast anywhere.
-    RAYPURIFY_PRECISION (fp32 or bf16) decides "auto" instead, so a test suite computes the
-    same on every CPU kind.
+    RAYPURIFY_PRECISION (fp32 or bf16) decides "auto" instead (`env_decides_auto`), so a
+    test suite computes the same on every CPU kind.
     """
-    if precision == "auto":
-        precision = os.environ.get("RAYPURIFY_PRECISION", "auto")
-        if precision not in ("auto", "fp32", "bf16"):
-            from raypurify.errors import ConfigError
-
-            raise ConfigError(f"RAYPURIFY_PRECISION: {precision!r} is not fp32 or bf16")
+    precision = env_decides_auto(precision)
     if precision != "auto":
         return precision == "bf16"
     if dev.type == "cuda":

@@ -27,6 +27,7 @@ import ray.train.torch
 import torch
 
 from raypurify.atomic import save_torch
+from raypurify.errors import ConfigError
 from raypurify.progress import advance
 from raypurify.ray_private import report_logger
 from raypurify.runtime import torch_threads
@@ -173,6 +174,19 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
 def per_worker_batch(batch_size: int, world: int) -> int:
     """Each worker's share of a global batch (at least 2 rows: BatchNorm needs 2)."""
     return max(2, batch_size // world)
+
+
+def check_one_batch(rows: int, batch_size: int, workers: int, where: str, key: str) -> None:
+    """Refuse, in one line, a training set with no full batch for each worker: the loops
+    take full batches only (DDP needs every worker to take the same steps), so it would
+    train nothing and still report a result. `key` is the config path of the batch size."""
+    if rows // workers >= per_worker_batch(batch_size, workers):
+        return
+    split = f", split over {workers} workers" if workers > 1 else ""
+    raise ConfigError(
+        f"{key}: {where} has {rows} rows, fewer than one batch of {batch_size}{split}; "
+        f"lower it (--set {key}=N)"
+    )
 
 
 def end_epoch(

@@ -124,6 +124,19 @@ def poison_import(fmt: str, src: str, *extra: str):
     ]
 
 
+def poison_lsp(*extra: str):
+    return lambda r: [
+        "poison",
+        "--attack",
+        "lsp",
+        "--data",
+        str(r / "good"),
+        "--out",
+        str(r / "o"),
+        *extra,
+    ]
+
+
 def train(*extra: str, data: str = "good", out: str = "out"):
     return lambda r: [
         "train",
@@ -410,17 +423,7 @@ CASES = [
     ),
     Case(
         "poison unknown option",
-        lambda r: [
-            "poison",
-            "--attack",
-            "lsp",
-            "--data",
-            str(r / "good"),
-            "--out",
-            str(r / "o"),
-            "--set",
-            "bogus=1",
-        ],
+        poison_lsp("--set", "bogus=1"),
     ),
     Case(
         "poison surrogate option",
@@ -476,6 +479,29 @@ CASES = [
         "classes",
     ),
     Case(
+        "train on fewer rows than a batch",
+        train(),  # 30 rows, the cpu recipe's batch of 256
+        expect="batch_size: ",
+    ),
+    Case(
+        "train into a dataset without --overwrite",
+        train(out="other"),
+        lambda r: write_images(small_set(), r / "other"),
+        "holds a dataset",
+    ),
+    Case(
+        "export with a negative seed",
+        lambda r: ["datasets", "export", "synthetic", "--out", str(r / "o"), "--seed", "-1"],
+        expect="seed",
+    ),
+    Case(
+        "export into a path under a file",
+        lambda r: ["datasets", "export", "synthetic", "--out", str(r / "afile" / "x")],
+        lambda r: (r / "afile").write_text("mine"),
+        "afile",
+    ),
+    Case("poison with a negative seed", poison_lsp("--seed", "-1"), expect="seed"),
+    Case(
         "export with --num-cpus 0",
         lambda r: ["datasets", "export", "synthetic", "--out", str(r / "o"), "--num-cpus", "0"],
         expect="--num-cpus",
@@ -517,8 +543,29 @@ CASES = [
         lambda r: __import__("raypurify.atomic").atomic.mark(r / "p", what={"input": "x"}),
         "another config or input",
     ),
+    Case(
+        "purify on fewer rows than a batch",
+        lambda r: [
+            "purify",
+            "--data",
+            str(r / "good"),
+            "--out",
+            str(r / "p"),
+            "--preset",
+            "cpu",
+            "--set",
+            "stage1.batch_size=16",
+        ],
+        expect="stage2.batch_size: ",  # 30 rows, the cpu preset's stage-2 batch of 32
+    ),
     # run ------------------------------------------------------------------------------
     Case("run unknown preset", lambda r: ["run", "nope", "--out", str(r / "o")]),
+    Case(
+        "run into a folder of the user's",
+        lambda r: ["run", "demo", "--out", str(r / "mine")],
+        lambda r: (r / "mine").mkdir() or (r / "mine" / "results.md").write_text("mine"),
+        "holds no experiment",
+    ),
     Case(
         "run with max_parallel 0",
         lambda r: ["run", "demo", "--out", str(r / "o"), "--set", "max_parallel=0"],
@@ -596,7 +643,24 @@ CASES = [
         lambda r: experiment_dir(r, None, run_json='{"spec": 3}'),
         "run.json",
     ),
+    Case(
+        "report --spec into a folder of the user's",
+        lambda r: ["report", str(r / "mine"), "--spec", "demo"],
+        lambda r: (r / "mine").mkdir() or (r / "mine" / "results.md").write_text("mine"),
+        "no store/",
+    ),
+    Case(
+        "report --spec into a missing folder",
+        lambda r: ["report", str(r / "typo"), "--spec", "demo"],
+        expect="no store/",
+    ),
     # sweep ----------------------------------------------------------------------------
+    Case(
+        "sweep into a folder of the user's",
+        lambda r: ["sweep", "demo", "--out", str(r / "mine")],
+        lambda r: (r / "mine").mkdir() or (r / "mine" / "trials.csv").write_text("mine"),
+        "holds no sweep",
+    ),
     Case(
         "sweep --resume where no sweep ran",
         lambda r: ["sweep", "demo", "--out", str(r / "good"), "--resume"],
@@ -608,6 +672,15 @@ CASES = [
         lambda r: ["analyze", "detect", "--data", str(r / "good"), "--purified", str(r / "p")],
         lambda r: (purification_dir(r, b"x\n"), (r / "p" / "config.json").write_text("[3]")),
         expect="config.json: not a purification config",
+    ),
+    Case(
+        "detect with a purification of another dataset",
+        lambda r: ["analyze", "detect", "--data", str(r / "good"), "--purified", str(r / "p")],
+        lambda r: (
+            purification_dir(r, b"x\n"),
+            __import__("raypurify.atomic").atomic.mark(r / "p", what={"input": "0" * 64}),
+        ),
+        expect="made from another dataset than --data",
     ),
     Case(
         "detect with missing input",

@@ -120,3 +120,52 @@ def test_bad_arguments_exit_with_one_line(capsys):
         err = capsys.readouterr().err
         assert err.startswith("error: raypurify") and says in err, err
         assert err.count("\n") == 1 and "--help" in err, err
+
+
+def test_output_cut_short_by_its_reader_is_no_traceback():
+    """`raypurify presets | head -1`: the reader closes the pipe early; no BrokenPipeError."""
+    shown = subprocess.run(
+        f"{sys.executable} -m raypurify presets | head -1",
+        shell=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert len(shown.stdout.splitlines()) == 1
+    assert "Traceback" not in shown.stderr and "BrokenPipe" not in shown.stderr, shown.stderr
+
+
+def _takes(command: str, setting: str) -> None:
+    """Build `command`'s own config with `setting` applied (raises for a key it lacks)."""
+    from raypurify import config
+    from raypurify.attacks.base import configure
+    from raypurify.data.spec import DatasetSpec
+    from raypurify.defenses.dvae.config import preset
+    from raypurify.experiments import load_spec
+    from raypurify.sweeps.space import load_space
+    from raypurify.training.config import recipe
+
+    takes = {
+        "train": lambda: recipe("cpu", [setting]),
+        "analyze disentangle": lambda: recipe("cpu", [setting]),
+        "purify": lambda: preset("cpu", [setting]),
+        "run": lambda: load_spec("demo", [setting]),
+        "report": lambda: load_spec("demo", [setting]),
+        "sweep": lambda: load_space("demo", [setting]),
+        "poison": lambda: configure("lsp", {}, [setting]),
+        "datasets export": lambda: config.load(DatasetSpec, {"name": "synthetic"}, [setting]),
+    }
+    takes[command]()
+
+
+COMMANDS = ["train", "analyze disentangle", "purify", "run", "report", "sweep", "poison"]
+
+
+@pytest.mark.parametrize("command", [*COMMANDS, "datasets export"])
+def test_each_commands_set_example_is_a_key_it_takes(command, capsys):
+    """Every command's --help shows a `--set` example of its own config's keys."""
+    with pytest.raises(SystemExit):
+        main([*command.split(), "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    example = text.split("override a config value, e.g. --set ", 1)[1].split()[0]
+    _takes(command, example)

@@ -51,3 +51,31 @@ def test_the_environment_decides_auto_and_a_bad_value_is_refused(monkeypatch):
     monkeypatch.setenv("RAYPURIFY_PRECISION", "half")
     with pytest.raises(ConfigError, match="RAYPURIFY_PRECISION"):
         use_bf16("auto", CPU)
+
+
+def test_the_environment_sets_every_configs_auto_before_any_work(monkeypatch, tmp_path, capsys):
+    """RAYPURIFY_PRECISION acts as `--set precision=...` on each config left at auto, so
+    it is part of what a result is reused for; a bad value stops a command before it
+    writes anything."""
+    from raypurify.cli import main
+    from raypurify.data.registry import load
+    from raypurify.data.spec import DatasetSpec
+    from raypurify.defenses.dvae.config import PurifyConfig, preset
+    from raypurify.training.config import recipe
+
+    monkeypatch.delenv("RAYPURIFY_PRECISION")
+    assert PurifyConfig().precision == "auto" and recipe("cpu").precision == "auto"
+    monkeypatch.setenv("RAYPURIFY_PRECISION", "bf16")
+    assert PurifyConfig().precision == "bf16" and preset("cpu").precision == "bf16"
+    assert (
+        recipe("cpu").precision == "bf16" and recipe("cpu", ["precision=fp32"]).precision == "fp32"
+    )
+
+    from raypurify.data.interchange import write_images
+
+    write_images(load(DatasetSpec(name="synthetic", rows=60, size=8, classes=3)), tmp_path / "d")
+    monkeypatch.setenv("RAYPURIFY_PRECISION", "half")
+    argv = ["purify", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "p")]
+    assert main(argv) == 2
+    assert "RAYPURIFY_PRECISION: 'half'" in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()

@@ -5,6 +5,7 @@ workers, the in-memory and Ray Data paths, resume after a kill, determinism, bad
 from __future__ import annotations
 
 import json
+import signal
 
 import numpy as np
 import pytest
@@ -21,7 +22,7 @@ from raypurify.models import build_model
 from raypurify.training.classifier import METRICS_FILE, MODEL_FILE, train_classifier
 from raypurify.training.config import recipe
 from raypurify.training.epoch import predict
-from raypurify.workers import saved_state
+from raypurify.workers import check_one_batch, saved_state
 
 # The `cpu` recipe shrunk to seconds: 600 synthetic 16 px images of 4 classes.
 TINY = ["arch_options.width=8", "batch_size=32", "epochs=4", "eval_subset=null"]
@@ -159,6 +160,38 @@ def test_run_killed_after_a_checkpoint_resumes_to_the_full_epoch_count(
     baseline_out, baseline_metrics = baseline
     assert metrics["accuracy"] == baseline_metrics["accuracy"]
     assert same_weights(weights(out), weights(baseline_out))
+
+
+def test_ctrl_c_during_raypurify_train_says_so_and_the_rerun_resumes(
+    ray_session, warm_fits, train_set, test_set, tmp_path, capsys
+):
+    """Ctrl-C (SIGINT to the command's process group) ends `raypurify train` with
+    "interrupted" and exit 130, as every command; Ray Train's own handler, which a fit in
+    the main thread would install, must not swallow it or exit without a word."""
+    write_images(train_set, tmp_path / "train")
+    write_images(test_set, tmp_path / "test")
+    out = tmp_path / "out"
+    argv = ["train", "--data", str(tmp_path / "train"), "--test", str(tmp_path / "test")]
+    argv += ["--out", str(out), "--recipe", "cpu", *[a for o in TINY for a in ("--set", o)]]
+    ready = lambda: checkpointed_epoch(out / "checkpoints") >= 1  # noqa: E731
+    code, output = run_and_kill(["-m", "raypurify", *argv], ready, sig=signal.SIGINT)
+    lines = [line.rsplit("\r", 1)[-1].strip() for line in output.splitlines()]
+    assert code == 130 and "interrupted" in lines, output[-2000:]
+    assert "Traceback" not in output
+    killed = saved_state(out / "checkpoints", "train")
+    assert 1 <= killed["epoch"] < EPOCHS and not (out / METRICS_FILE).exists()
+
+    assert main(argv) == 0
+    metrics = json.loads((out / METRICS_FILE).read_text())
+    assert [h["epoch"] for h in metrics["history"]] == list(range(1, EPOCHS + 1))
+    assert metrics["history"][: killed["epoch"]] == killed["history"]
+
+
+def test_a_set_without_a_full_batch_per_worker_is_refused():
+    with pytest.raises(ConfigError, match=r"^batch_size: d has 63 rows, .* over 2 workers"):
+        check_one_batch(63, 64, 2, "d", "batch_size")  # 31 rows each, batches of 32
+    check_one_batch(64, 64, 2, "d", "batch_size")
+    check_one_batch(2, 1, 1, "d", "batch_size")
 
 
 def test_bad_inputs_are_refused_before_training(ray_session, train_set, test_set, tmp_path):

@@ -73,6 +73,12 @@ def test_overwrite_replaces_our_own_dataset(tmp_path):
     write_images(small_set(seed=1), out)
     info = write_images(small_set(seed=2), out, overwrite=True)
     assert open_dataset(out).sha256 == info.sha256
+    # A run's --out (train, purify) may replace a dataset too, with --overwrite only.
+    from raypurify.atomic import check_claim
+
+    assert check_claim(out, {"run": 1}, overwrite=True) == "replace"
+    with pytest.raises(RaypurifyError, match="holds a dataset; .* --overwrite"):
+        check_claim(out, {"run": 1})
 
 
 KILLED_WRITER = textwrap.dedent(

@@ -92,7 +92,7 @@ def test_train_reuses_only_the_same_run(ray_session, warm_fits, mlflow_uri, sets
 
 
 def test_purify_reuses_only_the_same_input_and_config(
-    ray_session, warm_fits, mlflow_uri, sets, tmp_path
+    ray_session, warm_fits, mlflow_uri, sets, tmp_path, monkeypatch
 ):
     out = tmp_path / "purified"
     cfg = preset("cpu", TINY)
@@ -109,6 +109,12 @@ def test_purify_reuses_only_the_same_input_and_config(
     assert "input" in str(e.value) and "--overwrite" in str(e.value)
     with pytest.raises(RaypurifyError, match="another config"):
         purify(sets["a"], out, preset("cpu", [*TINY, "seed=1"]))
+    # RAYPURIFY_PRECISION is `--set precision=...` for a config left at auto: a result
+    # made in fp32 (the tests' setting) is not reused when bf16 is asked for.
+    with monkeypatch.context() as env:
+        env.setenv("RAYPURIFY_PRECISION", "bf16")
+        with pytest.raises(RaypurifyError, match='precision: "fp32" -> "bf16"'):
+            purify(sets["a"], out, preset("cpu", TINY))
     assert purify(sets["a"], out, cfg) == summary
     assert (out / "p3" / "manifest.json").stat().st_mtime_ns == stamp
 
@@ -169,3 +175,9 @@ def test_disentangle_refuses_an_out_made_from_other_inputs(sets, tmp_path, capsy
     err = capsys.readouterr().err
     assert "another config or input" in err and "clean" in err and len(err.splitlines()) == 1
     assert sorted(p.name for p in out.iterdir()) == [MARKER]
+    # The way on that the message names exists: --overwrite may replace the other run.
+    from raypurify.atomic import check_claim
+    from raypurify.cli import build_parser
+
+    assert build_parser().parse_args([*argv, "--overwrite"]).overwrite
+    assert check_claim(out, {"clean": {"id": "this one"}}, overwrite=True) == "replace"

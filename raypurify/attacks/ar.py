@@ -41,7 +41,7 @@ TAPS = [(r, c) for r in range(3) for c in range(3) if (r, c) != (2, 2)]
 
 class ARConfig(EpsConfig):
     eps: float = Field(1.0, gt=0, description="l2 norm of every perturbation, [0, 1] units")
-    process_seed: int = Field(0, description="seeds the coefficient search (which processes)")
+    process_seed: int = Field(0, ge=0, description="seeds the coefficient search (which processes)")
     min_response: NonNegativeFloat = Field(10.0, description="least non-matching response")
     max_norm: PositiveFloat = Field(50.0, description="largest raw signal norm (divergence)")
     max_candidates: PositiveInt = Field(2**17, description="kernels the search may draw")

@@ -43,7 +43,7 @@ class AttackConfig(Config):
     """Settings every attack has: how much of each class to poison, and the seed."""
 
     ratio: float = Field(1.0, gt=0, le=1, description="fraction of each class to poison")
-    seed: int = Field(0, description="picks the rows and seeds the attack's own randomness")
+    seed: int = Field(0, ge=0, description="picks the rows and seeds the attack's own randomness")
 
     def limit(self) -> float:
         """The budget in the attack's norm: [0, 1] pixel units (l_inf, l2) or pixels (l0)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import NoReturn
 
@@ -40,6 +41,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`raypurify presets | head -3`)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second one at exit
+        return 141  # as a command killed by SIGPIPE
+    except OSError as e:
+        if e.filename is None:  # not about a path the user gave
+            raise
+        print(f"error: {e.filename}: {e.strerror}", file=sys.stderr)
+        return 2
     except Exception as e:
         err = user_error(e)
         if err is None:

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("analyze", help="UE detection and the disentanglement check")
     asub = p.add_subparsers(dest="analysis", metavar="ANALYSIS", required=True)
-    common = common_options()
+    common = common_options("epochs=5")
 
     d = asub.add_parser(
         "detect",
@@ -36,6 +36,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--test", required=True, help="clean test set")
     t.add_argument("--out", required=True, help="output directory")
     t.add_argument("--recipe", default="cpu", help="classifier recipe")
+    t.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a run in OUT made from other inputs or settings (only ever a raypurify "
+        "output, never an input)",
+    )
     t.set_defaults(run=run_disentangle)
 
 
@@ -47,6 +53,7 @@ def check_inputs(data: str, purified: str, *others: str) -> None:
 
     from raypurify.data.interchange import open_dataset
     from raypurify.defenses.dvae.config import PurifyConfig
+    from raypurify.defenses.dvae.pipeline import recorded_input
     from raypurify.defenses.dvae.stage import check_weights
     from raypurify.errors import RaypurifyError
 
@@ -57,6 +64,12 @@ def check_inputs(data: str, purified: str, *others: str) -> None:
     for name in ("config.json", "stage1.pt"):
         if not (pdir / name).is_file():
             raise RaypurifyError(f"{pdir}: no {name}; is this a `raypurify purify` output?")
+    made_from = recorded_input(pdir)
+    if made_from is not None and made_from != info.sha256:
+        raise RaypurifyError(
+            f"--purified {pdir} was made from another dataset than --data {data} "
+            f"(content {made_from[:16]}, not {info.sha256[:16]}); purify --data first"
+        )
     try:
         cfg = PurifyConfig.model_validate(json.loads((pdir / "config.json").read_text()))
     except ValueError as e:
@@ -104,7 +117,8 @@ def run_disentangle(args: argparse.Namespace) -> int:
         "config": {k: v for k, v in cfg.to_dict().items() if k not in EXECUTION_KEYS},
     }
     test = registry.load(test_spec)
-    claim_dir(out, what, inputs=[args.data, args.purified, args.clean, args.test])
+    inputs = [args.data, args.purified, args.clean, args.test]
+    claim_dir(out, what, overwrite=args.overwrite, inputs=inputs)
     join_cluster(out, args.num_cpus)  # on a cluster: shared storage, a tracking server
     info = write_clean_plus_phat(args.clean, args.data, args.purified, out / "clean_plus_phat")
     metrics = train_classifier(read_images(info.path), test, cfg, out / "train")

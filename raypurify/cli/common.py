@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 
 
-def common_options() -> argparse.ArgumentParser:
-    """`--set` and `--num-cpus`, accepted by every command."""
+def common_options(example: str) -> argparse.ArgumentParser:
+    """`--set` and `--num-cpus`, accepted by every command; `example` is a KEY=VALUE the
+    command's own config takes, for its help."""
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument(
         "--set",
@@ -14,7 +15,7 @@ def common_options() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a config value, e.g. --set train.epochs=5 (repeatable)",
+        help=f"override a config value, e.g. --set {example} (repeatable)",
     )
     p.add_argument(
         "--num-cpus",

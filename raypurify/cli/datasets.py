@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("datasets", help="list, export and inspect datasets")
     dsub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
-    common = common_options()
+    common = common_options("seed=1")
 
     ls = dsub.add_parser("list", parents=[common], help="list the registered datasets")
     ls.set_defaults(run=run_list)

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    common = common_options()
+    common = common_options("seed=1")
     p = sub.add_parser(
         "run",
         parents=[common],
@@ -82,8 +82,11 @@ def run_report(args: argparse.Namespace) -> int:
 
     out = Path(args.dir)
     if args.spec:
+        from raypurify.errors import RaypurifyError
         from raypurify.experiments.runner import finished_steps
 
+        if not (out / "store").is_dir():
+            raise RaypurifyError(f"{out}: no store/; is this an experiment output directory?")
         spec = load(args.spec, args.overrides)
         experiment.save_run(out, spec, [str(s.dir) for s in finished_steps(spec, out)])
     spec, records = experiment.load_run(out)

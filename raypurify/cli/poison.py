@@ -29,7 +29,7 @@ EXPERIMENT = "poison"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    common = common_options()
+    common = common_options("seed=1")
     p = sub.add_parser(
         "poison",
         parents=[common],

@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "purify",
-        parents=[common_options()],
+        parents=[common_options("stage2.epochs=10")],
         help="purify a (poisoned) dataset with D-VAE: P0 -> P1 -> P2 -> P3",
         description="Two-stage D-VAE purification (Algorithm 1). OUT receives p1/, p2/, p3/ "
         "and summary.json; rerunning with the same input and config resumes, anything else is "

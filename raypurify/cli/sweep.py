@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    common = common_options()
+    common = common_options("budget.samples=4")
     p = sub.add_parser(
         "sweep",
         parents=[common],

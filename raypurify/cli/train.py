@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
-        parents=[common_options()],
+        parents=[common_options("epochs=5")],
         help="train a classifier and report its clean test accuracy",
         description="Train a classifier on --data (optionally defended) and evaluate it on "
         "--test. Writes OUT/metrics.json beside the checkpoints; rerunning with the same "

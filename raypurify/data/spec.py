@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import PositiveInt
+from pydantic import NonNegativeInt, PositiveInt
 
 from raypurify.config import Config
 from raypurify.data.imageset import ImageSet
@@ -22,7 +22,7 @@ class DatasetSpec(Config):
     split: Literal["train", "test"] = "train"
     path: str | None = None  # explicit location: dataset dir, ImageFolder root, torchvision root
     subset: PositiveInt | None = None  # class-balanced subset of this many rows
-    seed: int = 0  # picks the subset (and synthetic images)
+    seed: NonNegativeInt = 0  # picks the subset (and synthetic images)
     size: PositiveInt | None = None  # resize images to size x size (folder sources)
     classes: PositiveInt | None = None  # how many classes (synthetic, imagenet-subset)
     rows: PositiveInt | None = None  # rows per split (synthetic)

@@ -21,6 +21,7 @@ import ray
 from tqdm import tqdm
 
 from raypurify import config, defenses
+from raypurify.atomic import check_home
 from raypurify.attacks import ATTACKS
 from raypurify.data import registry
 from raypurify.errors import ConfigError, DatasetError, RaypurifyError
@@ -136,6 +137,7 @@ def run_experiment(
 ) -> dict[str, Any]:
     """Run (or resume) `spec` into `out`; returns the results (also written to `out`)."""
     validate(spec)
+    check_home(out, experiment.EXPERIMENT_SIGNS, "experiment")
     test = registry.load(spec.test)  # also catches a missing dataset before any work
     out = join_cluster(out, num_cpus)  # on a cluster: shared storage, a tracking server
     out.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, cast
 
-from pydantic import Field, PositiveInt, field_validator, model_validator
+from pydantic import Field, NonNegativeInt, PositiveInt, field_validator, model_validator
 
 from raypurify.config import Config
 from raypurify.data.spec import DatasetSpec
@@ -109,7 +109,7 @@ class ExperimentSpec(Config):
     # named (e.g. [none]: the clean accuracy the attacks are measured against, without
     # paying for a purification of clean data).
     clean_row: bool | list[str] = True
-    seed: int = 0
+    seed: NonNegativeInt = 0
     max_parallel: PositiveInt | None = None  # steps at once (default: from the cluster)
     analyses: list[str] = Field(default_factory=list)  # disentangle, detect
 

@@ -21,6 +21,8 @@ from raypurify.experiments import trace
 from raypurify.experiments.spec import ExperimentSpec
 
 RUN_FILE = "run.json"
+# What an experiment folder holds: a new run writes only into one of these (or an empty one).
+EXPERIMENT_SIGNS = (RUN_FILE, "store")
 
 
 def collect(spec: ExperimentSpec, records: list[dict[str, Any]]) -> dict[str, Any]:

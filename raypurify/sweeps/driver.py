@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
-from raypurify.atomic import write_json
+from raypurify.atomic import check_home, write_json
 from raypurify.data import registry
 from raypurify.data.interchange import read_images, write_images
 from raypurify.errors import ConfigError
@@ -164,6 +164,7 @@ def run_sweep(space: SweepSpace, out: str | Path, *, num_cpus: int | None = None
 
     if os.environ.get("RAYPURIFY_VERBOSE") != "1":  # its INFO lines: a study made or loaded
         optuna.logging.set_verbosity(optuna.logging.WARNING)
+    check_home(out, (STATE, "store"), "sweep or experiment")
     state = load_state(Path(out).resolve(), space)
     registry.load(space.test)  # a missing test set fails here, not in every trial
     uri = state.get("tracking_uri") or tracking_uri()

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, cast
 
-from pydantic import Field, PositiveInt, model_validator
+from pydantic import Field, NonNegativeInt, PositiveInt, model_validator
 
 from raypurify import config
 from raypurify.config import Config
@@ -109,7 +109,7 @@ class Validation(Config):
     `val_accuracy` objective. Drawn from the split's rows outside `dataset.subset`."""
 
     rows: PositiveInt = 2000
-    seed: int = 1
+    seed: NonNegativeInt = 1
 
 
 class Budget(Config):
@@ -118,7 +118,7 @@ class Budget(Config):
     # each naming every searched parameter.
     points: list[dict[str, float]] = Field(default_factory=list)
     concurrency: PositiveInt | Literal["auto"] = "auto"  # auto: what the cluster fits
-    seed: int = 0  # Optuna's TPE sampler
+    seed: NonNegativeInt = 0  # Optuna's TPE sampler
 
 
 class Asha(Config):
@@ -144,7 +144,7 @@ class SweepSpace(Config):
     probe_rows: PositiveInt = 1000  # poisoned rows held out of training (label_free)
     budget: Budget = Field(default_factory=Budget)
     asha: Asha = Field(default_factory=Asha)
-    seed: int = 0
+    seed: NonNegativeInt = 0
 
     @model_validator(mode="after")
     def _known_parameters(self) -> SweepSpace:

@@ -27,6 +27,7 @@ from raypurify.tracking import Run
 from raypurify.training import data as batches
 from raypurify.training.config import TrainConfig
 from raypurify.training.loop import ClassifierJob, EvalKey, train_worker
+from raypurify.workers import check_one_batch
 
 METRICS_FILE = "metrics.json"
 MODEL_FILE = "model.pt"
@@ -84,6 +85,9 @@ def train_classifier(
     check_compatible(train, test)
     if isinstance(train, ImageSet) and len(np.unique(train.labels)) < 2:
         raise DatasetError(f"{train.name}: training needs at least 2 classes with images")
+    rows = len(train) if isinstance(train, ImageSet) else train.rows
+    if rows is not None:
+        check_one_batch(rows, cfg.batch_size, cfg.workers, train.name, "batch_size")
     init_ray()
     gpu = use_gpu(cfg.device)
     check_gpus(cfg.workers, gpu)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, PositiveInt
+from pydantic import Field, NonNegativeInt, PositiveInt
 
 from raypurify import config
 from raypurify.config import Config
@@ -49,7 +49,7 @@ class TrainConfig(Config):
     eval_subset: PositiveInt | None = None  # test rows evaluated each epoch (all at the end)
     tta: bool = False  # average logits with the mirrored image at test time
     keep_checkpoints: PositiveInt | None = 2  # epoch checkpoints kept (None: all, for SEP)
-    seed: int = 0
+    seed: NonNegativeInt = 0
     defense: DefenseRef = Field(default_factory=DefenseRef)
 
 

@@ -28,6 +28,7 @@ from raypurify.storage import join_cluster
 from raypurify.tracking import active_run, start_run
 from raypurify.training.classifier import check_compatible, train_classifier
 from raypurify.training.config import TrainConfig, recipe
+from raypurify.workers import check_one_batch
 
 if TYPE_CHECKING:
     from raypurify.attacks.base import AttackConfig
@@ -124,6 +125,7 @@ def run_training(
         check_compatible(train_set, test_set)  # the trainer checks again; before Ray here
         if len(np.unique(train_set.labels)) < 2:
             raise DatasetError(f"{train_set.name}: training needs at least 2 classes with images")
+        check_one_batch(len(train_set), cfg.batch_size, cfg.workers, data, "batch_size")
         join_cluster(out, num_cpus)  # on a cluster: shared storage, a tracking server
     except BaseException:
         if not resumed:  # a bad input found while reading leaves nothing behind

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, PositiveInt
+from pydantic import Field, NonNegativeInt, PositiveInt
 
 from raypurify import config
 from raypurify.config import Config
@@ -61,7 +61,7 @@ class PurifyConfig(Config):
     threads: PositiveInt | None = None  # torch threads per CPU worker or actor
     infer_batch_size: PositiveInt = 256
     infer_actors: PositiveInt = 1  # Ray Data tasks (CPU) or actors (GPU) per inference pass
-    seed: int = 0
+    seed: NonNegativeInt = 0
 
     @property
     def stages(self) -> list[tuple[str, StageConfig]]:

@@ -39,6 +39,7 @@ from raypurify.runtime import init_ray
 from raypurify.tracking import Run, active_run, start_run
 from raypurify.training.data import in_memory
 from raypurify.worker_group import warm_workers
+from raypurify.workers import check_one_batch
 
 from .config import PurifyConfig
 from .passes import Mode, run_pass
@@ -53,13 +54,23 @@ SUMMARY = "summary.json"
 CONFIG = "config.json"
 
 
+def check_rows(info: DatasetInfo, cfg: PurifyConfig) -> None:
+    """Refuse a dataset with no full batch of each stage for each worker."""
+    for name, stage in cfg.stages:
+        check_one_batch(
+            info.rows, stage.batch_size, cfg.workers, str(info.path), f"{name}.batch_size"
+        )
+
+
 def check_output(out: Path, cfg: PurifyConfig, info: DatasetInfo, overwrite: bool) -> None:
-    """Refuse, without touching `out`, what `prepare_output` would refuse (before Ray)."""
+    """Refuse, without touching `out`, what `purify` would refuse before any work (called
+    before Ray starts): another run or anything not ours in `out`, a dataset too small
+    for a batch."""
     what = {"input": info.sha256, "config": cfg.to_dict()}
     legacy = not overwrite and read_marker(out) is None and (out / CONFIG).is_file()
-    if legacy and _legacy_matches(out, cfg, info):
-        return
-    check_claim(out, what, overwrite=overwrite, inputs=[info.path])
+    if not (legacy and _legacy_matches(out, cfg, info)):
+        check_claim(out, what, overwrite=overwrite, inputs=[info.path])
+    check_rows(info, cfg)
 
 
 def prepare_output(
@@ -113,6 +124,19 @@ def read_summary(out: Path) -> dict[str, Any]:
     return json.loads((out / SUMMARY).read_text()) if (out / SUMMARY).exists() else {}
 
 
+def recorded_input(out: Path) -> str | None:
+    """The content sha256 of the dataset a purification in `out` was made from, as its
+    marker (or, from before the marker, its summary) records it; None where neither does."""
+    what = (read_marker(out) or {}).get("what")
+    if isinstance(what, dict) and isinstance(what.get("input"), str):
+        return what["input"]
+    try:
+        sha = read_summary(out).get("input", {}).get("sha256")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return sha if isinstance(sha, str) else None
+
+
 def recorded_outputs(summary: dict[str, Any]) -> dict[str, str]:
     """Each output's content sha256 as a finished purification's `summary` recorded it."""
     return {name: o["sha256"] for name, o in summary.get("outputs", {}).items()}
@@ -163,6 +187,7 @@ def purify(
     try:
         data0 = read_images(info.path)
         check_input(info, data0)
+        check_rows(info, cfg)
     except BaseException:
         if not resumed:  # a bad input found while reading leaves nothing behind
             (out / CONFIG).unlink(missing_ok=True)

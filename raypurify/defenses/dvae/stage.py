@@ -36,6 +36,7 @@ from raypurify.training.data import Shipped
 from raypurify.workers import (
     LoopContext,
     LoopJob,
+    check_one_batch,
     end_epoch,
     epoch_seed,
     per_worker_batch,
@@ -266,6 +267,9 @@ def train_stage(
     Returns the final state (weights under "model", per-epoch metrics under "history") and
     the stage's start-up vs work split (`Fitted.split`).
     """
+    rows = len(data) if isinstance(data, ImageSet) else data.rows
+    if rows is not None:
+        check_one_batch(rows, stage.batch_size, cfg.workers, data.name, f"{name}.batch_size")
     start = time.perf_counter()
     gpu = use_gpu(cfg.device)
     if not gpu:
