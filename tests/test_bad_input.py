@@ -561,6 +561,16 @@ CASES = [
     # run ------------------------------------------------------------------------------
     Case("run unknown preset", lambda r: ["run", "nope", "--out", str(r / "o")]),
     Case(
+        "run with a --force that matches no step",
+        lambda r: ["run", "demo", "--out", str(r / "o"), "--force", "train/lssp/*"],
+        expect="--force train/lssp/*: matches no step",
+    ),
+    Case(
+        "ui --sweep on a file",
+        lambda r: ["ui", "--sweep", str(r / "good" / MANIFEST)],
+        expect="a file, not a sweep's folder",
+    ),
+    Case(
         "run into a folder of the user's",
         lambda r: ["run", "demo", "--out", str(r / "mine")],
         lambda r: (r / "mine").mkdir() or (r / "mine" / "results.md").write_text("mine"),

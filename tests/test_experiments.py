@@ -6,6 +6,7 @@ import csv
 import itertools
 import json
 import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -198,6 +199,31 @@ def test_a_rerun_with_nothing_to_run_starts_no_worker_group(demo, monkeypatch):
         run_experiment(load_spec("demo", [*TINY, "max_parallel=1", "seed=5"]), out)
 
 
+def test_cells_measured_on_another_test_set_are_not_reused(demo, tmp_path):
+    """A train cell's test set is not in its key (stored keys stay) but in its record: a
+    spec with another test set finds the data, poison and purification steps finished and
+    no train cell, and a run forgets such a cell before training it again."""
+    from raypurify.experiments.runner import finished_steps, resolve
+    from raypurify.experiments.steps import Step
+    from raypurify.experiments.store import Store
+
+    out, _ = demo
+    same = {s.kind for s in finished_steps(load_spec("demo", TINY), out)}
+    other = {s.kind for s in finished_steps(load_spec("demo", [*TINY, "test.subset=50"]), out)}
+    assert {"data", "poison", "purify", "train"} <= same
+    assert {"data", "poison", "purify"} <= other and "train" not in other
+
+    store = Store(tmp_path / "store")
+    step = Step("train", "train/x", {"a": 1}, [], lambda *a: {}, reads={"test": {"id": "new"}})
+    resolve(step, store)  # locates it
+    step.dir.mkdir(parents=True)
+    store.finish(step.dir, {"kind": "train", "meta": {}, "result": {}, "reads": {"test": "old"}})
+    assert not resolve(step, store) and not step.dir.exists()
+    step.dir.mkdir(parents=True)
+    store.finish(step.dir, {"kind": "train", "meta": {}, "result": {}})  # before `reads`
+    assert resolve(step, store)
+
+
 def test_report_with_a_spec_tabulates_finished_cells_without_running_any(demo, tmp_path):
     out, _ = demo
     reference, before = table(out), records(out)
@@ -238,6 +264,43 @@ def test_killed_run_resumes_to_the_same_table(demo):
     assert len(reference) - forced + 1 <= len(left) < len(reference)
     run_experiment(load_spec("demo", TINY), out)
     assert table(out) == reference
+
+
+def test_ctrl_c_stops_a_run_within_its_step(tmp_path):
+    """Ctrl-C during a long classifier cell: `raypurify run` says interrupted and exits 130
+    without first training the cell to its end (the scheduler no longer waits for the
+    steps in flight; the warm group cancels its job and the CLI leaves Ray)."""
+    from raypurify.workers import saved_state
+
+    spec = tmp_path / "long.yaml"
+    spec.write_text(
+        "name: long\n"
+        "dataset: {name: synthetic, rows: 400, size: 16, classes: 4}\n"
+        "test: {name: synthetic, split: test, rows: 100, size: 16, classes: 4}\n"
+        "attacks: [{name: lsp}]\ndefenses: [{name: none}]\nclean_row: false\n"
+        "classifiers: [{recipe: cpu, overrides: [epochs=500, arch_options.width=8, "
+        "batch_size=32, eval_subset=null]}]\n"
+    )
+    out = tmp_path / "out"
+
+    def training() -> bool:
+        for cell in (out / "store" / "train").glob("*"):
+            try:
+                state = saved_state(cell / "train" / "checkpoints", "train")
+            except Exception:  # a checkpoint still being written
+                continue
+            if state is not None and state["epoch"] >= 2:
+                return True
+        return False
+
+    code, output = run_and_kill(
+        ["-m", "raypurify", "run", str(spec), "--out", str(out)], training, sig=signal.SIGINT
+    )
+    lines = [line.rsplit("\r", 1)[-1].strip() for line in output.splitlines()]
+    assert code == 130 and any(line.endswith("interrupted") for line in lines), output[-2000:]
+    assert not list((out / "store" / "train").glob("*/step.json"))  # the cell did not finish
+    (cell,) = (out / "store" / "train").glob("*")
+    assert saved_state(cell / "train" / "checkpoints", "train")["epoch"] < 100
 
 
 @pytest.mark.parametrize(

@@ -34,12 +34,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def stop_ray() -> None:
+    """Leave Ray now, so that a step still in flight in another thread (which the
+    interpreter waits for at exit) fails at its next Ray call instead of running to its
+    end; a local Ray stops with it, a cluster's work for this driver is cancelled."""
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        sys.modules["ray"].shutdown()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args) or 0
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
+        stop_ray()
         return 130
     except BrokenPipeError:  # the reader went away (`raypurify presets | head -3`)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second one at exit

@@ -138,11 +138,14 @@ def run_experiment(
     """Run (or resume) `spec` into `out`; returns the results (also written to `out`)."""
     validate(spec)
     check_home(out, experiment.EXPERIMENT_SIGNS, "experiment")
+    steps = plan(spec)
+    for pattern in force:  # a mistyped pattern would rerun nothing, silently
+        if not any(fnmatch.fnmatch(step.name, pattern) for step in steps):
+            raise ConfigError(f"--force {pattern}: matches no step (e.g. {steps[-1].name})")
     test = registry.load(spec.test)  # also catches a missing dataset before any work
     out = join_cluster(out, num_cpus)  # on a cluster: shared storage, a tracking server
     out.mkdir(parents=True, exist_ok=True)
     parallel = spec.max_parallel or default_parallel()
-    steps = plan(spec)
     pending = bool(force) or len(finished_steps(spec, out)) < len(steps)
     # The warm groups start in the background (processes, imports, a process group: tens
     # of seconds on 2 cores) while MLflow opens its store.
@@ -189,12 +192,19 @@ def resolve(step: Step, store: Store, force: Sequence[str] = ()) -> bool:
     """Locate `step` in the store (forgetting it first if `force` matches its name); True,
     with its result filled in, if it finished in an earlier run."""
     locate(step, store)  # sets step.dir
-    if any(fnmatch.fnmatch(step.name, pattern) for pattern in force):
+    stale = (record := store.record(cast(Path, step.dir))) is not None and not current(record, step)
+    if stale or any(fnmatch.fnmatch(step.name, pattern) for pattern in force):
         store.forget(cast(Path, step.dir))
-    record = store.record(cast(Path, step.dir))
+        record = None
     if record is not None:
         step.result, step.cached = record["result"], True
     return record is not None
+
+
+def current(record: dict[str, Any], step: Step) -> bool:
+    """Whether a finished step's record read what `step` reads (`Step.reads`)."""
+    recorded = record.get("reads") or {}
+    return all(recorded.get(name, value) == value for name, value in step.reads.items())
 
 
 def execute(step: Step, store: Store, ctx: RunParent) -> dict[str, Any]:
@@ -216,6 +226,7 @@ def execute(step: Step, store: Store, ctx: RunParent) -> dict[str, Any]:
             "config": step.config,
             "inputs": [i.name for i in step.inputs],
             "meta": step.meta,
+            "reads": step.reads,
             "result": result,
             "seconds": time.perf_counter() - t0,
         },
@@ -231,7 +242,8 @@ def finished_steps(spec: ExperimentSpec, out: str | Path) -> list[Step]:
     for step in steps:  # plan lists every step after its inputs
         if all(i.result is not None for i in step.inputs):
             locate(step, store)  # sets step.dir
-            if (record := store.record(cast(Path, step.dir))) is not None:
+            record = store.record(cast(Path, step.dir))
+            if record is not None and current(record, step):
                 step.result = record["result"]
     return [s for s in steps if s.result is not None]
 
@@ -294,7 +306,8 @@ class Scheduler:
         pending = list(self.steps)
         running: dict[Future, tuple[Step, int]] = {}
         free = list(range(1, self.parallel + 1))
-        with ThreadPoolExecutor(self.parallel) as pool:
+        pool = ThreadPoolExecutor(self.parallel)
+        try:
             while pending or running:
                 for step in sorted(pending, key=self.priority):
                     if any(i.error for i in step.inputs):
@@ -326,6 +339,12 @@ class Scheduler:
                         step.error = f"{first} (full error: {cast(Path, step.dir) / ERROR_LOG})"
                         tqdm.write(f"step {step.name} failed: {step.error}")
                     self._done(step)
+        except BaseException:
+            # Ctrl-C: do not wait here for the steps in flight (a whole purification); the
+            # warm groups' close cancels their jobs at the next epoch, and the CLI stops Ray.
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown()
         self.cells.close()
 
     def priority(self, step: Step) -> tuple[bool, int]:

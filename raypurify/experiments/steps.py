@@ -23,7 +23,9 @@ from raypurify.attacks import ATTACKS
 from raypurify.data import registry
 from raypurify.data.imageset import ImageSet
 from raypurify.data.interchange import open_dataset, read_images, write_images
+from raypurify.data.spec import DatasetSpec
 from raypurify.defenses.apply import transform_dataset
+from raypurify.errors import DatasetError
 from raypurify.experiments.spec import AttackEntry, ClassifierEntry, ExperimentSpec
 from raypurify.tracking import Run
 from raypurify.training.classifier import train_classifier
@@ -64,6 +66,10 @@ class Step:
     result: dict[str, Any] | None = None
     error: str | None = None
     cached: bool = False
+    # What the step reads besides its inputs and config (a train step's test set), by
+    # identity: kept out of the key, so stored keys stay, but recorded, and a record that
+    # names another is not reused (one from before this field is taken as matching).
+    reads: dict[str, Any] = field(default_factory=dict)
 
     @property
     def slug(self) -> str:
@@ -348,14 +354,26 @@ def train_steps(
     options: dict[str, Any] | None = None,
 ) -> list[Step]:
     out = []
+    reads = {"test": test_identity(spec.test)}
     for c in spec.classifiers:
         cfg = {"train": classifier_config(spec, c, defense, options or {})}
         meta = {"row": row, "column": col, "classifier": c.name}
         cpus = cfg["train"]["workers"]
-        out.append(
-            Step("train", f"train/{row}/{col}/{c.name}", cfg, [data], train_cell, meta, cpus)
-        )
+        name = f"train/{row}/{col}/{c.name}"
+        out.append(Step("train", name, cfg, [data], train_cell, meta, cpus, reads=reads))
     return out
+
+
+def test_identity(test: DatasetSpec) -> dict[str, Any]:
+    """What a train cell's accuracy was measured on: a dataset directory's content id,
+    else the spec of a named source (and the spec where the directory is gone, as for a
+    report of a moved experiment)."""
+    from raypurify.training.run import identity
+
+    try:
+        return identity(test)
+    except DatasetError:
+        return {"source": test.to_dict()}
 
 
 DISENTANGLE_COLUMN = "clean+p_hat"

@@ -75,7 +75,8 @@ def load_sweep(directory: str | Path) -> dict[str, Any]:
     """Read DIR/sweep.json, the sweep's pointer to its MLflow store and parent run."""
     directory = Path(directory)
     if not directory.is_dir():
-        raise ConfigError(f"--sweep {directory}: no such directory")
+        what = "a file, not a sweep's folder" if directory.exists() else "no such directory"
+        raise ConfigError(f"--sweep {directory}: {what}")
     path = directory / SWEEP_FILE
     if not path.is_file():
         raise ConfigError(f"--sweep {directory}: no {SWEEP_FILE} (is it a sweep's --out?)")
@@ -155,6 +156,8 @@ def port_free(host: str, port: int) -> bool:
     """Whether `port` can be bound on `host` right now (no listener, not reserved)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:
+        # As the server binds: a closed connection's TIME_WAIT does not hold the port.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:
