@@ -166,6 +166,10 @@ def run_and_kill(
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            # Ctrl-C as from a terminal: a suite started in the background (`pytest &`)
+            # hands its children SIGINT ignored, and Python then never raises
+            # KeyboardInterrupt.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         try:
             deadline = time.time() + timeout
