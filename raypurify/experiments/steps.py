@@ -354,7 +354,7 @@ def train_steps(
     options: dict[str, Any] | None = None,
 ) -> list[Step]:
     out = []
-    reads = {"test": test_identity(spec.test)}
+    reads = {"test": measured_on(spec.test)}
     for c in spec.classifiers:
         cfg = {"train": classifier_config(spec, c, defense, options or {})}
         meta = {"row": row, "column": col, "classifier": c.name}
@@ -364,7 +364,7 @@ def train_steps(
     return out
 
 
-def test_identity(test: DatasetSpec) -> dict[str, Any]:
+def measured_on(test: DatasetSpec) -> dict[str, Any]:
     """What a train cell's accuracy was measured on: a dataset directory's content id,
     else the spec of a named source (and the spec where the directory is gone, as for a
     report of a moved experiment)."""
