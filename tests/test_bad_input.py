@@ -561,6 +561,32 @@ CASES = [
     # run ------------------------------------------------------------------------------
     Case("run unknown preset", lambda r: ["run", "nope", "--out", str(r / "o")]),
     Case(
+        "run with an unknown test set",
+        lambda r: ["run", "demo", "--out", str(r / "o"), "--set", "test.name=cifar-10"],
+        expect="test.name: unknown dataset 'cifar-10'",
+    ),
+    Case(
+        "run with a training subset larger than the sample",
+        lambda r: ["run", "demo", "--out", str(r / "o"), "--set", "dataset.subset=100000"],
+        expect="subset of 100000 needs 10000 images of class 0, only 250 exist",
+    ),
+    Case(
+        "run with a subset larger than a dataset directory",
+        lambda r: [
+            *["run", "demo", "--out", str(r / "o"), "--set"],
+            f"dataset={{name: parquet, path: {r / 'good'}, subset: 60}}",
+        ],
+        expect="subset of 60 needs 20 images of class 0, only 10 exist",
+    ),
+    Case(
+        "run with a CIFAR-10 test subset larger than its split",
+        lambda r: [
+            *["run", "demo", "--out", str(r / "o")],
+            *["--set", "test={name: cifar10, split: test, subset: 10001}"],
+        ],
+        expect="cifar10/test: subset of 10001 needs 1001 images",
+    ),
+    Case(
         "run with a --force that matches no step",
         lambda r: ["run", "demo", "--out", str(r / "o"), "--force", "train/lssp/*"],
         expect="--force train/lssp/*: matches no step",
@@ -646,6 +672,22 @@ CASES = [
         lambda r: ["report", str(r / "exp")],
         lambda r: experiment_dir(r, "[1, 2, 3]"),
         "step.json",
+    ),
+    Case(
+        "report step.json with a cell's accuracy as text",
+        lambda r: ["report", str(r / "exp")],
+        lambda r: experiment_dir(
+            r,
+            json.dumps(
+                {
+                    "kind": "train",
+                    "name": "train/lsp/none/fast-resnet",
+                    "meta": {"row": "lsp", "column": "none", "classifier": "fast-resnet"},
+                    "result": {"accuracy": "0.9"},
+                }
+            ),
+        ),
+        "result.accuracy",
     ),
     Case(
         "report corrupt run.json",

@@ -217,10 +217,12 @@ def test_cells_measured_on_another_test_set_are_not_reused(demo, tmp_path):
     step = Step("train", "train/x", {"a": 1}, [], lambda *a: {}, reads={"test": {"id": "new"}})
     resolve(step, store)  # locates it
     step.dir.mkdir(parents=True)
-    store.finish(step.dir, {"kind": "train", "meta": {}, "result": {}, "reads": {"test": "old"}})
+    meta = {"row": "r", "column": "c", "classifier": "k"}
+    cell = {"kind": "train", "name": "train/x", "meta": meta, "result": {"accuracy": 0.5}}
+    store.finish(step.dir, cell | {"reads": {"test": "old"}})
     assert not resolve(step, store) and not step.dir.exists()
     step.dir.mkdir(parents=True)
-    store.finish(step.dir, {"kind": "train", "meta": {}, "result": {}})  # before `reads`
+    store.finish(step.dir, cell)  # written before `reads`
     assert resolve(step, store)
 
 
@@ -420,6 +422,36 @@ def test_the_analyses_plan_a_clean_control_for_the_disentanglement_check_only():
 def test_a_clean_row_naming_no_or_unknown_columns_is_refused(value, message):
     with pytest.raises(ConfigError, match=message):
         load_spec("cifar10-mini", [f"clean_row={value}"])
+
+
+def test_a_dataset_directory_rewritten_in_place_is_copied_again(tmp_path):
+    """The clean step names a dataset directory by path in its key and by content in its
+    record: the same spec over rewritten files does not reuse the old copy."""
+    from raypurify.data.imageset import ImageSet
+    from raypurify.data.interchange import write_images
+    from raypurify.experiments.runner import execute, resolve
+    from raypurify.experiments.steps import plan
+    from raypurify.experiments.store import Store
+
+    def write(seed: int) -> None:
+        pixels = np.random.default_rng(seed).integers(0, 256, (20, 8, 8, 3), dtype=np.uint8)
+        data = ImageSet(pixels, np.arange(20) % 2, np.arange(20), ["a", "b"])
+        write_images(data, tmp_path / "data", overwrite=True)
+
+    def clean_step():
+        spec = load_spec("demo", [f"dataset={{name: parquet, path: {tmp_path / 'data'}}}"])
+        return plan(spec)[0]
+
+    store = Store(tmp_path / "store")
+    write(0)
+    step = clean_step()
+    assert not resolve(step, store)
+    first = execute(step, store, None)["sha256"]
+    assert resolve(again := clean_step(), store) and again.result["sha256"] == first
+    write(1)
+    assert not resolve(changed := clean_step(), store)  # the old copy is forgotten
+    assert changed.dir == step.dir and not step.dir.exists()
+    assert execute(changed, store, None)["sha256"] != first
 
 
 def test_the_table_seed_seeds_its_purifiers_and_seed_0_keeps_stored_keys():

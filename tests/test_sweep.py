@@ -472,8 +472,9 @@ BAD = [
     ({"parameters.kld2": None}, "parameters.kld2"),
     ({"objective": "test_accuracy"}, "objective"),
     ({"attack.name": "emm"}, "attack"),
-    ({"purifier.preset": "nope"}, "preset"),
-    ({"classifier.recipe": "nope"}, "recipe"),
+    ({"purifier.preset": "nope"}, "purifier: preset"),
+    ({"classifier.recipe": "nope"}, "classifier: recipe"),
+    ({"test.name": "nope"}, "test.name"),
     ({"budget.concurrency": 64}, "budget.concurrency"),
     ({"budget.samples": 0}, "budget.samples"),
     ({"asha.grace_period": 6}, "asha.grace_period"),
@@ -654,3 +655,53 @@ def test_trials_share_groups_sized_for_a_purification_only_on_a_local_ray_on_cpu
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__]))
+
+
+def test_a_sweep_does_not_resume_on_a_dataset_or_released_poison_changed_in_place(tmp_path):
+    """The space names its dataset and released poison by path (its digest stays when the
+    files change); the record's inputs name their content, so a resume on other data is
+    refused, naming what changed, instead of mixing two sweeps' trials."""
+    import numpy as np
+
+    from raypurify.data.imageset import ImageSet
+    from raypurify.data.interchange import write_images
+    from raypurify.errors import ConfigError
+    from raypurify.sweeps.driver import STATE, load_state, sweep_inputs
+    from raypurify.sweeps.space import SweepSpace
+
+    def write_data(seed: int) -> None:
+        pixels = np.random.default_rng(seed).integers(0, 256, (40, 32, 32, 3), dtype=np.uint8)
+        data = ImageSet(pixels, np.arange(40) % 4, np.arange(40), list("abcd"))
+        write_images(data, tmp_path / "data", overwrite=True)
+
+    def write_poison(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        np.save(tmp_path / "noise.npy", rng.integers(-8, 9, (4, 3, 32, 32)).astype(np.int16))
+
+    write_data(0)
+    write_poison(0)
+    released = {"format": "perturbation", "paths": [str(tmp_path / "noise.npy")]}
+    space = SweepSpace.model_validate(
+        {
+            **TINY,
+            "dataset": {"name": "parquet", "path": str(tmp_path / "data"), "subset": 20},
+            "attack": {"name": "random-noise", "released": released},
+        }
+    )
+    out = tmp_path / "out"
+    out.mkdir()
+    inputs = sweep_inputs(space)
+    state = {"space": space.name, "space_digest": space.digest(), "inputs": inputs}
+    (out / STATE).write_text(json.dumps(state))
+    assert load_state(out, space, sweep_inputs(space)) == state  # unchanged: resumes
+
+    write_poison(1)
+    with pytest.raises(ConfigError, match=r"sweep's poison/random-noise changed") as e:
+        load_state(out, space, sweep_inputs(space))
+    assert "data/clean" not in str(e.value)
+    write_poison(0)
+    write_data(1)
+    with pytest.raises(ConfigError, match=r"sweep's data/clean, data/validation changed"):
+        load_state(out, space, sweep_inputs(space))
+    (out / STATE).write_text(json.dumps(state | {"inputs": None}))  # before `inputs`
+    assert load_state(out, space, sweep_inputs(space))["space"] == space.name

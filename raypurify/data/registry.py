@@ -50,16 +50,17 @@ def spec_for(ref: str, **fields: Any) -> DatasetSpec:
     )
 
 
-def source(spec: DatasetSpec) -> Source:
-    return SOURCES.get(spec.name, key="name")
+def source(spec: DatasetSpec, key: str = "") -> Source:
+    """The registry entry of `spec`; an unknown name's error names `key` (e.g. test)."""
+    return SOURCES.get(spec.name, key=f"{key}.name" if key else "name")
 
 
-def check(spec: DatasetSpec) -> None:
-    """Raise the error loading `spec` would raise for a missing or malformed dataset,
-    without decoding it (a run checks its datasets before Ray starts)."""
-    src = source(spec)
-    if src.check is not None:
-        src.check(spec)
+def check(spec: DatasetSpec, key: str = "") -> None:
+    """Raise the error loading `spec` would raise for a missing or malformed dataset, or
+    a subset larger than it holds, without decoding it (a run checks its datasets before
+    Ray starts); a source without `check` is loaded, which is cheap for those."""
+    src = source(spec, key)
+    (src.check or src.load)(spec)
 
 
 def load(spec: DatasetSpec) -> ImageSet:

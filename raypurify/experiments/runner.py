@@ -46,8 +46,8 @@ def validate(spec: ExperimentSpec) -> None:
     `arch_options`, an attack's surrogate) are built once here, not in a Ray worker."""
     from raypurify.training.run import check_options
 
-    registry.check(spec.dataset)
-    registry.check(spec.test)
+    registry.check(spec.dataset, "dataset")
+    registry.check(spec.test, "test")
     for i, a in enumerate(spec.attacks):
         check_attack(a, f"attacks.{i}")
     for i, d in enumerate(spec.defenses):

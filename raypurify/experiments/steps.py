@@ -234,7 +234,7 @@ def plan(spec: ExperimentSpec) -> list[Step]:
     every other column: with few steps at a time, each attack is checked (its undefended
     cell) early, and the cheap columns fill in before the purifications start.
     """
-    clean = Step("data", "data/clean", {"dataset": spec.dataset.to_dict()}, [], make_clean, cpus=0)
+    clean = clean_step(spec.dataset)
     steps = [clean]
     if spec.clean_row:
         steps += row_steps(spec, "clean", clean, spec.clean_columns())
@@ -248,6 +248,16 @@ def plan(spec: ExperimentSpec) -> list[Step]:
 def after_purification(step: Step) -> bool:
     """True for a purification and for everything that uses one."""
     return step.kind == "purify" or any(after_purification(i) for i in step.inputs)
+
+
+def clean_step(dataset: DatasetSpec) -> Step:
+    """The clean training rows, a table's or a sweep's (the same key, so a store serves
+    both). A dataset directory is named by its path in the key, and by its content in
+    `reads`: rewritten in place, it is copied again."""
+    cfg = {"dataset": dataset.to_dict()}
+    return Step(
+        "data", "data/clean", cfg, [], make_clean, cpus=0, reads={"data": dataset_identity(dataset)}
+    )
 
 
 def poison_step(a: AttackEntry, clean: Step, seed: int) -> Step:
@@ -354,7 +364,7 @@ def train_steps(
     options: dict[str, Any] | None = None,
 ) -> list[Step]:
     out = []
-    reads = {"test": measured_on(spec.test)}
+    reads = {"test": dataset_identity(spec.test)}
     for c in spec.classifiers:
         cfg = {"train": classifier_config(spec, c, defense, options or {})}
         meta = {"row": row, "column": col, "classifier": c.name}
@@ -364,16 +374,16 @@ def train_steps(
     return out
 
 
-def measured_on(test: DatasetSpec) -> dict[str, Any]:
-    """What a train cell's accuracy was measured on: a dataset directory's content id,
-    else the spec of a named source (and the spec where the directory is gone, as for a
-    report of a moved experiment)."""
+def dataset_identity(dataset: DatasetSpec) -> dict[str, Any]:
+    """What a step read of a dataset (a train cell's test set, the clean step's rows): a
+    dataset directory's content id, else the spec of a named source (and the spec where
+    the directory is gone, as for a report of a moved experiment)."""
     from raypurify.training.run import identity
 
     try:
-        return identity(test)
+        return identity(dataset)
     except DatasetError:
-        return {"source": test.to_dict()}
+        return {"source": dataset.to_dict()}
 
 
 DISENTANGLE_COLUMN = "clean+p_hat"

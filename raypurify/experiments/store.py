@@ -19,7 +19,10 @@ import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
+from pydantic import BaseModel, ConfigDict, ValidationError
+
 from raypurify.atomic import write_bytes, write_json
+from raypurify.config import format_validation_error
 from raypurify.errors import RaypurifyError
 
 if TYPE_CHECKING:
@@ -71,8 +74,60 @@ class Store:
         return [read_record(f) for f in sorted(self.root.glob(f"*/*/{RECORD}"))]
 
 
+class Shape(BaseModel):
+    """What the readers of a record (report, trace, figures, resume) take from it; other
+    fields pass. Strict: a number written as a string is a wrong record, not a number."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+class DatasetResult(Shape):
+    path: str
+    sha256: str
+    rows: int
+
+
+class StageOutput(Shape):
+    path: str
+
+
+class PurifyResult(DatasetResult):
+    purify_dir: str
+    outputs: dict[str, StageOutput] = {}
+
+
+class CellResult(Shape):
+    accuracy: float
+
+
+class CellMeta(Shape):
+    row: str
+    column: str
+    classifier: str
+
+
+class StepRecord(Shape):
+    kind: str
+    name: str
+    meta: dict[str, str] = {}
+    reads: dict[str, Any] = {}
+    result: dict[str, Any]
+
+
+# Each kind's result, and a train cell's meta (its place in the table).
+RESULTS: dict[str, type[Shape]] = {
+    "data": DatasetResult,
+    "poison": DatasetResult,
+    "defend": DatasetResult,
+    "disentangle": DatasetResult,
+    "purify": PurifyResult,
+    "train": CellResult,
+}
+
+
 def read_record(f: Path) -> dict[str, Any]:
-    """A step record, or one line naming the file when it is not one (edited, truncated)."""
+    """A step record, or one line naming the file and the field when it is not one
+    (edited, truncated, written by something else)."""
     try:
         data = json.loads(f.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as e:
@@ -80,11 +135,22 @@ def read_record(f: Path) -> dict[str, Any]:
             f"{f}: unreadable step record ({getattr(e, 'msg', type(e).__name__)}); delete "
             "that step's directory to rerun it"
         ) from None
-    if not isinstance(data, dict) or not isinstance(data.get("kind"), str):
-        raise RaypurifyError(f"{f}: not a step record (no 'kind'); delete that step's directory")
-    if not isinstance(data.get("meta", {}), dict) or not isinstance(data.get("result", {}), dict):
-        raise RaypurifyError(f"{f}: step record with a malformed 'meta' or 'result'")
+    check(f, StepRecord, data)
+    if data["kind"] in RESULTS:
+        check(f, RESULTS[data["kind"]], data["result"], "result")
+    if data["kind"] == "train":
+        check(f, CellMeta, data["meta"], "meta")
     return cast(dict[str, Any], rebase(data, f.parent))
+
+
+def check(f: Path, shape: type[Shape], data: Any, where: str = "") -> None:
+    try:
+        shape.model_validate(data)
+    except ValidationError as e:
+        raise RaypurifyError(
+            f"{f}: not a step record ({format_validation_error(e, where)}); delete that "
+            "step's directory to rerun it"
+        ) from None
 
 
 def rebase(value: Any, directory: Path) -> Any:

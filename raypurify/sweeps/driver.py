@@ -24,8 +24,8 @@ from raypurify.atomic import check_home, write_json
 from raypurify.data import registry
 from raypurify.data.interchange import read_images, write_images
 from raypurify.errors import ConfigError
-from raypurify.experiments.steps import Step, make_clean, poison_step
-from raypurify.experiments.store import Store
+from raypurify.experiments.steps import Step, clean_step, dataset_identity, poison_step
+from raypurify.experiments.store import Store, step_key
 from raypurify.sweeps.results import STUDY_FILE
 from raypurify.sweeps.space import SweepSpace, classifier_epochs, preset_values
 from raypurify.sweeps.trial import Prepared, TrialSpec, purify_step, run_trial
@@ -61,16 +61,26 @@ def make_validation(step: Step, directory: Path, ctx: TrialContext) -> dict[str,
 def prepare_steps(space: SweepSpace) -> list[Step]:
     """Clean data, validation rows and the poison: the same clean and poison steps (so the
     same keys) as the table's, which a `raypurify run` store then shares."""
-    clean = Step("data", "data/clean", {"dataset": space.dataset.to_dict()}, [], make_clean)
-    pool = space.dataset.model_copy(update={"subset": None}).to_dict()
+    clean = clean_step(space.dataset)
+    pool = space.dataset.model_copy(update={"subset": None})
     validation = Step(
         "data",
         "data/validation",
-        {"dataset": pool, "rows": space.validation.rows, "seed": space.validation.seed},
+        {"dataset": pool.to_dict(), "rows": space.validation.rows, "seed": space.validation.seed},
         [clean],
         make_validation,
+        reads={"data": dataset_identity(pool)},  # the rows outside the subset, too
     )
     return [clean, validation, poison_step(space.attack, clean, space.seed)]
+
+
+def sweep_inputs(space: SweepSpace) -> dict[str, str]:
+    """A digest of what each prepared step and the test set hold, beyond the space: a
+    dataset directory's content, a released poison's files. The space's digest names
+    them by path only, and a sweep resumed on other data would mix two sweeps' trials."""
+    whats = {s.name: {"config": s.config, "reads": s.reads} for s in prepare_steps(space)}
+    whats["test"] = {"reads": dataset_identity(space.test)}
+    return {name: step_key("input", what, []) for name, what in whats.items()}
 
 
 def stand_in_purify(space: SweepSpace) -> Step:
@@ -132,8 +142,9 @@ def prepare(space: SweepSpace, store: Store, parent: Run) -> dict[str, Prepared]
     return out
 
 
-def load_state(out: Path, space: SweepSpace) -> dict[str, Any]:
-    """The sweep recorded in OUT (resume), or a new record; refuses another space's OUT."""
+def load_state(out: Path, space: SweepSpace, inputs: dict[str, str]) -> dict[str, Any]:
+    """The sweep recorded in OUT (resume), or a new record; refuses another space's OUT,
+    and one whose data or poison changed (`sweep_inputs`) since it began."""
     import json
 
     path = out / STATE
@@ -143,10 +154,18 @@ def load_state(out: Path, space: SweepSpace) -> dict[str, Any]:
         state = json.loads(path.read_text())
     except (OSError, ValueError):
         raise ConfigError(f"{path}: unreadable sweep record; use a new --out") from None
-    if state.get("space_digest") != space.digest():
+    if not isinstance(state, dict) or state.get("space_digest") != space.digest():
         raise ConfigError(
-            f"{out} holds a sweep of another space or budget ({state.get('space')}); "
+            f"{out} holds a sweep of another space or budget "
+            f"({state.get('space') if isinstance(state, dict) else 'unreadable'}); "
             "use a new --out, or the same space and settings to resume it"
+        )
+    recorded = state.get("inputs") or inputs  # a record from before `inputs`: taken as is
+    changed = [name for name, digest in inputs.items() if recorded.get(name) != digest]
+    if changed:
+        raise ConfigError(
+            f"{out}: the sweep's {', '.join(changed)} changed since it began (a dataset "
+            "rewritten in place, or a released poison's files); use a new --out"
         )
     return state
 
@@ -165,7 +184,8 @@ def run_sweep(space: SweepSpace, out: str | Path, *, num_cpus: int | None = None
     if os.environ.get("RAYPURIFY_VERBOSE") != "1":  # its INFO lines: a study made or loaded
         optuna.logging.set_verbosity(optuna.logging.WARNING)
     check_home(out, (STATE, "store"), "sweep or experiment")
-    state = load_state(Path(out).resolve(), space)
+    inputs = sweep_inputs(space)
+    state = load_state(Path(out).resolve(), space, inputs)
     registry.load(space.test)  # a missing test set fails here, not in every trial
     uri = state.get("tracking_uri") or tracking_uri()
     out = join_cluster(out, num_cpus, tracking=uri)  # on a cluster: shared storage, a server
@@ -185,6 +205,7 @@ def run_sweep(space: SweepSpace, out: str | Path, *, num_cpus: int | None = None
         "parent_run_id": parent.run_id,
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
+    state["inputs"] = inputs
     write_json(out / STATE, state)
     start = time.perf_counter()
     try:

@@ -226,18 +226,25 @@ def check(space: SweepSpace, source: str = "space", datasets: bool = True) -> No
     from raypurify.training.config import recipe
     from raypurify.training.run import check_options
 
-    for spec in (space.dataset, space.test):
+    for key, spec in (("dataset", space.dataset), ("test", space.test)):
         if datasets:
-            registry.check(spec)
+            registry.check(spec, f"{source}: {key}")
         else:
-            registry.source(spec)
+            registry.source(spec, f"{source}: {key}")
     check_attack(space.attack, f"{source}: attack")
-    defenses.options("dvae", {"preset": space.purifier.preset})
+    try:
+        defenses.options("dvae", {"preset": space.purifier.preset})
+        preset(space.purifier.preset, space.purifier.overrides)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: purifier: {e}") from None
     try:
         base = preset(space.purifier.preset, space.purifier.overrides + overrides_for(space.fixed))
+    except ConfigError as e:
+        raise ConfigError(f"{source}: fixed: {e}") from None
+    try:
         cfg = recipe(space.classifier.recipe, space.classifier.overrides)
     except ConfigError as e:
-        raise ConfigError(f"{source}: {e}") from None
+        raise ConfigError(f"{source}: classifier: {e}") from None
     ARCHS.get(cfg.arch, key=f"{source}: classifier arch")
     check_options(cfg, f"{source}: classifier.overrides arch_options")
     if base.method != "dvae":

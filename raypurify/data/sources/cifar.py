@@ -104,6 +104,9 @@ def _loader(name: str) -> Callable[[DatasetSpec], ImageSet]:
     return load
 
 
+# Both datasets' splits hold every class equally: 50,000 and 10,000 rows.
+SPLIT_ROWS = {"train": 50_000, "test": 10_000}
+CLASSES = {"cifar10": 10, "cifar100": 100}
 _TORCHVISION_DIRS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
 
 
@@ -111,6 +114,10 @@ def _checker(name: str) -> Callable[[DatasetSpec], None]:
     """Whether `load` will find the split, in the same order, without decoding anything."""
 
     def check(spec: DatasetSpec) -> None:
+        if spec.subset and not spec.path:  # the named splits: every class the same size
+            per_class = SPLIT_ROWS[spec.split] // CLASSES[name]
+            labels = np.repeat(np.arange(CLASSES[name]), per_class)
+            balanced_rows(labels, spec.subset, CLASSES[name], spec.seed, f"{name}/{spec.split}")
         if spec.path:
             root = Path(spec.path)
             found = [root / MANIFEST, root / spec.split / MANIFEST, root / f"{spec.split}.parquet"]
