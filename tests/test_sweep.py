@@ -239,11 +239,13 @@ def test_ctrl_c_names_the_resume_command_and_no_trial_stopped_by_asha(sweep):
 
 
 def test_a_sweep_prints_its_own_table_and_not_tunes_or_optunas(sweep):
-    """Tune's box, its TensorBoard hint (a folder under /tmp) and its INFO lines, and
-    Optuna's INFO lines, stay off the terminal; our progress and resume line do not."""
+    """Tune's box, its TensorBoard hint (a folder under /tmp), its INFO lines and its own
+    resume hint (a Python call), and Optuna's INFO lines, stay off the terminal; our
+    progress and resume line do not."""
     output = sweep["interrupted"]["output"]
     assert "preparing data/clean" in output and "--resume" in output
-    for noise in ("Configuration for experiment", "tensorboard", "INFO tune.py", "[I 20"):
+    noises = ("Configuration for experiment", "tensorboard", "INFO tune.py", "[I 20", "Tuner.")
+    for noise in noises:
         assert noise not in output, noise
 
 

@@ -135,15 +135,15 @@ def read_record(f: Path) -> dict[str, Any]:
             f"{f}: unreadable step record ({getattr(e, 'msg', type(e).__name__)}); delete "
             "that step's directory to rerun it"
         ) from None
-    check(f, StepRecord, data)
+    check_shape(f, StepRecord, data)
     if data["kind"] in RESULTS:
-        check(f, RESULTS[data["kind"]], data["result"], "result")
+        check_shape(f, RESULTS[data["kind"]], data["result"], "result")
     if data["kind"] == "train":
-        check(f, CellMeta, data["meta"], "meta")
+        check_shape(f, CellMeta, data["meta"], "meta")
     return cast(dict[str, Any], rebase(data, f.parent))
 
 
-def check(f: Path, shape: type[Shape], data: Any, where: str = "") -> None:
+def check_shape(f: Path, shape: type[Shape], data: Any, where: str = "") -> None:
     try:
         shape.model_validate(data)
     except ValidationError as e:

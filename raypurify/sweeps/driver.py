@@ -12,6 +12,7 @@ from their checkpoints, and Optuna continues from what it knew.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 import uuid
@@ -81,6 +82,12 @@ def sweep_inputs(space: SweepSpace) -> dict[str, str]:
     whats = {s.name: {"config": s.config, "reads": s.reads} for s in prepare_steps(space)}
     whats["test"] = {"reads": dataset_identity(space.test)}
     return {name: step_key("input", what, []) for name, what in whats.items()}
+
+
+def no_tune_resume_hint(record: logging.LogRecord) -> bool:
+    """Drops Tune's warning that names its Python resume API (`Tuner.restore`) on Ctrl-C:
+    the sweep command prints the command that resumes it."""
+    return not record.getMessage().startswith("Experiment has been interrupted")
 
 
 def stand_in_purify(space: SweepSpace) -> Step:
@@ -183,6 +190,7 @@ def run_sweep(space: SweepSpace, out: str | Path, *, num_cpus: int | None = None
 
     if os.environ.get("RAYPURIFY_VERBOSE") != "1":  # its INFO lines: a study made or loaded
         optuna.logging.set_verbosity(optuna.logging.WARNING)
+        logging.getLogger("ray.tune.tune").addFilter(no_tune_resume_hint)
     check_home(out, (STATE, "store"), "sweep or experiment")
     inputs = sweep_inputs(space)
     state = load_state(Path(out).resolve(), space, inputs)
