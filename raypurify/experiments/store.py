@@ -100,6 +100,11 @@ class CellResult(Shape):
     accuracy: float
 
 
+class TrialResult(Shape):
+    val_accuracy: float
+    test_accuracy: float
+
+
 class CellMeta(Shape):
     row: str
     column: str
@@ -109,12 +114,13 @@ class CellMeta(Shape):
 class StepRecord(Shape):
     kind: str
     name: str
+    config: dict[str, Any] = {}
     meta: dict[str, str] = {}
     reads: dict[str, Any] = {}
     result: dict[str, Any]
 
 
-# Each kind's result, and a train cell's meta (its place in the table).
+# Each kind's result; a table cell's meta (its place in the table) is checked too.
 RESULTS: dict[str, type[Shape]] = {
     "data": DatasetResult,
     "poison": DatasetResult,
@@ -136,10 +142,12 @@ def read_record(f: Path) -> dict[str, Any]:
             "that step's directory to rerun it"
         ) from None
     check_shape(f, StepRecord, data)
-    if data["kind"] in RESULTS:
+    if data.get("config", {}).get("evaluate") == "validation":  # a sweep trial's classifier
+        check_shape(f, TrialResult, data["result"], "result")
+    elif data["kind"] in RESULTS:
         check_shape(f, RESULTS[data["kind"]], data["result"], "result")
-    if data["kind"] == "train":
-        check_shape(f, CellMeta, data["meta"], "meta")
+        if data["kind"] == "train":
+            check_shape(f, CellMeta, data["meta"], "meta")
     return cast(dict[str, Any], rebase(data, f.parent))
 
 
