@@ -140,9 +140,11 @@ def test_dockerfile_builds_the_pinned_stack():
         assert f'"{pkg}{pins()[pkg]}"' in text
         assert f"'{pins()[pkg].lstrip('=')}'" in text  # the build's own version check
     assert f"ray.__version__ == '{ray_version()}'" in text
-    assert "COPY --chown=ray:users raypurify ./raypurify" in text
+    for folder in ("raypurify", "tune_spaces"):  # what `pip install .` packages
+        assert f"COPY --chown=ray:users {folder} ./{folder}" in text
     ignore = (CLUSTER / "Dockerfile.dockerignore").read_text().split()
-    assert ignore[ignore.index("*") + 1 :][:3] == ["!pyproject.toml", "!README.md", "!raypurify/"]
+    kept = ["!pyproject.toml", "!README.md", "!raypurify/", "!tune_spaces/"]
+    assert ignore[ignore.index("*") + 1 :][:4] == kept
 
 
 def cluster_spec_checks(spec: dict, where: str) -> None:

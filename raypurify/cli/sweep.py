@@ -83,8 +83,11 @@ def resume_command(args: argparse.Namespace) -> str:
 
 
 def run_spaces(args: argparse.Namespace) -> int:
-    from raypurify.sweeps.space import load_space, spaces
+    from raypurify.errors import ConfigError
+    from raypurify.sweeps.space import SPACE_DIR, load_space, spaces
 
+    if not spaces():
+        raise ConfigError(f"no sweep spaces in {SPACE_DIR}: this install lacks tune_spaces/")
     for name in spaces():
         space = load_space(name, datasets=False)
         first = space.description.strip().splitlines()[0] if space.description else ""
