@@ -188,7 +188,10 @@ def staged_dir(
     out.parent.mkdir(parents=True, exist_ok=True)
     clean_stale(out)
     tmp = _sibling(out, "tmp")
-    tmp.mkdir()
+    try:
+        tmp.mkdir()
+    except OSError as e:  # a read-only or full place: name the user's path, not ours
+        raise OSError(e.errno, e.strerror, str(out)) from None
     try:
         yield tmp
         check_new(out, overwrite, inputs)  # nothing unmarked appeared meanwhile
@@ -219,8 +222,10 @@ def write_bytes(path: str | Path, data: bytes) -> None:
     try:
         tmp.write_bytes(data)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename == str(tmp):
+            raise OSError(e.errno, e.strerror, str(path)) from None
         raise
 
 

@@ -3,6 +3,7 @@ real subprocess."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -12,8 +13,9 @@ from PIL import Image
 
 from raypurify import __version__
 from raypurify.cli import main
-from raypurify.data.interchange import open_dataset, read_images
+from raypurify.data.interchange import MANIFEST, open_dataset, read_images
 from raypurify.data.registry import SOURCES
+from raypurify.errors import DatasetError
 
 
 def test_version_and_help_as_a_subprocess():
@@ -69,6 +71,8 @@ def test_export_show_and_refused_second_export(ray_session, tmp_path, capsys):
     with Image.open(grid_path) as grid:
         # 10 classes x 8 examples, each tile scaled to 64 px with 2 px padding.
         assert grid.size == (8 * 66 + 2, 10 * 66 + 2)
+    assert main(["datasets", "show", str(out)]) == 0  # its own grid: written again
+    assert capsys.readouterr().out.splitlines()[-1] == f"grid      {grid_path}"
 
     # Exporting again to the same place fails cleanly and leaves the data alone.
     code = main(["datasets", "export", "cifar10-sample", "--out", str(out), "--subset", "50"])
@@ -169,3 +173,38 @@ def test_each_commands_set_example_is_a_key_it_takes(command, capsys):
     text = " ".join(capsys.readouterr().out.split())
     example = text.split("override a config value, e.g. --set ", 1)[1].split()[0]
     _takes(command, example)
+
+
+def test_show_writes_its_grid_only_where_nothing_else_is(tmp_path, monkeypatch, capsys):
+    """`datasets show` reads a dataset; its grid never replaces a file it did not write
+    (the dataset's own manifest, a user's file): an asked-for --grid there is refused
+    before any row is read, and the default place beside the dataset is skipped, saying
+    why, with the summary still printed."""
+    out = tmp_path / "sample"
+    assert main(["datasets", "export", "cifar10-sample", "--out", str(out), "--subset", "20"]) == 0
+    manifest = (out / MANIFEST).read_bytes()
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    capsys.readouterr()
+    for grid in (out / MANIFEST, out / "new.png", notes):
+        assert main(["datasets", "show", str(out), "--grid", str(grid)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: --grid {grid}: ") and err.count("\n") == 1, err
+    assert (out / MANIFEST).read_bytes() == manifest and notes.read_text() == "mine"
+    assert not (out / "new.png").exists()
+
+    (tmp_path / "sample-grid.png").write_text("a user's file of that name")
+    monkeypatch.chdir(out)  # `show .`: the default grid is named after the folder
+    assert main(["datasets", "show", "."]) == 0
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last.startswith(f"grid      not written ({tmp_path / 'sample-grid.png'}: exists")
+    assert (tmp_path / "sample-grid.png").read_text() == "a user's file of that name"
+
+
+def test_a_manifest_claiming_poison_flags_its_files_lack_is_refused(tmp_path):
+    out = tmp_path / "sample"
+    assert main(["datasets", "export", "cifar10-sample", "--out", str(out), "--subset", "20"]) == 0
+    m = json.loads((out / MANIFEST).read_text())
+    (out / MANIFEST).write_text(json.dumps(m | {"has_poisoned": True}))
+    with pytest.raises(DatasetError, match="has_poisoned, but .* has no 'poisoned' column"):
+        open_dataset(out)

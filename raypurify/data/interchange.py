@@ -191,7 +191,7 @@ def finalize(
         "rows": rows,
         "sha256": sha256,
         **cast(dict[str, Any], meta),  # set: there is at least one file
-        "has_poisoned": "poisoned" in pq.read_schema(files[0]).names,
+        "has_poisoned": all("poisoned" in pq.read_schema(f).names for f in files),
         "files": [f.name for f in files],
         "file_info": {f.name: file_record(f) for f in files},
         "config": dict(config or {}),
@@ -259,6 +259,8 @@ def open_dataset(path: str | Path, *, verify: bool = False) -> DatasetInfo:
     for f in files:
         if _check_schema(f) != declared:
             raise DatasetError(f"{f}: schema metadata (classes, image size) differs from {mpath}")
+        if manifest.get("has_poisoned") and "poisoned" not in pq.read_schema(f).names:
+            raise DatasetError(f"{mpath}: has_poisoned, but {f.name} has no 'poisoned' column")
     info = DatasetInfo(path=path, manifest=manifest, files=files)
     if verify:
         verify_content(info)

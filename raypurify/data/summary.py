@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 import io
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
 import numpy as np
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 from tqdm import tqdm
 
 from raypurify.atomic import write_bytes
-from raypurify.data.interchange import DatasetInfo, iter_images, open_dataset
+from raypurify.data.interchange import MANIFEST, DatasetInfo, iter_images, open_dataset
 from raypurify.errors import DatasetError
 from raypurify.reports.images import class_rows, grid
 
 PER_CLASS = 8
+GRID_TAG = "raypurify-grid"  # a PNG text key: the grid of the dataset it names
 
 
 @dataclass
@@ -28,7 +31,7 @@ class Summary:
     std: np.ndarray
     low: np.ndarray
     high: np.ndarray
-    grid_path: Path
+    grid: str  # its path, or why it was not written
 
     def lines(self) -> list[str]:
         i = self.info
@@ -57,18 +60,46 @@ class Summary:
             p.get("id") or p.get("source", "?") for p in i.manifest.get("parents", [])
         )
         out.append(f"lineage   {parents or '-'}")
-        out.append(f"grid      {self.grid_path}")
+        out.append(f"grid      {self.grid}")
         return out
+
+
+def grid_target(info: DatasetInfo, asked: str | Path | None) -> tuple[Path | None, str]:
+    """Where the grid goes, decided before any row is read: a new file, or a grid this
+    command wrote (its PNG carries GRID_TAG), never a file in a dataset directory. A
+    `--grid` that fails these is an error; the default place, beside the dataset, is
+    skipped instead (the summary still prints), with the reason."""
+    here = info.path.resolve()
+    path = Path(asked) if asked else here.parent / f"{here.name}-grid.png"
+    if not path.parent.is_dir():
+        problem = f"folder {path.parent} does not exist"
+    elif path.is_dir():
+        problem = "is a folder; give a .png file path"
+    elif (path.parent / MANIFEST).exists():
+        problem = "inside a dataset directory"
+    elif path.exists() and not is_grid(path):
+        problem = "exists, and is not a grid `datasets show` wrote"
+    elif not os.access(path.parent, os.W_OK):
+        problem = f"folder {path.parent} is not writable"
+    else:
+        return path, ""
+    if asked:
+        raise DatasetError(f"--grid {path}: {problem}")
+    return None, f"not written ({path}: {problem}; pass --grid FILE)"
+
+
+def is_grid(path: Path) -> bool:
+    try:
+        with Image.open(path) as im:
+            return GRID_TAG in getattr(im, "text", {})
+    except (OSError, ValueError):
+        return False
 
 
 def summarize(path: str | Path, grid_path: str | Path | None = None) -> Summary:
     """Stream the dataset once (file by file) and save a grid of examples per class."""
     info = open_dataset(path)
-    grid_path = Path(grid_path) if grid_path else info.path.parent / f"{info.path.name}-grid.png"
-    if not grid_path.parent.is_dir():
-        raise DatasetError(f"--grid {grid_path}: folder {grid_path.parent} does not exist")
-    if grid_path.is_dir():
-        raise DatasetError(f"--grid {grid_path}: is a folder; give a .png file path")
+    target, skipped = grid_target(info, grid_path)
     counts = np.zeros(len(info.classes), np.int64)
     c = info.shape[2]
     total, sq = np.zeros(c), np.zeros(c)
@@ -94,7 +125,10 @@ def summarize(path: str | Path, grid_path: str | Path | None = None) -> Summary:
     std = np.sqrt(np.maximum(sq / n - mean**2, 0))
     tiles = [img for k in sorted(examples) for img in examples[k]]
     scale = max(1, 64 // info.shape[0])
-    png = io.BytesIO()
-    Image.fromarray(grid(np.stack(tiles), ncol=PER_CLASS, scale=scale)).save(png, format="PNG")
-    write_bytes(grid_path, png.getvalue())
-    return Summary(info, counts, poisoned, mean, std, low, high, grid_path)
+    if target is not None:
+        png, tag = io.BytesIO(), PngInfo()
+        tag.add_text(GRID_TAG, str(info.path))
+        image = Image.fromarray(grid(np.stack(tiles), ncol=PER_CLASS, scale=scale))
+        image.save(png, format="PNG", pnginfo=tag)
+        write_bytes(target, png.getvalue())
+    return Summary(info, counts, poisoned, mean, std, low, high, str(target or skipped))
