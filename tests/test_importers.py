@@ -59,6 +59,16 @@ def test_sample_wise_pt_in_pixel_units_picks_the_base_rows_by_index(base, tmp_pa
     assert np.array_equal(poisoned.images, expected)
 
 
+def test_an_integer_perturbation_is_grey_levels_even_when_it_stays_within_one(base, tmp_path):
+    """A poison of +-1 grey level stored as int8 reads as 1/255, not as a full-range
+    change (float values of at most 1 are [0, 1] units; integers can only be levels)."""
+    levels = np.random.default_rng(3).integers(-1, 2, size=(ROWS, 3, 32, 32)).astype(np.int8)
+    np.save(tmp_path / "levels.npy", levels)
+    poisoned, budget = import_poison(base, "perturbation", [tmp_path / "levels.npy"])
+    assert np.array_equal(poisoned.images, added(base, levels.transpose(0, 2, 3, 1) / 255.0))
+    assert budget["linf_255"] == 1
+
+
 def test_class_wise_small_patch_lands_at_the_centre(base, tmp_path):
     patches = np.random.default_rng(2).uniform(-0.1, 0.1, size=(10, 3, 8, 8)).astype(np.float32)
     np.save(tmp_path / "classwise.npy", patches)

@@ -295,3 +295,12 @@ def test_registry_names_and_unknown_source():
         registry.load(DatasetSpec(name="mnist"))
     with pytest.raises(ConfigError, match="subset: Input should be greater than 0"):
         config.validate(DatasetSpec, {"name": "synthetic", "subset": 0})
+
+
+def test_a_truncated_offline_copy_is_one_line_naming_the_file(cifar10_dir, tmp_path, monkeypatch):
+    (tmp_path / "cifar10").mkdir()
+    whole = (cifar10_dir / "test.parquet").read_bytes()
+    (tmp_path / "cifar10" / "test.parquet").write_bytes(whole[: len(whole) // 3])
+    monkeypatch.setenv("RAYPURIFY_DATA_DIR", str(tmp_path))
+    with pytest.raises(DatasetError, match=r"test\.parquet: not a readable offline copy"):
+        load(name="cifar10", split="test", subset=10)

@@ -152,8 +152,9 @@ def test_purify_reuses_only_the_same_input_and_config(
 
 
 def test_disentangle_refuses_an_out_made_from_other_inputs(sets, tmp_path, capsys):
-    """`analyze disentangle --out DIR` resumes its training only for the same clean set,
-    poisoned set, purification and recipe (no Ray needed to see the refusal)."""
+    """`analyze disentangle` takes only the clean set its --data was poisoned from, and
+    `--out DIR` resumes its training only for the same clean set, poisoned set,
+    purification and recipe (no Ray needed to see either refusal)."""
     from raypurify.atomic import mark
     from raypurify.cli import main
 
@@ -169,8 +170,15 @@ def test_disentangle_refuses_an_out_made_from_other_inputs(sets, tmp_path, capsy
     out = tmp_path / "dis"
     out.mkdir()
     mark(out, what={"clean": {"id": "another clean set"}})
-    argv = ["analyze", "disentangle", "--clean", str(sets["a"]), "--data", str(sets["b"])]
-    argv += ["--purified", str(purified), "--test", str(sets["test"]), "--out", str(out)]
+    rest = ["--purified", str(purified), "--test", str(sets["test"]), "--out", str(out)]
+    # A clean set that is not --data's base (other labels at the same rows) is refused first.
+    unrelated = ["analyze", "disentangle", "--clean", str(sets["a"]), "--data", str(sets["b"])]
+    assert main([*unrelated, *rest]) == 2
+    err = capsys.readouterr().err
+    assert f"--clean {sets['a']}: not the clean set --data {sets['b']} was poisoned from" in err
+    assert "0 of its 96 rows missing" in err and len(err.splitlines()) == 1
+    # (a set is its own base: the same rows and labels)
+    argv = ["analyze", "disentangle", "--clean", str(sets["a"]), "--data", str(sets["a"]), *rest]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "another config or input" in err and "clean" in err and len(err.splitlines()) == 1

@@ -31,7 +31,9 @@ class ImportConfig(Config):
 
 class ScaledImportConfig(ImportConfig):
     units: Units = Field(
-        "auto", description="float values in [0, 1] (unit) or grey levels (pixel); auto: max"
+        "auto",
+        description="float values in [0, 1] (unit) or grey levels (pixel); auto: grey levels "
+        "for an integer array or values beyond 1",
     )
 
 
@@ -96,13 +98,15 @@ def _load_tensor(path: Path) -> np.ndarray:
 
 
 def to_unit(values: np.ndarray, units: Units, low: float, where: Path) -> np.ndarray:
-    """Float values in [low, 1] units: grey levels are divided by 255 (auto: max |v| > 1)."""
+    """Float values in [low, 1] units: grey levels are divided by 255 (auto: an integer
+    array, which can only hold grey levels, or max |v| > 1)."""
+    integer = np.issubdtype(values.dtype, np.integer)
     values = values.astype(np.float32)
     if not np.isfinite(values).all():
         raise DatasetError(f"{where}: values include NaN or infinity")
     peak = float(np.abs(values).max(initial=0.0))
     if units == "auto":
-        units = "pixel" if peak > 1 else "unit"
+        units = "pixel" if integer or peak > 1 else "unit"
     scale = 255.0 if units == "pixel" else 1.0
     lowest = float(values.min(initial=0.0))
     if peak > scale or lowest < low * scale:

@@ -79,6 +79,24 @@ def check_inputs(data: str, purified: str, *others: str) -> None:
     check_weights(pdir / "stage1.pt", cfg, len(info.classes), info.shape[0])
 
 
+def check_clean_base(clean: str, data: str) -> None:
+    """`clean` holds every row of `data` (by index) with the same label: the clean set
+    `data` was poisoned from, whose images the disentanglement check adds p_hat to."""
+    from raypurify.data.interchange import index_and_labels, open_dataset
+    from raypurify.errors import RaypurifyError
+
+    clean_index, clean_labels = index_and_labels(open_dataset(clean))
+    index, labels = index_and_labels(open_dataset(data))
+    at = dict(zip(clean_index.tolist(), clean_labels.tolist(), strict=True))
+    missing = sum(i not in at for i in index.tolist())
+    differ = sum(at.get(i, y) != y for i, y in zip(index.tolist(), labels.tolist(), strict=True))
+    if missing or differ:
+        raise RaypurifyError(
+            f"--clean {clean}: not the clean set --data {data} was poisoned from "
+            f"({missing} of its {len(index)} rows missing, {differ} labelled otherwise)"
+        )
+
+
 def run_detect(args: argparse.Namespace) -> int:
     from raypurify.experiments.analyses import detect_poisoned
     from raypurify.runtime import init_ray
@@ -105,6 +123,7 @@ def run_disentangle(args: argparse.Namespace) -> int:
     cfg = recipe(args.recipe, args.overrides)
     check_options(cfg)
     check_inputs(args.data, args.purified, args.clean)
+    check_clean_base(args.clean, args.data)
     out = Path(args.out)
     test_spec = registry.spec_for(args.test, split="test")
     stage1 = Path(args.purified) / "stage1.pt"

@@ -289,6 +289,13 @@ def iter_images(path: str | Path, *, info: DatasetInfo | None = None) -> Iterato
         yield ImageSet(images, labels, index, info.classes, poisoned, name=str(f))
 
 
+def index_and_labels(info: DatasetInfo) -> tuple[np.ndarray, np.ndarray]:
+    """Every row's index and label, from those two columns alone (no image decoded)."""
+    tables = [read_columns(f, ["index", "label"]) for f in info.files]
+    index = [t["index"].to_numpy() for t in tables]
+    return np.concatenate(index), np.concatenate([t["label"].to_numpy() for t in tables])
+
+
 def read_images(path: str | Path) -> ImageSet:
     """Read a whole dataset into memory (for small data), checked against its manifest."""
     info = open_dataset(path)

@@ -35,8 +35,12 @@ def read_offline(file: Path, spec: DatasetSpec | None = None) -> ImageSet:
 
     With a `spec.subset`, the rows are chosen from the labels first and only those decoded.
     """
-    table = pq.read_table(file, columns=["image", "label"])
-    meta = pq.read_schema(file).metadata or {}
+    try:
+        table = pq.read_table(file, columns=["image", "label"])
+        meta = pq.read_schema(file).metadata or {}
+    except (OSError, ValueError, KeyError) as e:  # pyarrow's ArrowInvalid is a ValueError
+        detail = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise DatasetError(f"{file}: not a readable offline copy ({detail})") from None
     if b"classes" not in meta:
         raise DatasetError(f"{file}: schema metadata has no 'classes'")
     classes = meta[b"classes"].decode().split(",")

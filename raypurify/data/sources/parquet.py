@@ -4,12 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
 from raypurify.data.imageset import ImageSet, balanced_rows
-from raypurify.data.interchange import MANIFEST, open_dataset, read_images
+from raypurify.data.interchange import MANIFEST, index_and_labels, open_dataset, read_images
 from raypurify.data.interchange_ray import imageset_to_ray, read_ray
-from raypurify.data.manifest import read_columns
 from raypurify.data.spec import DatasetSpec, Source, Stream, subset_of
 from raypurify.errors import DatasetError
 
@@ -41,9 +38,8 @@ def stream(spec: DatasetSpec) -> Stream:
 def check(spec: DatasetSpec) -> None:
     info = open_dataset(locate(spec))
     if spec.subset:  # from the label column alone
-        labels = [read_columns(f, ["label"])["label"].to_numpy() for f in info.files]
-        rows = np.concatenate(labels)
-        balanced_rows(rows, spec.subset, len(info.classes), spec.seed, str(info.path))
+        labels = index_and_labels(info)[1]
+        balanced_rows(labels, spec.subset, len(info.classes), spec.seed, str(info.path))
 
 
 SOURCE = Source(
