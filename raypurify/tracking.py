@@ -10,6 +10,7 @@ MLFLOW_TRACKING_URI points everything at a server instead.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import re
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from raypurify.config import flatten
+from raypurify.errors import ConfigError
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -42,8 +44,49 @@ def key(name: str) -> str:
 
 
 def tracking_uri() -> str:
-    """MLFLOW_TRACKING_URI, else a SQLite store `mlflow.db` in the working directory."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    """MLFLOW_TRACKING_URI, else a SQLite store `mlflow.db` in the working directory; a
+    relative SQLite path is made absolute (Ray's workers run in other directories), and
+    the store is checked once per process (`check_store`)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = f"sqlite:///{Path.cwd() / uri.removeprefix('sqlite:///')}"
+    return check_store(uri)
+
+
+@functools.cache
+def check_store(uri: str) -> str:
+    """`uri` if a store can be there: a tracking server that answers (its /health, within
+    seconds, where MLflow's own client retries for minutes), or a SQLite file that is a
+    database or can become one. Else one line naming MLFLOW_TRACKING_URI."""
+    import urllib.error
+    import urllib.request
+
+    problem = None
+    if uri.startswith(("http://", "https://")):
+        try:
+            urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=10).close()
+        except urllib.error.HTTPError:
+            pass  # a server answered (behind a proxy or with auth, /health may differ)
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            problem = f"no tracking server answers ({getattr(e, 'reason', e)})"
+    elif uri.startswith("sqlite:///"):
+        db = Path(uri.removeprefix("sqlite:///"))
+        if db.is_dir():
+            problem = f"{db} is a folder, not a database file"
+        elif not db.parent.is_dir():
+            problem = f"folder {db.parent} does not exist"
+        elif db.is_file() and db.stat().st_size and not _is_sqlite(db):
+            problem = f"{db} is not an SQLite database"
+    if problem:
+        raise ConfigError(f"MLFLOW_TRACKING_URI {uri}: {problem}")
+    return uri
+
+
+def _is_sqlite(path: Path) -> bool:
+    with path.open("rb") as f:
+        return f.read(16) == b"SQLite format 3\x00"
 
 
 def _client(uri: str) -> MlflowClient:

@@ -169,3 +169,36 @@ def check_logging_from_a_ray_task(mlflow_uri):
     assert [m.value for m in history] == pytest.approx([1 / 2, 1 / 3, 1 / 4])
     (done,) = client.get_metric_history(parent.run_id, "done_1")
     assert (done.step, done.value) == (1, 1.0)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_store_that_cannot_be_there_is_one_line_naming_the_variable(tmp_path, monkeypatch):
+    """MLFLOW_TRACKING_URI is checked before anything logs: a server that does not answer
+    (in seconds, where MLflow's client retries for minutes), a SQLite path that is a
+    folder, another file, or lies under a missing folder. A relative SQLite path, the
+    form MLflow's docs use, is made absolute for Ray's workers."""
+    from raypurify.errors import ConfigError
+
+    (tmp_path / "notes.txt").write_text("mine")
+    bad = {
+        f"http://127.0.0.1:{free_port()}": "no tracking server answers",
+        f"sqlite:///{tmp_path}": "is a folder, not a database file",
+        f"sqlite:///{tmp_path / 'notes.txt'}": "is not an SQLite database",
+        f"sqlite:///{tmp_path / 'notes.txt' / 'm.db'}": "does not exist",
+    }
+    for uri, problem in bad.items():
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        with pytest.raises(ConfigError, match=f"^MLFLOW_TRACKING_URI {uri}: .*{problem}"):
+            tracking.tracking_uri()
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///runs/m.db")
+    (tmp_path / "runs").mkdir()
+    assert tracking.tracking_uri() == f"sqlite:///{tmp_path / 'runs' / 'm.db'}"
