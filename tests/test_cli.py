@@ -208,3 +208,12 @@ def test_a_manifest_claiming_poison_flags_its_files_lack_is_refused(tmp_path):
     (out / MANIFEST).write_text(json.dumps(m | {"has_poisoned": True}))
     with pytest.raises(DatasetError, match="has_poisoned, but .* has no 'poisoned' column"):
         open_dataset(out)
+
+
+def test_an_export_of_a_dataset_directory_records_its_id_and_absolute_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["datasets", "export", "cifar10-sample", "--out", "s", "--subset", "20"]) == 0
+    assert main(["datasets", "export", "s", "--out", "sub", "--subset", "10"]) == 0
+    (parent,) = open_dataset(tmp_path / "sub").manifest["parents"]
+    s = open_dataset(tmp_path / "s")
+    assert parent == {"id": s.id, "sha256": s.sha256, "path": str(tmp_path / "s")}

@@ -137,16 +137,6 @@ def load_base(ref: str, args: argparse.Namespace) -> tuple[DatasetSpec, ImageSet
     return spec, load(spec)
 
 
-def lineage(spec: DatasetSpec) -> dict[str, Any]:
-    """The parent entry of the output: a dataset directory's id and hash, or the source."""
-    from raypurify.data.interchange import open_dataset
-    from raypurify.data.sources.parquet import locate
-
-    if spec.name == "parquet":
-        return open_dataset(locate(spec)).lineage()
-    return {"source": spec.name, "split": spec.split}
-
-
 def generate(
     args: argparse.Namespace,
     spec: DatasetSpec,
@@ -154,6 +144,7 @@ def generate(
     make: Callable[[Run], tuple[ImageSet, dict[str, float]]],
 ) -> int:
     """Run `make(run)` -> (poisoned, budget) inside an MLflow run, write it, print the budget."""
+    from raypurify.data import registry
     from raypurify.data.interchange import write_images
     from raypurify.tracking import active_run, start_run
 
@@ -164,7 +155,7 @@ def generate(
             poisoned,
             args.out,
             config={**config, "budget": budget, "base": spec.to_dict()},
-            parents=[lineage(spec)],
+            parents=[registry.lineage(spec)],
             overwrite=args.overwrite,
         )
         run.set_tags({"dataset_id": info.id})

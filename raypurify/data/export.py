@@ -19,13 +19,12 @@ def export(
     check_new(out, overwrite)
     out = join_cluster(out, num_cpus)  # Ray Data writes the parts from every node
     stream = registry.stream(spec)
-    source = {"source": spec.name, "split": spec.split}
     return write_ray(
         stream.ds,
         out,
         classes=stream.classes,
         shape=stream.shape,
         config={"dataset": spec.to_dict()},
-        parents=[source],
+        parents=[registry.lineage(spec)],
         overwrite=overwrite,
     )

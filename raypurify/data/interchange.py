@@ -87,7 +87,7 @@ class DatasetInfo:
         return bool(self.manifest.get("has_poisoned", False))
 
     def lineage(self) -> dict[str, str]:
-        return {"id": self.id, "sha256": self.sha256, "path": str(self.path)}
+        return {"id": self.id, "sha256": self.sha256, "path": str(self.path.resolve())}
 
 
 def schema(classes: Sequence[str], shape: Sequence[int], poisoned: bool) -> pa.Schema:

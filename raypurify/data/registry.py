@@ -50,6 +50,17 @@ def spec_for(ref: str, **fields: Any) -> DatasetSpec:
     )
 
 
+def lineage(spec: DatasetSpec) -> dict[str, Any]:
+    """A dataset made from `spec` records this parent: a dataset directory's id, hash and
+    path, or the named source and split."""
+    from raypurify.data.interchange import open_dataset
+    from raypurify.data.sources.parquet import locate
+
+    if spec.name == "parquet":
+        return open_dataset(locate(spec)).lineage()
+    return {"source": spec.name, "split": spec.split}
+
+
 def source(spec: DatasetSpec, key: str = "") -> Source:
     """The registry entry of `spec`; an unknown name's error names `key` (e.g. test)."""
     return SOURCES.get(spec.name, key=f"{key}.name" if key else "name")
