@@ -124,7 +124,8 @@ def env_decides_auto(precision: str) -> str:
     when it is neither."""
     if precision != "auto":
         return precision
-    chosen = os.environ.get("RAYPURIFY_PRECISION", "auto")
+    # any case; set but empty reads as unset
+    chosen = os.environ.get("RAYPURIFY_PRECISION", "").strip().lower() or "auto"
     if chosen not in ("auto", "fp32", "bf16"):
         from raypurify.errors import ConfigError
 

@@ -217,3 +217,12 @@ def test_an_export_of_a_dataset_directory_records_its_id_and_absolute_path(tmp_p
     (parent,) = open_dataset(tmp_path / "sub").manifest["parents"]
     s = open_dataset(tmp_path / "s")
     assert parent == {"id": s.id, "sha256": s.sha256, "path": str(tmp_path / "s")}
+
+
+@pytest.mark.parametrize(
+    "listing", [["presets"], ["spaces"], ["datasets", "list"], ["datasets", "verify", "x"]]
+)
+def test_the_listings_take_no_settings_they_would_ignore(listing, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([*listing, "--set", "seed=1"])
+    assert e.value.code == 2 and "unrecognized arguments: --set" in capsys.readouterr().err

@@ -502,6 +502,12 @@ def test_not_a_dataset(tmp_path):
     with pytest.raises(DatasetError) as e:
         read_images(d)
     assert one_line(e.value) == f"{d}: not a complete dataset (no {MANIFEST})"
+    write_images(small_set(), tmp_path / "root" / "test")  # a root of splits
+    with pytest.raises(DatasetError) as e:
+        open_dataset(tmp_path / "root")
+    assert one_line(e.value).endswith(
+        f"it holds the split(s) test: name one, e.g. {tmp_path / 'root' / 'test'}"
+    )
     (d / MANIFEST).write_text("{not json")
     with pytest.raises(DatasetError, match="invalid JSON"):
         open_dataset(d)

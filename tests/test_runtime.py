@@ -48,6 +48,10 @@ def test_the_environment_decides_auto_and_a_bad_value_is_refused(monkeypatch):
     monkeypatch.setenv("RAYPURIFY_PRECISION", "fp32")
     assert use_bf16("auto", CPU) is False
     assert use_bf16("bf16", CPU) is True  # an explicit config wins
+    monkeypatch.setenv("RAYPURIFY_PRECISION", "BF16")  # any case
+    assert use_bf16("auto", CPU) is True
+    monkeypatch.setenv("RAYPURIFY_PRECISION", "")  # set but empty: as unset, the CPU decides
+    assert use_bf16("auto", CPU) is True
     monkeypatch.setenv("RAYPURIFY_PRECISION", "half")
     with pytest.raises(ConfigError, match="RAYPURIFY_PRECISION"):
         use_bf16("auto", CPU)

@@ -6,8 +6,9 @@ import argparse
 
 
 def common_options(example: str) -> argparse.ArgumentParser:
-    """`--set` and `--num-cpus`, accepted by every command; `example` is a KEY=VALUE the
-    command's own config takes, for its help."""
+    """`--set` and `--num-cpus`, for every command that reads a config or starts Ray (not
+    the listings, which would ignore them); `example` is a KEY=VALUE the command's own
+    config takes, for its help."""
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument(
         "--set",

@@ -18,7 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     dsub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
     common = common_options("seed=1")
 
-    ls = dsub.add_parser("list", parents=[common], help="list the registered datasets")
+    ls = dsub.add_parser("list", help="list the registered datasets")
     ls.set_defaults(run=run_list)
 
     ex = dsub.add_parser(
@@ -32,14 +32,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     ex.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     ex.set_defaults(run=run_export)
 
-    sh = dsub.add_parser("show", parents=[common], help="summarize a dataset directory")
+    sh = dsub.add_parser("show", help="summarize a dataset directory")
     sh.add_argument("dir", help="a dataset directory in the interchange format")
     sh.add_argument("--grid", default=None, help="where to save the sample grid PNG")
     sh.set_defaults(run=run_show)
 
     ve = dsub.add_parser(
         "verify",
-        parents=[common],
         help="recompute a dataset's content hash from every row and check it (the full check)",
     )
     ve.add_argument("dir", help="a dataset directory in the interchange format")

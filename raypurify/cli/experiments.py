@@ -46,7 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--spec", help="a preset name or YAML whose finished cells to tabulate")
     r.set_defaults(run=run_report)
 
-    ls = sub.add_parser("presets", parents=[common], help="list the shipped experiment presets")
+    ls = sub.add_parser("presets", help="list the shipped experiment presets")
     ls.set_defaults(run=run_presets)
 
 

@@ -35,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.set_defaults(run=run)
 
-    ls = sub.add_parser("spaces", parents=[common], help="list the shipped sweep spaces")
+    ls = sub.add_parser("spaces", help="list the shipped sweep spaces")
     ls.set_defaults(run=run_spaces)
 
 

@@ -245,7 +245,10 @@ def open_dataset(path: str | Path, *, verify: bool = False) -> DatasetInfo:
         raise DatasetError(f"{path}: no such dataset directory")
     mpath = path / MANIFEST
     if not mpath.exists():
-        raise DatasetError(f"{path}: not a complete dataset (no {MANIFEST})")
+        splits = [path / s for s in ("train", "test") if (path / s / MANIFEST).exists()]
+        hint = ", ".join(p.name for p in splits)
+        hint = f"; it holds the split(s) {hint}: name one, e.g. {splits[0]}" if splits else ""
+        raise DatasetError(f"{path}: not a complete dataset (no {MANIFEST}){hint}")
     try:
         manifest = json.loads(mpath.read_text())
     except (ValueError, UnicodeDecodeError) as e:
