@@ -226,3 +226,12 @@ def test_the_listings_take_no_settings_they_would_ignore(listing, capsys):
     with pytest.raises(SystemExit) as e:
         main([*listing, "--set", "seed=1"])
     assert e.value.code == 2 and "unrecognized arguments: --set" in capsys.readouterr().err
+
+
+def test_a_listing_shows_a_descriptions_first_sentence_cut_at_a_word():
+    from raypurify.cli.common import gist
+
+    assert gist("Short one.  Second\\n sentence.") == "Short one"
+    long = gist("word " * 40)
+    assert len(long) <= 96 and long.endswith("word …")
+    assert gist(None) == ""

@@ -25,3 +25,13 @@ def common_options(example: str) -> argparse.ArgumentParser:
         help="CPUs for a local Ray (ignored when RAY_ADDRESS names a cluster)",
     )
     return p
+
+
+def gist(description: str | None, width: int = 96) -> str:
+    """A listing's one line of a description: its first sentence, whitespace folded, cut
+    at a word with an ellipsis where longer than `width`."""
+    text = " ".join((description or "").split())
+    first = text.split(". ", 1)[0]
+    if len(first) <= width:
+        return first
+    return first[: first.rfind(" ", 0, width - 1)].rstrip(",;:") + " …"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from raypurify.cli.common import common_options
+from raypurify.cli.common import common_options, gist
 
 if TYPE_CHECKING:
     import argparse
@@ -101,5 +101,5 @@ def run_presets(args: argparse.Namespace) -> int:
 
     for name in presets():
         spec = load_spec(name)
-        print(f"{name:<20} {spec.description.strip().splitlines()[0] if spec.description else ''}")
+        print(f"{name:<20} {gist(spec.description)}")
     return 0

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from raypurify.cli.common import common_options
+from raypurify.cli.common import common_options, gist
 
 if TYPE_CHECKING:
     import argparse
@@ -90,6 +90,5 @@ def run_spaces(args: argparse.Namespace) -> int:
         raise ConfigError(f"no sweep spaces in {SPACE_DIR}: this install lacks tune_spaces/")
     for name in spaces():
         space = load_space(name, datasets=False)
-        first = space.description.strip().splitlines()[0] if space.description else ""
-        print(f"{name:<20} {first}")
+        print(f"{name:<20} {gist(space.description)}")
     return 0
