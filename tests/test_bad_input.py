@@ -155,6 +155,17 @@ def train(*extra: str, data: str = "good", out: str = "out"):
 CASES = [
     # datasets -------------------------------------------------------------------------
     Case("export unknown", lambda r: ["datasets", "export", "nope", "--out", str(r / "o")]),
+    *[
+        Case(
+            f"{what} with --split test on a dataset directory of one split",
+            lambda r, argv=argv: [*argv(r), "--out", str(r / "o"), "--split", "test"],
+            expect=" is a dataset directory of one split",
+        )
+        for what, argv in [
+            ("export", lambda r: ["datasets", "export", str(r / "good")]),
+            ("poison", lambda r: ["poison", "--attack", "lsp", "--data", str(r / "good")]),
+        ]
+    ],
     Case(
         "export over user dir",
         lambda r: ["datasets", "export", "synthetic", "--out", str(r / "mine"), "--overwrite"],

@@ -35,3 +35,22 @@ def gist(description: str | None, width: int = 96) -> str:
     if len(first) <= width:
         return first
     return first[: first.rfind(" ", 0, width - 1)].rstrip(",;:") + " …"
+
+
+def split_of(ref: str, split: str | None) -> str:
+    """The split `--split` names for dataset `ref` (train by default). A dataset directory
+    of one split has nothing to choose: a --split given for it is refused, so no output
+    records a split its rows did not come from."""
+    from pathlib import Path
+
+    from raypurify.data.interchange import MANIFEST
+    from raypurify.errors import ConfigError
+
+    if split is None:
+        return "train"
+    if (Path(ref) / MANIFEST).exists():
+        raise ConfigError(
+            f"--split {split}: {ref} is a dataset directory of one split; --split chooses "
+            "between the train/ and test/ folders of a root, or a named dataset's splits"
+        )
+    return split

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from raypurify import config
-from raypurify.cli.common import common_options
+from raypurify.cli.common import common_options, split_of
 from raypurify.data.registry import SOURCES, spec_for
 from raypurify.data.spec import DatasetSpec
 
@@ -26,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     ex.add_argument("name", help="a registered dataset name or a dataset directory")
     ex.add_argument("--out", required=True, help="output directory (must not exist)")
-    ex.add_argument("--split", choices=["train", "test"], default="train")
+    ex.add_argument("--split", choices=["train", "test"], help="default: train")
     ex.add_argument("--subset", type=int, default=None, help="class-balanced subset size")
     ex.add_argument("--seed", type=int, default=0, help="seed of the subset")
     ex.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -56,7 +56,8 @@ def run_export(args: argparse.Namespace) -> int:
     from raypurify.atomic import check_new
     from raypurify.data.export import export
 
-    base = spec_for(args.name, split=args.split, subset=args.subset, seed=args.seed)
+    split = split_of(args.name, args.split)
+    base = spec_for(args.name, split=split, subset=args.subset, seed=args.seed)
     spec = config.load(DatasetSpec, base.to_dict(), args.overrides)
     check_new(args.out, args.overwrite, inputs=[spec.path])
     info = export(spec, args.out, overwrite=args.overwrite, num_cpus=args.num_cpus)

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from raypurify.cli.common import common_options
+from raypurify.cli.common import common_options, split_of
 from raypurify.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -69,7 +69,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def dataset_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="output dataset directory (must not exist)")
-    p.add_argument("--split", choices=["train", "test"], default="train")
+    p.add_argument("--split", choices=["train", "test"], help="default: train")
     p.add_argument("--subset", type=int, default=None, help="class-balanced subset size")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
@@ -132,7 +132,7 @@ def load_base(ref: str, args: argparse.Namespace) -> tuple[DatasetSpec, ImageSet
     from raypurify.data.registry import load, spec_for
     from raypurify.data.spec import DatasetSpec
 
-    fields = {"split": args.split, "subset": args.subset}
+    fields = {"split": split_of(ref, args.split), "subset": args.subset}
     spec = config.validate(DatasetSpec, {**spec_for(ref).to_dict(), **fields}, source="dataset")
     return spec, load(spec)
 
