@@ -317,6 +317,17 @@ CASES = [
     Case("import unknown format", poison_import("nope", "d.npy")),
     Case("import missing file", poison_import("perturbation", "missing.pt")),
     Case(
+        "import a folder where an array file is expected",
+        poison_import("perturbation", "good"),
+        expect="good: a folder; give the array's file",
+    ),
+    Case(
+        "import a png file where a folder of them is expected",
+        poison_import("png", "one.png"),
+        lambda r: (r / "one.png").write_bytes(b"x"),
+        expect="one.png: a file; the png format reads a folder",
+    ),
+    Case(
         "import pickle .pt",
         poison_import("perturbation", "evil.pt"),
         lambda r: (r / "evil.pt").write_bytes(pickle.dumps(Evil())),

@@ -62,7 +62,8 @@ def load_array(path: Path) -> np.ndarray:
     the message never suggests loading with weights_only=False, which would run its code.
     """
     if not path.is_file():
-        raise DatasetError(f"{path}: no such file")
+        what = "a folder; give the array's file" if path.is_dir() else "no such file"
+        raise DatasetError(f"{path}: {what}")
     try:
         if path.suffix == ".npy":
             value = np.load(path, allow_pickle=False)
@@ -175,6 +176,8 @@ def read_perturbation(
 
 def read_png_folder(paths: list[Path], base: ImageSet, cfg: ImportConfig) -> np.ndarray:
     root = one_path(paths, "png")
+    if not root.is_dir():
+        raise DatasetError(f"{root}: a file; the png format reads a folder of <row>.png files")
     files: dict[int, Path] = {}
     for f in sorted(root.rglob("*.png")):
         if f.stem.isdigit():

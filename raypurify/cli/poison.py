@@ -165,5 +165,5 @@ def generate(
         f"l0 mean {budget['l0_mean']:.1f} max {budget['l0_max']:.0f}  "
         f"changed {budget['changed_rows']:.0f} of {len(poisoned)} rows"
     )
-    print(f"wrote {info.rows} images to {info.path} (id {info.id})")
+    print(f"wrote {info.rows} images to {info.path.resolve()} (id {info.id})")
     return 0
