@@ -234,7 +234,7 @@ def test_train_cli_with_jpeg_defence_writes_metrics_defended_set_and_mlflow_run(
     assert main([*common, "--out", str(out), "--defense", "jpeg"]) == 0
     metrics = json.loads((out / METRICS_FILE).read_text())
     printed = capsys.readouterr().out.strip().splitlines()[-1]
-    assert printed.startswith(f"accuracy {metrics['accuracy']:.2%} after 1 epochs")
+    assert printed.startswith(f"accuracy {metrics['accuracy']:.2%} after 1 epoch ")
     assert printed.endswith(f"-> {out}/metrics.json")
     assert metrics["config"]["defense"] == {"name": "jpeg", "options": {"quality": 20}}
     assert metrics["train_rows"] == 200 and metrics["test_rows"] == 1000  # the bundled test split

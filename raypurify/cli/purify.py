@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     for name, stage in summary["stages"].items():
         final = stage["final"]
         print(
-            f"{name}: {final['epoch']} epochs, kl {final['kl']:.3f}, "
+            f"{name}: {final['epoch']} epoch{'s' * (final['epoch'] != 1)}, kl {final['kl']:.3f}, "
             f"psnr(x_hat) {final['psnr_xhat']:.2f} dB, {stage['train_s']:.0f} s"
         )
     for name, p in summary["passes"].items():

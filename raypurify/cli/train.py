@@ -49,7 +49,8 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
     )
     print(
-        f"accuracy {metrics['accuracy']:.2%} after {metrics['epochs']} epochs "
+        f"accuracy {metrics['accuracy']:.2%} after {metrics['epochs']} "
+        f"epoch{'s' * (metrics['epochs'] != 1)} "
         f"({metrics['wall_s']:.0f} s) -> {args.out}/metrics.json"
     )
     return 0
