@@ -108,6 +108,11 @@ class Evil:
         return (print, ("pickle executed",))
 
 
+def run_demo(setting: str):
+    """`run demo` with one `--set`; `{root}` in it names the case's folder."""
+    return lambda r: ["run", "demo", "--out", str(r / "o"), "--set", setting.format(root=r)]
+
+
 def poison_import(fmt: str, src: str, *extra: str):
     return lambda r: [
         "poison",
@@ -584,28 +589,22 @@ CASES = [
     Case("run unknown preset", lambda r: ["run", "nope", "--out", str(r / "o")]),
     Case(
         "run with an unknown test set",
-        lambda r: ["run", "demo", "--out", str(r / "o"), "--set", "test.name=cifar-10"],
+        run_demo("test.name=cifar-10"),
         expect="test.name: unknown dataset 'cifar-10'",
     ),
     Case(
         "run with a training subset larger than the sample",
-        lambda r: ["run", "demo", "--out", str(r / "o"), "--set", "dataset.subset=100000"],
+        run_demo("dataset.subset=100000"),
         expect="subset of 100000 needs 10000 images of class 0, only 250 exist",
     ),
     Case(
         "run with a subset larger than a dataset directory",
-        lambda r: [
-            *["run", "demo", "--out", str(r / "o"), "--set"],
-            f"dataset={{name: parquet, path: {r / 'good'}, subset: 60}}",
-        ],
+        run_demo("dataset={{name: parquet, path: {root}/good, subset: 60}}"),
         expect="subset of 60 needs 20 images of class 0, only 10 exist",
     ),
     Case(
         "run with a CIFAR-10 test subset larger than its split",
-        lambda r: [
-            *["run", "demo", "--out", str(r / "o")],
-            *["--set", "test={name: cifar10, split: test, subset: 10001}"],
-        ],
+        run_demo("test={{name: cifar10, split: test, subset: 10001}}"),
         expect="cifar10/test: subset of 10001 needs 1001 images",
     ),
     Case(
