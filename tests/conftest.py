@@ -84,8 +84,9 @@ def warm_fits(session_group):
     runner's group serves a table's steps (worker_group.py): each fit runs on the real
     hosted path instead of paying a Ray Train start-up of its own (10-15 s on a 2-core
     AVX2 machine), and the modules share one group's start-up. Tests of a fit's own run
-    (test_distributed, test_worker_group, the subprocess and cluster tests) and of the
-    runner's own group (test_experiments, test_demo_story) do not use it."""
+    (test_distributed, the subprocess and cluster tests), of a group's own start, restart
+    and sizing (some of test_worker_group) and of the runner's own group (test_experiments,
+    test_demo_story) do not use it."""
     from raypurify import distributed
 
     with distributed.serving(session_group):

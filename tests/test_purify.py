@@ -199,7 +199,7 @@ train_stage("stage1", read_images(sys.argv[1]), cfg, cfg.stage1, Path(sys.argv[2
 
 
 def test_stage_killed_after_a_checkpoint_resumes_to_the_full_epoch_count(
-    ray_session, tiny_set, tmp_path
+    ray_session, warm_fits, tiny_set, tmp_path
 ):
     storage = tmp_path / "checkpoints"
     overrides = [*TINY, "stage1.epochs=4"]

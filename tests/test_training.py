@@ -137,7 +137,7 @@ def checkpointed_epoch(storage) -> int:
 
 
 def test_run_killed_after_a_checkpoint_resumes_to_the_full_epoch_count(
-    ray_session, baseline, train_set, test_set, tmp_path
+    ray_session, warm_fits, baseline, train_set, test_set, tmp_path
 ):
     out = tmp_path / "out"
     storage = out / "checkpoints"

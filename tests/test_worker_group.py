@@ -1,4 +1,6 @@
-"""Warm worker groups: fits run as jobs of long-lived Ray Train runs (real Ray)."""
+"""Warm worker groups: fits run as jobs of long-lived Ray Train runs (real Ray). The tests
+of a group's serving share the session's group (conftest's `warm_fits`), as a table's steps
+share the runner's; the tests of a group's own start, restart and sizing open their own."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import pytest
 import ray
 import ray.train
 
+from raypurify import distributed
 from raypurify.distributed import fit
 from raypurify.errors import TrainingError
 from raypurify.worker_group import warm_group
@@ -100,12 +103,11 @@ def run(tmp_path, name: str, epochs: int, callbacks=None, loop=epochs_loop, **ex
     )
 
 
-def test_fits_in_a_warm_group_share_one_worker_and_keep_their_checkpoints(ray_session, tmp_path):
-    with warm_group(1, tmp_path / "group") as (group,):
-        first = run(tmp_path, "first", epochs=3)
-        second = run(tmp_path, "second", epochs=2)
-        # Another worker count than the group's: the fit starts its own Ray Train run.
-        assert not group.hosts(2, False)
+def test_fits_in_a_warm_group_share_one_worker_and_keep_their_checkpoints(warm_fits, tmp_path):
+    first = run(tmp_path, "first", epochs=3)
+    second = run(tmp_path, "second", epochs=2)
+    # Another worker count than the group's: the fit starts its own Ray Train run.
+    assert not warm_fits.hosts(2, False)
     assert first.metrics["epoch"] == 3 and second.metrics["epoch"] == 2
     assert first.metrics["pid"] == second.metrics["pid"] != os.getpid()
     # Checkpoints land where each fit's own run would keep them, the newest `keep` (2).
@@ -113,7 +115,8 @@ def test_fits_in_a_warm_group_share_one_worker_and_keep_their_checkpoints(ray_se
     assert saved_state(tmp_path, "first")["epoch"] == 3
     assert [h["epoch"] for h in first.state["history"]] == [1, 2, 3]
     # Outside the group the same fit resumes from those checkpoints: nothing left to train.
-    again = run(tmp_path, "first", epochs=3)
+    with distributed.serving():
+        again = run(tmp_path, "first", epochs=3)
     assert again.state["epoch"] == 3 and again.work_s == 0
 
 
@@ -128,43 +131,46 @@ def fit_elsewhere(client, tmp_path, name: str, epochs: int, owner: str, sleep_s:
         return run(tmp_path, name, epochs, sleep_s=sleep_s).metrics
 
 
-def test_a_process_that_holds_a_groups_client_fits_on_it(ray_session, tmp_path):
+def test_a_process_that_holds_a_groups_client_fits_on_it(warm_fits, tmp_path):
     """A sweep trial's process gets the driver's groups as clients: its fits are jobs of
     the driver's group, checkpointed where their own runs would be."""
-    with warm_group(1, tmp_path / "group") as (group,):
-        metrics = ray.get(fit_elsewhere.remote(group.client(), tmp_path, "elsewhere", 2, "t1"))
+    client = warm_fits.client()
+    try:
+        metrics = ray.get(fit_elsewhere.remote(client, tmp_path, "elsewhere", 2, "t1"))
         here = run(tmp_path, "here", epochs=1)
+    finally:
+        warm_fits.release("t1")
     assert metrics["epoch"] == 2 and metrics["pid"] == here.metrics["pid"]
     assert saved_state(tmp_path, "elsewhere")["epoch"] == 2
     assert not (tmp_path / "elsewhere" / "checkpoint_manager_snapshot.json").exists()
 
 
-def test_a_released_claim_stops_its_job_before_the_next_checkpoint(ray_session, tmp_path):
+def test_a_released_claim_stops_its_job_before_the_next_checkpoint(warm_fits, tmp_path):
     """What the sweep's driver does when ASHA stops a trial: the trial's job in flight
     stops at its next report without writing it, its fit fails as cancelled, and the
     group serves the next job."""
-    with warm_group(1, tmp_path / "group") as (group,):
-        slow = fit_elsewhere.remote(group.client(), tmp_path, "slow", 200, "t1", sleep_s=0.2)
+    slow = fit_elsewhere.remote(warm_fits.client(), tmp_path, "slow", 200, "t1", sleep_s=0.2)
+    try:
         deadline = time.monotonic() + 120
         while (saved_state(tmp_path, "slow") or {"epoch": 0})["epoch"] < 2:
             assert time.monotonic() < deadline, "the job never reached its second epoch"
             time.sleep(0.1)
-        group.release("t1")
-        at_release = saved_state(tmp_path, "slow")["epoch"]
-        with pytest.raises(ray.exceptions.RayTaskError, match="cancelled"):
-            ray.get(slow)
-        last = saved_state(tmp_path, "slow")["epoch"]
-        after = run(tmp_path, "after", epochs=1)
+    finally:
+        warm_fits.release("t1")
+    at_release = saved_state(tmp_path, "slow")["epoch"]
+    with pytest.raises(ray.exceptions.RayTaskError, match="cancelled"):
+        ray.get(slow)
+    last = saved_state(tmp_path, "slow")["epoch"]
+    after = run(tmp_path, "after", epochs=1)
     assert at_release <= last <= at_release + 1 < 200  # + 1: a checkpoint being written
     assert after.metrics["epoch"] == 1
     assert saved_state(tmp_path, "slow")["epoch"] == last  # nothing written since
 
 
-def test_a_failed_job_raises_in_its_fit_and_the_group_serves_the_next(ray_session, tmp_path):
-    with warm_group(1, tmp_path / "group"):
-        with pytest.raises(TrainingError, match="loss became nan"):
-            run(tmp_path, "bad", epochs=1, fail="loss became nan")
-        after = run(tmp_path, "good", epochs=1)
+def test_a_failed_job_raises_in_its_fit_and_the_group_serves_the_next(warm_fits, tmp_path):
+    with pytest.raises(TrainingError, match="loss became nan"):
+        run(tmp_path, "bad", epochs=1, fail="loss became nan")
+    after = run(tmp_path, "good", epochs=1)
     assert after.metrics["epoch"] == 1
 
 
@@ -191,12 +197,11 @@ class Recorder(ray.train.UserCallback):
         self.epochs.append(metrics[0]["epoch"])
 
 
-def test_a_hosted_fit_hands_each_report_to_its_callbacks(ray_session, tmp_path):
+def test_a_hosted_fit_hands_each_report_to_its_callbacks(warm_fits, tmp_path):
     """A sweep trial's classifier reports each epoch to Tune through a callback: hosted on
     a warm group, its fit hands the callback every report, in order."""
     recorder = Recorder()
-    with warm_group(1, tmp_path / "group"):
-        fitted = run(tmp_path, "reported", epochs=3, callbacks=[recorder])
+    fitted = run(tmp_path, "reported", epochs=3, callbacks=[recorder])
     assert recorder.epochs == [1, 2, 3]
     assert fitted.metrics["epoch"] == 3
     # Trained by the group's worker, not by a Ray Train run of its own.
