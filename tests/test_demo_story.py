@@ -5,6 +5,7 @@ attack, D-VAE or the classifier that breaks the story fails here."""
 from __future__ import annotations
 
 import pytest
+from conftest import new_store
 
 from raypurify.experiments import load_spec
 from raypurify.experiments.runner import run_experiment
@@ -16,10 +17,10 @@ POINTS = 0.15  # the story's margins: collapse and recovery of at least 15 point
 
 
 @pytest.fixture(scope="module")
-def accuracy(ray_session, tmp_path_factory):
+def accuracy(ray_session, mlflow_template, tmp_path_factory):
     root = tmp_path_factory.mktemp("demo-story")
     env = pytest.MonkeyPatch()
-    env.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    env.setenv("MLFLOW_TRACKING_URI", new_store(mlflow_template, root))
     try:
         results = run_experiment(load_spec("demo"), root / "out")
     finally:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import run_and_kill
+from conftest import new_store, run_and_kill
 from mlflow.tracking import MlflowClient
 
 from raypurify.cli import main
@@ -55,10 +55,10 @@ def records(out: Path) -> dict[str, int]:
 
 
 @pytest.fixture(scope="module")
-def demo(ray_session, tmp_path_factory):
+def demo(ray_session, mlflow_template, tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
     env = pytest.MonkeyPatch()
-    env.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    env.setenv("MLFLOW_TRACKING_URI", new_store(mlflow_template, root))
     out = root / "out"
     results = run_experiment(load_spec("demo", TINY), out)
     yield out, results

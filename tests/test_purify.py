@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import run_and_kill
+from conftest import new_store, run_and_kill
 
 from raypurify.data.interchange import open_dataset, read_images, write_images
 from raypurify.data.registry import load
@@ -43,12 +43,12 @@ def sorted_rows(path):
 
 
 @pytest.fixture(scope="module")
-def purified(ray_session, tiny_set, tmp_path_factory):
+def purified(ray_session, mlflow_template, tiny_set, tmp_path_factory):
     """One two-stage purification of the tiny set on 2 Ray Train workers, shared by the
     tests that read it (the other tests train on 1 worker)."""
     env = pytest.MonkeyPatch()
     root = tmp_path_factory.mktemp("purified")
-    env.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    env.setenv("MLFLOW_TRACKING_URI", new_store(mlflow_template, root))
     cfg = preset("cpu", [*TINY, "workers=2"])
     summary = purify(tiny_set, root / "out", cfg)
     yield root / "out", cfg, summary

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import run_and_kill
+from conftest import new_store, run_and_kill
 from ray.util import placement_group_table
 
 from raypurify.cli import main
@@ -147,13 +147,13 @@ class TrialKiller(threading.Thread):
 
 
 @pytest.fixture(scope="module")
-def sweep(tmp_path_factory, ray_session):
+def sweep(tmp_path_factory, mlflow_template, ray_session):
     """A 2-trial sweep interrupted by Ctrl-C (with its own Ray) while its first trial
     purifies, then resumed in this process to the full count, the running trial's process
     killed once on the way (Tune restarts it). ASHA's rungs are not restored with a sweep,
     so both trials run after the resume, where the second can be stopped against the first."""
     root = tmp_path_factory.mktemp("sweep")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
+    uri = new_store(mlflow_template, root)
     old = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = uri
     try:

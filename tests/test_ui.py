@@ -24,6 +24,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import new_store
 
 from raypurify.errors import ConfigError
 from raypurify.sweeps import ui
@@ -40,11 +41,11 @@ EXPERIMENT = "sweep-ui-test"
 
 
 @pytest.fixture(scope="module")
-def sweep_dir(tmp_path_factory) -> Path:
+def sweep_dir(mlflow_template, tmp_path_factory) -> Path:
     """A sweep's output directory: sweep.json pointing at a real store with 3 trials and,
     below the same parent, the run of the poison step the sweep prepared."""
     root = tmp_path_factory.mktemp("sweep")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
+    uri = new_store(mlflow_template, root)
     parent = start_run(EXPERIMENT, "sweep-demo", uri=uri, tags={"kind": "sweep"})
     parent.log_params({"space": "demo", "samples": len(TRIALS)})
     for i, (kld1, kld2, lam, objective) in enumerate(TRIALS):
