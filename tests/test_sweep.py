@@ -532,7 +532,7 @@ def test_a_released_poison_is_imported_from_beside_the_space_file_into_the_table
     from raypurify.experiments.runner import finished_steps
     from raypurify.experiments.spec import ExperimentSpec
     from raypurify.experiments.store import Store
-    from raypurify.sweeps.driver import prepare
+    from raypurify.sweeps.driver import prepare, prepare_steps
     from raypurify.tracking import start_run
 
     patterns = np.random.default_rng(0).integers(-8, 9, size=(4, 3, 32, 32)).astype(np.int16)
@@ -550,7 +550,7 @@ def test_a_released_poison_is_imported_from_beside_the_space_file_into_the_table
     space = load_space(str(space_file))
     monkeypatch.chdir("/")
     out = tmp_path / "out"
-    prepared = prepare(space, Store(out / "store"), start_run("sweep", "prepare"))
+    prepared = prepare(Store(out / "store"), start_run("sweep", "prepare"), prepare_steps(space))
 
     poisoned, clean = (read_images(prepared[k].result["path"]) for k in ("poison", "clean"))
     delta = poisoned.images.astype(int) - clean.images.astype(int)
@@ -668,7 +668,7 @@ def test_a_sweep_does_not_resume_on_a_dataset_or_released_poison_changed_in_plac
     from raypurify.data.imageset import ImageSet
     from raypurify.data.interchange import write_images
     from raypurify.errors import ConfigError
-    from raypurify.sweeps.driver import STATE, load_state, sweep_inputs
+    from raypurify.sweeps.driver import STATE, load_state, prepare_steps, sweep_inputs
     from raypurify.sweeps.space import SweepSpace
 
     def write_data(seed: int) -> None:
@@ -692,18 +692,21 @@ def test_a_sweep_does_not_resume_on_a_dataset_or_released_poison_changed_in_plac
     )
     out = tmp_path / "out"
     out.mkdir()
-    inputs = sweep_inputs(space)
-    state = {"space": space.name, "space_digest": space.digest(), "inputs": inputs}
+
+    def inputs() -> dict[str, str]:  # read anew each time: the files change below
+        return sweep_inputs(space, prepare_steps(space))
+
+    state = {"space": space.name, "space_digest": space.digest(), "inputs": inputs()}
     (out / STATE).write_text(json.dumps(state))
-    assert load_state(out, space, sweep_inputs(space)) == state  # unchanged: resumes
+    assert load_state(out, space, inputs()) == state  # unchanged: resumes
 
     write_poison(1)
     with pytest.raises(ConfigError, match=r"sweep's poison/random-noise changed") as e:
-        load_state(out, space, sweep_inputs(space))
+        load_state(out, space, inputs())
     assert "data/clean" not in str(e.value)
     write_poison(0)
     write_data(1)
     with pytest.raises(ConfigError, match=r"sweep's data/clean, data/validation changed"):
-        load_state(out, space, sweep_inputs(space))
+        load_state(out, space, inputs())
     (out / STATE).write_text(json.dumps(state | {"inputs": None}))  # before `inputs`
-    assert load_state(out, space, sweep_inputs(space))["space"] == space.name
+    assert load_state(out, space, inputs())["space"] == space.name

@@ -75,11 +75,11 @@ def prepare_steps(space: SweepSpace) -> list[Step]:
     return [clean, validation, poison_step(space.attack, clean, space.seed)]
 
 
-def sweep_inputs(space: SweepSpace, steps: list[Step] | None = None) -> dict[str, str]:
-    """A digest of what each prepared step and the test set hold, beyond the space: a
-    dataset directory's content, a released poison's files. The space's digest names
-    them by path only, and a sweep resumed on other data would mix two sweeps' trials."""
-    steps = prepare_steps(space) if steps is None else steps
+def sweep_inputs(space: SweepSpace, steps: list[Step]) -> dict[str, str]:
+    """A digest of what each of the space's prepared steps (`prepare_steps`) and its test
+    set hold, beyond the space: a dataset directory's content, a released poison's files.
+    The space's digest names them by path only, and a sweep resumed on other data would
+    mix two sweeps' trials."""
     whats = {s.name: {"config": s.config, "reads": s.reads} for s in steps}
     whats["test"] = {"reads": dataset_identity(space.test)}
     return {name: step_key("input", what, []) for name, what in whats.items()}
@@ -133,16 +133,14 @@ def concurrency_bound(space: SweepSpace, requested: int | str) -> int:
     return int(requested)
 
 
-def prepare(
-    space: SweepSpace, store: Store, parent: Run, steps: list[Step] | None = None
-) -> dict[str, Prepared]:
-    """Run (or find in the store) `prepare_steps` (`steps`, where the caller made them)."""
+def prepare(store: Store, parent: Run, steps: list[Step]) -> dict[str, Prepared]:
+    """Run (or find in the store) a space's `prepare_steps`."""
     from raypurify.experiments.runner import execute, resolve
     from raypurify.sweeps.trial import TrialContext
 
     ctx = TrialContext(parent=parent)
     out = {}
-    for step in prepare_steps(space) if steps is None else steps:
+    for step in steps:
         if not resolve(step, store):
             print(f"preparing {step.name} ...", flush=True)
             step.result = execute(step, store, ctx)
@@ -226,7 +224,7 @@ def run_sweep(space: SweepSpace, out: str | Path, *, num_cpus: int | None = None
         try:  # the trials' groups start while the sweep's data is prepared
             wanted = 0 if results.ran_to_the_end(out) else concurrency
             with sweep_groups(space, out, wanted) as groups:
-                prepared = prepare(space, store, parent, steps)
+                prepared = prepare(store, parent, steps)
                 spec = TrialSpec(space, str(store.root), parent, **prepared, groups=groups)
                 grid = fit_trials(space, out, state, spec, concurrency)
         finally:
