@@ -14,8 +14,9 @@ import pytest
 from raypurify.data.imageset import ImageSet
 from raypurify.data.interchange import write_images
 from raypurify.experiments import load_spec
+from raypurify.experiments.actions import Context, dataset_result
 from raypurify.experiments.runner import Scheduler, chain_heights
-from raypurify.experiments.steps import Context, Step, dataset_result, hosted, plan
+from raypurify.experiments.steps import Step, hosted, plan
 from raypurify.experiments.store import Store
 
 

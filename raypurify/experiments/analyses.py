@@ -23,7 +23,8 @@ from raypurify.defenses.dvae.passes import perturbations
 from raypurify.distributed import use_gpu
 
 if TYPE_CHECKING:
-    from raypurify.experiments.steps import Context, Step
+    from raypurify.experiments.actions import Context
+    from raypurify.experiments.steps import Step
 
 
 def stage1_perturbations(

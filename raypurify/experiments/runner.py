@@ -25,8 +25,9 @@ from raypurify.atomic import check_home
 from raypurify.attacks import ATTACKS
 from raypurify.data import registry
 from raypurify.errors import ConfigError, DatasetError, RaypurifyError
+from raypurify.experiments.actions import Context
 from raypurify.experiments.spec import AttackEntry, ExperimentSpec, ReleasedPoison
-from raypurify.experiments.steps import Context, Step, hosted, plan
+from raypurify.experiments.steps import Step, hosted, plan
 from raypurify.experiments.store import ERROR_LOG, Store, step_key
 from raypurify.models import ARCHS
 from raypurify.progress import bar_slot
@@ -36,7 +37,7 @@ from raypurify.tracking import active_run, start_run
 from raypurify.training.config import recipe
 
 if TYPE_CHECKING:
-    from raypurify.experiments.steps import RunParent
+    from raypurify.experiments.actions import RunParent
     from raypurify.worker_group import WarmGroup
 
 

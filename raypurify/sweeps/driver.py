@@ -47,7 +47,7 @@ def make_validation(step: Step, directory: Path, ctx: TrialContext) -> dict[str,
     """Clean rows of the training split outside the poisoned subset, class-balanced."""
     from raypurify.data.imageset import balanced_rows
     from raypurify.data.spec import DatasetSpec
-    from raypurify.experiments.steps import dataset_result
+    from raypurify.experiments.actions import dataset_result
 
     pool = registry.load(DatasetSpec.model_validate(step.config["dataset"]))
     used = read_images(step.input_path()).index

@@ -29,7 +29,8 @@ import torch
 
 from raypurify.data.imageset import ImageSet, balanced_rows
 from raypurify.data.interchange import read_images
-from raypurify.experiments.steps import Step, make_purified, seeded
+from raypurify.experiments.actions import make_purified
+from raypurify.experiments.steps import Step, seeded
 from raypurify.experiments.store import Store
 from raypurify.sweeps.space import SweepSpace, overrides_for
 from raypurify.tracking import Run, active_run
