@@ -40,6 +40,16 @@ def test_shapes_at_each_image_size(size, grid):
     assert float(x_hat.detach().min()) >= 0.0 and float(x_hat.detach().max()) <= 1.0
 
 
+@pytest.mark.parametrize("size,latent_grid,grid", [(32, 8, 8), (64, 8, 8), (32, 32, 16)])
+def test_a_coarser_latent_grid_adds_stages(size, latent_grid, grid):
+    """`model.latent_grid` caps the grid's side; at least one stage stays (32 px: 16, not 32)."""
+    model = DVAE(10, image_size=size, width=8, latent=16, latent_grid=latent_grid)
+    x = torch.rand(2, 3, size, size)
+    x_hat, p_hat, mu, _ = model(x, torch.tensor([1, 2]))
+    assert x_hat.shape == p_hat.shape == x.shape
+    assert mu.shape == (2, 16, grid, grid) and model.grid == grid
+
+
 def test_class_embedding_changes_only_the_perturbation():
     torch.manual_seed(0)
     model = DVAE(10, width=16, latent=32).eval()

@@ -22,7 +22,7 @@ from .model import DecoderNorm
 
 
 class ModelConfig(Config):
-    added_fields = frozenset({"phat_zero_init", "decoder_norm"})
+    added_fields = frozenset({"phat_zero_init", "decoder_norm", "latent_grid"})
     width: PositiveInt = 64  # encoder/decoder channels (the latent grid has 2 * width)
     latent: PositiveInt = 256  # latent channels per grid location
     # Start D_p's output layer at zero, so p_hat starts at "no poison" instead of noise of
@@ -31,6 +31,10 @@ class ModelConfig(Config):
     # The decoders' normalisation: the authors' instance norm, or batch norm, which keeps
     # each image's colour and brightness and so reconstructs far sooner (model.norm_layer).
     decoder_norm: DecoderNorm = "instance"
+    # The latent grid's largest side: stride-2 encoder stages are added until the grid is at
+    # most this (the authors': 16, so 16 x 16 at 32 px); 8 makes each location code a 4 x 4
+    # patch instead of 2 x 2.
+    latent_grid: PositiveInt = 16
 
 
 class StageConfig(Config):

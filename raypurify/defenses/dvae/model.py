@@ -99,9 +99,10 @@ class DVAE(nn.Module):
         perturbation_decoder: bool = True,
         phat_zero_init: bool = False,
         decoder_norm: DecoderNorm = "instance",
+        latent_grid: int = 16,
     ):
         super().__init__()
-        stages = downsampling_stages(image_size)
+        stages = downsampling_stages(image_size, latent_grid)
         self.grid = math.ceil(image_size / 2**stages)
         self.hidden = 2 * width
         self.encoder = Encoder(width, stages)

@@ -62,6 +62,7 @@ def build(cfg: PurifyConfig, num_classes: int, image_size: int) -> DVAE:
         perturbation_decoder=cfg.method == "dvae",
         phat_zero_init=cfg.model.phat_zero_init,
         decoder_norm=cfg.model.decoder_norm,
+        latent_grid=cfg.model.latent_grid,
     )
 
 
