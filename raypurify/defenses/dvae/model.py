@@ -9,7 +9,8 @@ With the KL term capped (Eq. 14), z cannot afford the poison's bits, so x_hat co
 clean and D_p, told the class through the learned embedding u_y, learns the poison itself.
 For 32 px images this is the authors' network (about 1.18 M parameters for 10 classes):
 a CIFAR ResNet-18 stem and first stages as encoder, a 16 x 16 latent grid. Larger images
-add stride-2 stages until the grid is at most 16 px (64 px: 2 stages, 224 px: 4 -> 14 px).
+add stride-2 stages until the grid is at most 16 px (64 px: 2 stages, 224 px: 4 -> 14 px);
+`latent_grid` sets another cap (8: an 8 x 8 grid at 32 px).
 Without D_p (`perturbation_decoder=False`) this is the plain VAE of Eq. 3.
 """
 
