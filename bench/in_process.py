@@ -100,13 +100,20 @@ def train_stage(
     epochs: int | None = None,
     after_epoch: Callable[[int, DVAE], None] | None = None,
     input_noise: float = 0.0,
+    input_attack: float = 0.0,
+    read: np.ndarray | None = None,
 ) -> DVAE:
     """A fresh stage model trained on `images` for `epochs` (default: the stage's), cosine
     over all of them; `after_epoch(epoch, model)` is called after each (1-based). With
     `input_noise` the model reads each batch plus Gaussian noise of that std (fresh per
-    step) and Eq. 14's targets stay the batch itself: a denoising stage."""
+    step) and Eq. 14's targets stay the batch itself: a denoising stage. With
+    `input_attack` it reads the batch moved, within an l_inf ball of that radius, to where
+    the reconstruction errs most (`worst_input`), the targets again the batch itself. With
+    `read` (the same rows, transformed) the model reads those and Eq. 14's targets stay
+    `images`."""
     epochs = epochs or stage.epochs
     x = as_input(images).to(DEV)
+    x_read = x if read is None else as_input(read).to(DEV)
     y = torch.from_numpy(labels.astype(np.int64)).to(DEV)
     amp = use_bf16(cfg.precision, DEV)  # as the pipeline's stage: `auto` decides
     torch.manual_seed(cfg.seed)
@@ -121,7 +128,11 @@ def train_stage(
         for i in range(0, len(x) - batch + 1, batch):
             b = perm[i : i + batch]
             xb = x[b].contiguous(memory_format=torch.channels_last)
-            x_in = xb + input_noise * torch.randn_like(xb) if input_noise else xb
+            x_in = x_read[b].contiguous(memory_format=torch.channels_last)
+            if input_noise:
+                x_in = x_in + input_noise * torch.randn_like(x_in)
+            if input_attack:
+                x_in = worst_input(model, xb, y[b], input_attack, amp)
             with autocast(DEV, amp):
                 x_hat, p_hat, mu, logvar = model(x_in, y[b])
             loss, _ = stage_loss(stage, epoch, xb, x_hat, p_hat, mu, logvar)
@@ -135,6 +146,21 @@ def train_stage(
             after_epoch(epoch + 1, model)
             model.train()
     return model.eval()
+
+
+def worst_input(
+    model: DVAE, x: torch.Tensor, y: torch.Tensor, eps: float, amp: bool
+) -> torch.Tensor:
+    """One signed-gradient step from a random start in the l_inf ball of radius `eps` about
+    `x` (fast adversarial training's FGSM, Wong et al. 2020), raising ||x_hat(x') - x||^2:
+    the small input change that the reconstruction passes on most. Training on it asks the
+    stage to map every image within `eps` back to the image itself."""
+    delta = ((torch.rand_like(x) * 2 - 1) * eps).requires_grad_(True)
+    with autocast(DEV, amp):
+        x_hat = model(torch.clamp(x + delta, 0, 1), y)[0]
+    (grad,) = torch.autograd.grad((x_hat.float() - x).pow(2).sum(), delta)
+    delta = torch.clamp(delta.detach() + 1.25 * eps * grad.sign(), -eps, eps)
+    return torch.clamp(x + delta, 0, 1).contiguous(memory_format=torch.channels_last)
 
 
 @torch.no_grad()
@@ -156,6 +182,12 @@ def subtract(model: DVAE, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """clip(x - p_hat(x)), z = mu: P0 -> P1 and P1 -> P2."""
     mu, _ = model.encode(x)
     return torch.clamp(x - model.perturbation(mu, y).float(), 0, 1)
+
+
+def perturbation(model: DVAE, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """p_hat(x), z = mu."""
+    mu, _ = model.encode(x)
+    return model.perturbation(mu, y).float()
 
 
 def reconstruct(model: DVAE, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

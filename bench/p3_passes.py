@@ -25,6 +25,10 @@ has them): whether the purifier passes a poison because it learned it from the p
 rows it was trained on. `--train-noise S` trains stage 2 as a denoiser (its input plus
 Gaussian noise of std S/255, Eq. 14's targets the clean input): more selective by band,
 but no better a trade for the classifier (docs/RESULTS.md, "A denoising stage 2").
+`--train-adv R` trains stage 2 on each batch moved, within an l_inf ball of R/255, to where
+its reconstruction errs most; `--jpeg-input Q` has stage 2 read JPEG-Q of its rows and
+reconstruct the rows themselves (neither is a better trade: docs/RESULTS.md, "An
+adversarially trained stage 2").
 `--save DIR` writes each P3 of the
 training rows (DIR/p3-poisoned-K and DIR/p3-clean-K after K passes; -phases, -qSTEP and
 -xG for the averaged, quantised and extrapolated P3s) for
@@ -169,6 +173,20 @@ def main() -> None:
         "std (in units of 1/255): a denoising stage 2",
     )
     ap.add_argument(
+        "--train-adv",
+        type=float,
+        default=0.0,
+        help="train stage 2 on inputs moved within an l_inf ball of this radius (in units "
+        "of 1/255) to where its reconstruction errs most: an adversarially trained stage 2",
+    )
+    ap.add_argument(
+        "--jpeg-input",
+        type=int,
+        default=0,
+        help="stage 2 reads the JPEG (this quality) of its rows and reconstructs the rows "
+        "themselves; P2 and P3 are formed from the JPEG of their input",
+    )
+    ap.add_argument(
         "--bands", action="store_true", help="also measure JPEG-10 and one pass per frequency band"
     )
     ap.add_argument(
@@ -190,10 +208,28 @@ def main() -> None:
         k: ip.to_uint8(ip.apply(stage1, ip.as_input(v), labels, ip.subtract))
         for k, v in inputs.items()
     }
+    front = JpegOptions(quality=args.jpeg_input) if args.jpeg_input else None
+
+    def read(x: torch.Tensor) -> torch.Tensor:
+        """What stage 2 reads of an input: the input, or with --jpeg-input its JPEG."""
+        return x if front is None else ip.as_input(jpeg(ip.to_uint8(x), front))
+
     noise = args.train_noise / 255
-    stage2 = ip.train_stage(cfg, cfg.stage2, p1[fit_on][:n], labels[:n], classes, input_noise=noise)
+    stage2 = ip.train_stage(
+        cfg,
+        cfg.stage2,
+        p1[fit_on][:n],
+        labels[:n],
+        classes,
+        input_noise=noise,
+        input_attack=args.train_adv / 255,
+        read=None if front is None else jpeg(p1[fit_on][:n], front),
+    )
     train_s = time.perf_counter() - start
-    p2 = {k: ip.apply(stage2, ip.as_input(v), labels, ip.subtract) for k, v in p1.items()}
+    p2 = {}
+    for k, v in p1.items():
+        x1 = ip.as_input(v)
+        p2[k] = torch.clamp(x1 - ip.apply(stage2, read(x1), labels, ip.perturbation), 0, 1)
 
     delta = x0.astype(np.float64) - xc
     rows = []
@@ -225,7 +261,7 @@ def main() -> None:
     quality = JpegOptions()  # the baseline the table compares with, on the same rows
     jpeg_out = {"poisoned": jpeg(x0, quality), "clean": jpeg(xc, quality)}
     measure(f"JPEG-{quality.quality}", jpeg_out["poisoned"], jpeg_out["clean"])
-    x_hat = {which: ip.apply(stage2, x, labels, ip.reconstruct) for which, x in p2.items()}
+    x_hat = {which: ip.apply(stage2, read(x), labels, ip.reconstruct) for which, x in p2.items()}
     if args.bands:  # on the training rows
         one = {which: ip.to_uint8(x) for which, x in x_hat.items()}
         bands = [
@@ -236,7 +272,9 @@ def main() -> None:
     out = x_hat
     for k in range(1, args.passes + 1):
         if k > 1:
-            out = {which: ip.apply(stage2, x, labels, ip.reconstruct) for which, x in out.items()}
+            out = {
+                which: ip.apply(stage2, read(x), labels, ip.reconstruct) for which, x in out.items()
+            }
         keep(f"D-VAE, {k} pass{'es' if k > 1 else ''}", str(k), out)
     if args.shift_average:
         out = {which: phase_average(stage2, x, labels) for which, x in p2.items()}
@@ -250,7 +288,9 @@ def main() -> None:
         keep(f"D-VAE, x_hat + {g:g} (x_hat - x2)", f"x{g:g}", out)
     notes = (
         f"Poison {args.poison}. Both stages of the {args.preset} preset (overrides: "
-        f"{args.set or 'none'}; stage 2's input noise std {args.train_noise:g}/255) "
+        f"{args.set or 'none'}; stage 2's input noise std {args.train_noise:g}/255, "
+        f"adversarial radius {args.train_adv:g}/255; "
+        f"it reads {f'JPEG-{args.jpeg_input} of its input' if front else 'its input'}) "
         f"trained in process on {n} {fit_on} rows in {train_s:.0f} s, "
         f"on {ip.DEV.type}; measured on them and on {len(held)} held-out rows (z = mu)."
     )
