@@ -165,21 +165,22 @@ def main() -> None:
         help="train both stages on the poisoned rows (the defence) or on their clean "
         "originals (a probe: does the purifier pass the poison because it learned it?)",
     )
-    ap.add_argument(
+    stage2_input = ap.add_mutually_exclusive_group()  # what stage 2 reads instead of its rows
+    stage2_input.add_argument(
         "--train-noise",
         type=float,
         default=0.0,
         help="train stage 2 to reconstruct its rows from the rows plus Gaussian noise of this "
         "std (in units of 1/255): a denoising stage 2",
     )
-    ap.add_argument(
+    stage2_input.add_argument(
         "--train-adv",
         type=float,
         default=0.0,
         help="train stage 2 on inputs moved within an l_inf ball of this radius (in units "
         "of 1/255) to where its reconstruction errs most: an adversarially trained stage 2",
     )
-    ap.add_argument(
+    stage2_input.add_argument(
         "--jpeg-input",
         type=int,
         default=0,
@@ -277,11 +278,11 @@ def main() -> None:
             }
         keep(f"D-VAE, {k} pass{'es' if k > 1 else ''}", str(k), out)
     if args.shift_average:
-        out = {which: phase_average(stage2, x, labels) for which, x in p2.items()}
+        out = {which: phase_average(stage2, read(x), labels) for which, x in p2.items()}
         keep("D-VAE, x_hat averaged over 8 phases and flips", "phases", out)
     for step in args.quantize:
         fn = quantized(step)
-        out = {which: ip.apply(stage2, x, labels, fn) for which, x in p2.items()}
+        out = {which: ip.apply(stage2, read(x), labels, fn) for which, x in p2.items()}
         keep(f"D-VAE, z = mu rounded to {step:g} std", f"q{step:g}", out)
     for g in args.extrapolate:
         out = {which: (1 + g) * x_hat[which] - g * p2[which] for which in p2}
