@@ -113,7 +113,7 @@ def train_stage(
     `images`."""
     epochs = epochs or stage.epochs
     x = as_input(images).to(DEV)
-    x_read = x if read is None else as_input(read).to(DEV)
+    x_read = None if read is None else as_input(read).to(DEV)
     y = torch.from_numpy(labels.astype(np.int64)).to(DEV)
     amp = use_bf16(cfg.precision, DEV)  # as the pipeline's stage: `auto` decides
     torch.manual_seed(cfg.seed)
@@ -128,7 +128,7 @@ def train_stage(
         for i in range(0, len(x) - batch + 1, batch):
             b = perm[i : i + batch]
             xb = x[b].contiguous(memory_format=torch.channels_last)
-            x_in = x_read[b].contiguous(memory_format=torch.channels_last)
+            x_in = xb if x_read is None else x_read[b].contiguous(memory_format=torch.channels_last)
             if input_noise:
                 x_in = x_in + input_noise * torch.randn_like(x_in)
             if input_attack:
@@ -180,8 +180,7 @@ def apply(
 
 def subtract(model: DVAE, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """clip(x - p_hat(x)), z = mu: P0 -> P1 and P1 -> P2."""
-    mu, _ = model.encode(x)
-    return torch.clamp(x - model.perturbation(mu, y).float(), 0, 1)
+    return torch.clamp(x - perturbation(model, x, y), 0, 1)
 
 
 def perturbation(model: DVAE, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

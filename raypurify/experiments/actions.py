@@ -15,21 +15,14 @@ from raypurify.data import registry
 from raypurify.data.imageset import ImageSet
 from raypurify.data.interchange import open_dataset, read_images, write_images
 from raypurify.defenses.apply import transform_dataset
+from raypurify.errors import DatasetError
 from raypurify.experiments.spec import ExperimentSpec
 from raypurify.tracking import Run
 from raypurify.training.classifier import train_classifier
 
 if TYPE_CHECKING:
-    from typing import Protocol
-
     from raypurify.data.interchange import DatasetInfo
     from raypurify.experiments.steps import Step
-
-    class RunParent(Protocol):
-        """What actions and child_run read of a context: a Context, or a sweep's
-        TrialContext."""
-
-        parent: Run
 
 
 @dataclass
@@ -80,7 +73,6 @@ def make_imported(step: Step, directory: Path, ctx: Context, *, paths: list[str]
     before its MLflow run opens, so a refused import leaves none)."""
     from raypurify.attacks.base import log_poisoning
     from raypurify.attacks.importers import content_digest, held_to_budget, import_poison
-    from raypurify.errors import DatasetError
 
     cfg, released = step.config, step.config["released"]
     if content_digest(paths) != released["sha256"]:

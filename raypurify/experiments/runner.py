@@ -37,7 +37,7 @@ from raypurify.tracking import active_run, start_run
 from raypurify.training.config import recipe
 
 if TYPE_CHECKING:
-    from raypurify.experiments.actions import RunParent
+    from raypurify.experiments.steps import RunParent
     from raypurify.worker_group import WarmGroup
 
 

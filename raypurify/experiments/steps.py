@@ -35,8 +35,15 @@ from raypurify.training.config import recipe
 from raypurify.training.data import DataPath, in_memory
 
 if TYPE_CHECKING:
-    from raypurify.experiments.actions import RunParent
+    from typing import Protocol
+
     from raypurify.tracking import Run
+
+    class RunParent(Protocol):
+        """What actions and child_run read of a context: a Context, or a sweep's
+        TrialContext."""
+
+        parent: Run
 
 
 @dataclass(eq=False)
