@@ -28,7 +28,11 @@ but no better a trade for the classifier (docs/RESULTS.md, "A denoising stage 2"
 `--train-adv R` trains stage 2 on each batch moved, within an l_inf ball of R/255, to where
 its reconstruction errs most; `--jpeg-input Q` has stage 2 read JPEG-Q of its rows and
 reconstruct the rows themselves (neither is a better trade: docs/RESULTS.md, "An
-adversarially trained stage 2").
+adversarially trained stage 2"). `--train-moved DIR` has stage 2 read its rows moved as
+DIR moves the poisoned rows, DIR being the poisoned set attacked once more with TAP, whose
+surrogate the defender trains on the poisoned rows: a classifier that learned the poison's
+shortcut is most sensitive along it, so its adversarial directions are the kind of
+perturbation that stage 2 then learns to leave out, whatever the attack was.
 `--save DIR` writes each P3 of the
 training rows (DIR/p3-poisoned-K and DIR/p3-clean-K after K passes; -phases, -qSTEP and
 -xG for the averaged, quantised and extrapolated P3s) for
@@ -58,7 +62,7 @@ import in_process as ip  # noqa: E402
 from common import write_results  # noqa: E402
 
 from raypurify.data.imageset import ImageSet  # noqa: E402
-from raypurify.data.interchange import write_images  # noqa: E402
+from raypurify.data.interchange import read_images, write_images  # noqa: E402
 from raypurify.defenses.dvae.model import DVAE  # noqa: E402
 from raypurify.defenses.squeeze import JpegOptions, jpeg  # noqa: E402
 from raypurify.experiments.trace import psnr, share_kept  # noqa: E402
@@ -187,6 +191,14 @@ def main() -> None:
         help="stage 2 reads the JPEG (this quality) of its rows and reconstructs the rows "
         "themselves; P2 and P3 are formed from the JPEG of their input",
     )
+    stage2_input.add_argument(
+        "--train-moved",
+        metavar="DIR",
+        help="train stage 2 reading its rows moved as DIR moves the poisoned rows, the "
+        "targets its rows: DIR is the poisoned set attacked once more, e.g. by `raypurify "
+        "poison --attack tap --data POISON`, whose surrogate, trained on the poisoned rows, "
+        "has learned their shortcut",
+    )
     ap.add_argument(
         "--bands", action="store_true", help="also measure JPEG-10 and one pass per frequency band"
     )
@@ -215,6 +227,13 @@ def main() -> None:
         """What stage 2 reads of an input: the input, or with --jpeg-input its JPEG."""
         return x if front is None else ip.as_input(jpeg(ip.to_uint8(x), front))
 
+    stage2_reads = None
+    if front is not None:
+        stage2_reads = jpeg(p1[fit_on][:n], front)
+    elif args.train_moved:
+        moved = ip.by_index(read_images(args.train_moved), poisoned.index[rows_used[:n]])
+        step = moved.astype(np.int16) - x0[:n]
+        stage2_reads = np.clip(p1[fit_on][:n] + step, 0, 255).astype(np.uint8)
     noise = args.train_noise / 255
     stage2 = ip.train_stage(
         cfg,
@@ -224,7 +243,7 @@ def main() -> None:
         classes,
         input_noise=noise,
         input_attack=args.train_adv / 255,
-        read=None if front is None else jpeg(p1[fit_on][:n], front),
+        read=stage2_reads,
     )
     train_s = time.perf_counter() - start
     p2 = {}
@@ -287,11 +306,16 @@ def main() -> None:
     for g in args.extrapolate:
         out = {which: (1 + g) * x_hat[which] - g * p2[which] for which in p2}
         keep(f"D-VAE, x_hat + {g:g} (x_hat - x2)", f"x{g:g}", out)
+    reads = "its input"
+    if front is not None:
+        reads = f"JPEG-{args.jpeg_input} of its input"
+    elif args.train_moved:
+        reads = f"its rows moved as {args.train_moved} moves the poisoned rows, in training"
     notes = (
         f"Poison {args.poison}. Both stages of the {args.preset} preset (overrides: "
         f"{args.set or 'none'}; stage 2's input noise std {args.train_noise:g}/255, "
         f"adversarial radius {args.train_adv:g}/255; "
-        f"it reads {f'JPEG-{args.jpeg_input} of its input' if front else 'its input'}) "
+        f"it reads {reads}) "
         f"trained in process on {n} {fit_on} rows in {train_s:.0f} s, "
         f"on {ip.DEV.type}; measured on them and on {len(held)} held-out rows (z = mu)."
     )
