@@ -32,7 +32,9 @@ adversarially trained stage 2"). `--train-moved DIR` has stage 2 read its rows m
 DIR moves the poisoned rows, DIR being the poisoned set attacked once more with TAP, whose
 surrogate the defender trains on the poisoned rows: a classifier that learned the poison's
 shortcut is most sensitive along it, so its adversarial directions are the kind of
-perturbation that stage 2 then learns to leave out, whatever the attack was.
+perturbation that stage 2 then learns to leave out, whatever the attack was (on TAP, no
+better a trade either: docs/RESULTS.md, "A stage 2 that learns to leave out a poisoned
+classifier's adversarial directions").
 `--save DIR` writes each P3 of the
 training rows (DIR/p3-poisoned-K and DIR/p3-clean-K after K passes; -phases, -qSTEP and
 -xG for the averaged, quantised and extrapolated P3s) for
