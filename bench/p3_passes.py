@@ -229,13 +229,15 @@ def main() -> None:
         """What stage 2 reads of an input: the input, or with --jpeg-input its JPEG."""
         return x if front is None else ip.as_input(jpeg(ip.to_uint8(x), front))
 
-    stage2_reads = None
+    stage2_reads, reads = None, "its input"  # what stage 2 trains on, and its description
     if front is not None:
         stage2_reads = jpeg(p1[fit_on][:n], front)
+        reads = f"JPEG-{args.jpeg_input} of its input"
     elif args.train_moved:
         moved = ip.by_index(read_images(args.train_moved), poisoned.index[rows_used[:n]])
         step = moved.astype(np.int16) - x0[:n]
         stage2_reads = np.clip(p1[fit_on][:n] + step, 0, 255).astype(np.uint8)
+        reads = f"its rows moved as {args.train_moved} moves the poisoned rows, in training"
     noise = args.train_noise / 255
     stage2 = ip.train_stage(
         cfg,
@@ -308,11 +310,6 @@ def main() -> None:
     for g in args.extrapolate:
         out = {which: (1 + g) * x_hat[which] - g * p2[which] for which in p2}
         keep(f"D-VAE, x_hat + {g:g} (x_hat - x2)", f"x{g:g}", out)
-    reads = "its input"
-    if front is not None:
-        reads = f"JPEG-{args.jpeg_input} of its input"
-    elif args.train_moved:
-        reads = f"its rows moved as {args.train_moved} moves the poisoned rows, in training"
     notes = (
         f"Poison {args.poison}. Both stages of the {args.preset} preset (overrides: "
         f"{args.set or 'none'}; stage 2's input noise std {args.train_noise:g}/255, "
