@@ -139,6 +139,21 @@ def quantized(step: float) -> Callable[[DVAE, torch.Tensor, torch.Tensor], torch
     return fn
 
 
+def dead_zoned(width: float) -> Callable[[DVAE, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """x_hat with every latent value whose mu lies within `width` posterior standard
+    deviations of the prior's mean set to it (zero), the rest left as they are: JPEG's
+    dead zone without its grid, so a perturbation that moves a small value stays unseen
+    while large values pass exactly."""
+
+    def fn(model: DVAE, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        mu, logvar = model.encode(x)
+        mu = mu.float()
+        small = mu.abs() < width * torch.exp(0.5 * logvar.float())
+        return model.reconstruct(torch.where(small, torch.zeros_like(mu), mu)).float()
+
+    return fn
+
+
 def floats(text: str) -> list[float]:
     """A comma-separated list of numbers (an option's value)."""
     return [float(v) for v in text.split(",")]
@@ -163,6 +178,13 @@ def main() -> None:
         type=floats,
         default=[],
         help="also form P3 = x_hat with z = mu rounded to STEP posterior std (comma-separated)",
+    )
+    ap.add_argument(
+        "--dead-zone",
+        type=floats,
+        default=[],
+        help="also form P3 = x_hat with z = 0 where |mu| < WIDTH posterior std, else mu "
+        "(comma-separated)",
     )
     ap.add_argument(
         "--train-on",
@@ -307,6 +329,10 @@ def main() -> None:
         fn = quantized(step)
         out = {which: ip.apply(stage2, read(x), labels, fn) for which, x in p2.items()}
         keep(f"D-VAE, z = mu rounded to {step:g} std", f"q{step:g}", out)
+    for width in args.dead_zone:
+        fn = dead_zoned(width)
+        out = {which: ip.apply(stage2, read(x), labels, fn) for which, x in p2.items()}
+        keep(f"D-VAE, z = 0 where abs(mu) < {width:g} std", f"dz{width:g}", out)
     for g in args.extrapolate:
         out = {which: (1 + g) * x_hat[which] - g * p2[which] for which in p2}
         keep(f"D-VAE, x_hat + {g:g} (x_hat - x2)", f"x{g:g}", out)
