@@ -20,6 +20,9 @@ over the encoder's four pixel phases and a flip (it keeps as much of TAP as one 
 docs/RESULTS.md). `--bands` also writes, for JPEG-10 and one pass, the same measures per
 band of spatial frequency (the poison's and the images' spectra, and what share of each
 band of the poison and of the clean image the purifier passes), to p3_passes-...-bands.
+`--quantize STEP,...` decodes z = mu rounded to a grid of STEP posterior std, `--dead-zone
+WIDTH,...` z = 0 where mu is within WIDTH posterior std of zero (JPEG's quantiser and its
+dead zone, in the latent: neither is a better trade, docs/RESULTS.md).
 `--train-on clean` trains both stages on the rows' clean originals instead (no defender
 has them): whether the purifier passes a poison because it learned it from the poisoned
 rows it was trained on. `--train-noise S` trains stage 2 as a denoiser (its input plus
@@ -36,8 +39,8 @@ perturbation that stage 2 then learns to leave out, whatever the attack was (on 
 better a trade either: docs/RESULTS.md, "A stage 2 that learns to leave out a poisoned
 classifier's adversarial directions").
 `--save DIR` writes each P3 of the
-training rows (DIR/p3-poisoned-K and DIR/p3-clean-K after K passes; -phases, -qSTEP and
--xG for the averaged, quantised and extrapolated P3s) for
+training rows (DIR/p3-poisoned-K and DIR/p3-clean-K after K passes; -phases, -qSTEP,
+-dzWIDTH and -xG for the averaged, rounded, dead-zoned and extrapolated P3s) for
 bench/poison_dose.py and `raypurify train`.
 
     raypurify datasets export cifar10 --subset 3500 --seed 0 --out clean3500
@@ -126,32 +129,31 @@ def band_rows(
     return rows
 
 
-def quantized(step: float) -> Callable[[DVAE, torch.Tensor, torch.Tensor], torch.Tensor]:
-    """x_hat with z = mu rounded to a grid of `step` posterior standard deviations, per
-    latent value: a locally constant map, as JPEG's quantiser is, so a perturbation that
-    moves mu by less than the grid leaves the output unchanged."""
+LatentMap = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (mu, posterior std) -> z
+
+
+def from_latent(z_of: LatentMap) -> Callable[[DVAE, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """x_hat decoded from z = z_of(mu, posterior std) instead of z = mu."""
 
     def fn(model: DVAE, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         mu, logvar = model.encode(x)
-        grid = step * torch.exp(0.5 * logvar.float())
-        return model.reconstruct(torch.round(mu.float() / grid) * grid).float()
+        return model.reconstruct(z_of(mu.float(), torch.exp(0.5 * logvar.float()))).float()
 
     return fn
 
 
-def dead_zoned(width: float) -> Callable[[DVAE, torch.Tensor, torch.Tensor], torch.Tensor]:
-    """x_hat with every latent value whose mu lies within `width` posterior standard
-    deviations of the prior's mean set to it (zero), the rest left as they are: JPEG's
-    dead zone without its grid, so a perturbation that moves a small value stays unseen
-    while large values pass exactly."""
+def quantized(step: float) -> LatentMap:
+    """mu rounded to a grid of `step` posterior standard deviations, per latent value: a
+    locally constant map, as JPEG's quantiser is, so a perturbation that moves mu by less
+    than the grid leaves the output unchanged."""
+    return lambda mu, std: torch.round(mu / (step * std)) * (step * std)
 
-    def fn(model: DVAE, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        mu, logvar = model.encode(x)
-        mu = mu.float()
-        small = mu.abs() < width * torch.exp(0.5 * logvar.float())
-        return model.reconstruct(torch.where(small, torch.zeros_like(mu), mu)).float()
 
-    return fn
+def dead_zoned(width: float) -> LatentMap:
+    """mu with every value within `width` posterior standard deviations of the prior's mean
+    set to it (zero), the rest left as they are: JPEG's dead zone without its grid, so a
+    perturbation that moves a small value stays unseen while large values pass exactly."""
+    return lambda mu, std: torch.where(mu.abs() < width * std, torch.zeros_like(mu), mu)
 
 
 def floats(text: str) -> list[float]:
@@ -325,14 +327,17 @@ def main() -> None:
     if args.shift_average:
         out = {which: phase_average(stage2, read(x), labels) for which, x in p2.items()}
         keep("D-VAE, x_hat averaged over 8 phases and flips", "phases", out)
-    for step in args.quantize:
-        fn = quantized(step)
+    latent_maps = [
+        *((f"D-VAE, z = mu rounded to {v:g} std", f"q{v:g}", quantized(v)) for v in args.quantize),
+        *(
+            (f"D-VAE, z = 0 where abs(mu) < {v:g} std", f"dz{v:g}", dead_zoned(v))
+            for v in args.dead_zone
+        ),
+    ]
+    for label, tag, z_of in latent_maps:
+        fn = from_latent(z_of)
         out = {which: ip.apply(stage2, read(x), labels, fn) for which, x in p2.items()}
-        keep(f"D-VAE, z = mu rounded to {step:g} std", f"q{step:g}", out)
-    for width in args.dead_zone:
-        fn = dead_zoned(width)
-        out = {which: ip.apply(stage2, read(x), labels, fn) for which, x in p2.items()}
-        keep(f"D-VAE, z = 0 where abs(mu) < {width:g} std", f"dz{width:g}", out)
+        keep(label, tag, out)
     for g in args.extrapolate:
         out = {which: (1 + g) * x_hat[which] - g * p2[which] for which in p2}
         keep(f"D-VAE, x_hat + {g:g} (x_hat - x2)", f"x{g:g}", out)
