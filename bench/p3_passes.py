@@ -119,14 +119,15 @@ def band_rows(
         fd, fc = spectrum(delta[rows]), spectrum(c - c.mean(axis=(1, 2), keepdims=True))
         fr = spectrum(out_p[rows].astype(np.float64) - out_c[rows])
         fo, fc_dc = spectrum(out_c[rows]), spectrum(c)
+        terms = (
+            np.abs(fd) ** 2,
+            np.abs(fc) ** 2,
+            np.abs(fc_dc) ** 2,
+            (fr * fd.conj()).real,
+            (fo * fc_dc.conj()).real,
+        )
         for b, band in enumerate(masks):
-            sums[b] += [
-                np.sum(np.abs(fd) ** 2 * band),
-                np.sum(np.abs(fc) ** 2 * band),
-                np.sum(np.abs(fc_dc) ** 2 * band),
-                np.sum((fr * fd.conj()).real * band),
-                np.sum((fo * fc_dc.conj()).real * band),
-            ]
+            sums[b] += [np.sum(t * band) for t in terms]
     energy_d, energy_c, energy_c_dc, cross_d, cross_c = sums.T
     return [
         {
