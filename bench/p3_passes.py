@@ -23,6 +23,7 @@ band of the poison and of the clean image the purifier passes), to p3_passes-...
 `--quantize STEP,...` decodes z = mu rounded to a grid of STEP posterior std, `--dead-zone
 WIDTH,...` z = 0 where mu is within WIDTH posterior std of zero (JPEG's quantiser and its
 dead zone, in the latent: neither is a better trade, docs/RESULTS.md).
+`--restore T,...` puts x2's values back where x_hat misses them by T/255 or more.
 `--train-on clean` trains both stages on the rows' clean originals instead (no defender
 has them): whether the purifier passes a poison because it learned it from the poisoned
 rows it was trained on. `--train-noise S` trains stage 2 as a denoiser (its input plus
@@ -169,6 +170,15 @@ def dead_zoned(width: float) -> LatentMap:
     return lambda mu, std: torch.where(mu.abs() < width * std, torch.zeros_like(mu), mu)
 
 
+def restored(x_hat: torch.Tensor, x2: torch.Tensor, threshold: float) -> torch.Tensor:
+    """x_hat with the input's own values put back wherever the reconstruction misses them by
+    at least `threshold` (per value): a rate-capped x_hat loses small perturbations and the
+    image's large details alike, and a poison's budget bounds its size per value (8/255 in
+    l_inf), so the large misses are mostly image."""
+    residual = x2 - x_hat
+    return x_hat + residual * (residual.abs() >= threshold)
+
+
 def floats(text: str) -> list[float]:
     """A comma-separated list of numbers (an option's value)."""
     return [float(v) for v in text.split(",")]
@@ -200,6 +210,13 @@ def main() -> None:
         default=[],
         help="also form P3 = x_hat with z = 0 where |mu| < WIDTH posterior std, else mu "
         "(comma-separated)",
+    )
+    ap.add_argument(
+        "--restore",
+        type=floats,
+        default=[],
+        help="also form P3 = x_hat plus x2 - x_hat wherever that is at least T/255 in size "
+        "(comma-separated T)",
     )
     ap.add_argument(
         "--train-on",
@@ -351,6 +368,9 @@ def main() -> None:
         fn = from_latent(z_of)
         out = {which: ip.apply(stage2, read(x), labels, fn) for which, x in p2.items()}
         keep(label, tag, out)
+    for t in args.restore:
+        out = {which: restored(x_hat[which], p2[which], t / 255) for which in p2}
+        keep(f"D-VAE, x_hat + (x2 - x_hat) where >= {t:g}/255", f"r{t:g}", out)
     for g in args.extrapolate:
         out = {which: (1 + g) * x_hat[which] - g * p2[which] for which in p2}
         keep(f"D-VAE, x_hat + {g:g} (x_hat - x2)", f"x{g:g}", out)
