@@ -23,7 +23,8 @@ band of the poison and of the clean image the purifier passes), to p3_passes-...
 `--quantize STEP,...` decodes z = mu rounded to a grid of STEP posterior std, `--dead-zone
 WIDTH,...` z = 0 where mu is within WIDTH posterior std of zero (JPEG's quantiser and its
 dead zone, in the latent: neither is a better trade, docs/RESULTS.md).
-`--restore T,...` puts x2's values back where x_hat misses them by T/255 or more.
+`--restore T,...` puts x2's values back where x_hat misses them by T/255 or more (TAP
+comes back with them as fast as the image: docs/RESULTS.md).
 `--train-on clean` trains both stages on the rows' clean originals instead (no defender
 has them): whether the purifier passes a poison because it learned it from the poisoned
 rows it was trained on. `--train-noise S` trains stage 2 as a denoiser (its input plus
@@ -41,7 +42,7 @@ better a trade either: docs/RESULTS.md, "A stage 2 that learns to leave out a po
 classifier's adversarial directions").
 `--save DIR` writes each P3 of the
 training rows (DIR/p3-poisoned-K and DIR/p3-clean-K after K passes; -phases, -qSTEP,
--dzWIDTH and -xG for the averaged, rounded, dead-zoned and extrapolated P3s) for
+-dzWIDTH, -rT and -xG for the averaged, rounded, dead-zoned, restored and extrapolated P3s) for
 bench/poison_dose.py and `raypurify train`.
 
     raypurify datasets export cifar10 --subset 3500 --seed 0 --out clean3500
@@ -174,7 +175,8 @@ def restored(x_hat: torch.Tensor, x2: torch.Tensor, threshold: float) -> torch.T
     """x_hat with the input's own values put back wherever the reconstruction misses them by
     at least `threshold` (per value): a rate-capped x_hat loses small perturbations and the
     image's large details alike, and a poison's budget bounds its size per value (8/255 in
-    l_inf), so the large misses are mostly image."""
+    l_inf), so the large misses might be image alone (on TAP they are not: it sits at the
+    image's details)."""
     residual = x2 - x_hat
     return x_hat + residual * (residual.abs() >= threshold)
 
