@@ -10,7 +10,7 @@ lint:  ## ruff and mypy, as CI and pre-commit run them
 format:
 	ruff check --fix . && ruff format .
 
-test-fast:  ## the inner loop: no Ray, no CIFAR-10, no sweep/cluster/browser (2-4 minutes)
+test-fast:  ## the inner loop: no Ray, no CIFAR-10, no sweep/cluster/browser (1.7-4 minutes)
 	pytest -q -m "not ray and not cifar and not slow"
 
 test-ray:  ## everything but the slow tests (about 20 minutes on 2 cores)

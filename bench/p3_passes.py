@@ -93,6 +93,7 @@ def phase_average(model: DVAE, x: torch.Tensor, labels: np.ndarray) -> torch.Ten
 # Radial bands of spatial frequency (cycles per image) for --bands; 32-px images reach 16
 # along an axis, and the last band (labelled 12-16) also holds the corners beyond, to 16 * 2**0.5.
 BANDS = ((0, 2), (2, 4), (4, 8), (8, 12), (12, 23))
+CHUNK = 2000  # rows --bands transforms at once: five complex spectra of 2,000 rows are 0.5 GB
 
 
 def band_rows(
@@ -115,8 +116,8 @@ def band_rows(
     # Per band: poison energy, clean energy (mean removed), clean energy (with its mean),
     # the purifier's change against the poison, its clean output against the clean image.
     sums = np.zeros((len(BANDS), 5))
-    for i in range(0, len(delta), 2000):
-        rows = slice(i, i + 2000)
+    for i in range(0, len(delta), CHUNK):
+        rows = slice(i, i + CHUNK)
         c = clean[rows].astype(np.float64)
         fd, fc = spectrum(delta[rows]), spectrum(c - c.mean(axis=(1, 2), keepdims=True))
         fr = spectrum(out_p[rows].astype(np.float64) - out_c[rows])
