@@ -5,7 +5,8 @@ nodes disagree, or an image without the code the job runs).
 Schemas: kubernetes-validate (PyPI, in the `dev` extra, so CI runs it) validates the core
 objects and the pod templates inside the KubeRay objects offline. It carries no KubeRay
 CRD, and no package on the registries CI may use does (the CRDs ship with the KubeRay Helm
-chart and Go module), so KubeRay's own fields are checked here by hand.
+chart and Go module), so KubeRay's own fields are validated against kuberay_schema.py, a
+JSON Schema written from KubeRay's ray.io/v1 API types, and checked here by hand.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from kuberay_schema import problems
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
@@ -288,3 +290,52 @@ def test_core_kinds_and_pod_templates_validate():
                 kv.validate(d, version, strict=True)
                 checked += 1
     assert checked >= 10
+
+
+def kuberay_docs() -> list[tuple[str, dict]]:
+    return [
+        (path.name, d)
+        for path in sorted((CLUSTER / "kuberay").glob("*.yaml"))
+        for d in docs(path)
+        if d["apiVersion"].startswith("ray.io/")
+    ]
+
+
+def test_kuberay_objects_match_kuberay_schema():
+    """Every RayCluster and RayJob uses only fields KubeRay defines, of KubeRay's types
+    (rayStartParams values are strings, replicas integers, the submission mode one of
+    three)."""
+    found = kuberay_docs()
+    assert sorted(d["kind"] for _, d in found) == ["RayCluster", "RayJob", "RayJob"]
+    for name, d in found:
+        assert problems(d) == [], name
+
+
+@pytest.mark.parametrize(
+    "where, key, value, at, message",
+    [
+        ("spec/rayClusterSpec", "workerGroupSpec", [], "spec/rayClusterSpec",
+         "'workerGroupSpec' was unexpected"),
+        ("spec/rayClusterSpec/headGroupSpec/rayStartParams", "num-cpus", 0,
+         "spec/rayClusterSpec/headGroupSpec/rayStartParams/num-cpus",
+         "0 is not of type 'string'"),
+        ("spec", "submissionMode", "K8sJob", "spec/submissionMode", "is not one of"),
+        ("spec/rayClusterSpec/workerGroupSpecs/0", "replicas", "2",
+         "spec/rayClusterSpec/workerGroupSpecs/0/replicas", "is not of type 'integer'"),
+        ("spec", "activeDeadlineSeconds", 0, "spec/activeDeadlineSeconds",
+         "less than the minimum"),
+    ],
+)  # fmt: skip
+def test_kuberay_schema_rejects_what_the_operator_would(where, key, value, at, message):
+    """The schema is strict where KubeRay's CRD is: a misspelt field, an integer where
+    the CRD has a string map, an unknown enum value each give one problem, at its path."""
+    import copy
+
+    (job,) = [d for name, d in kuberay_docs() if name == "rayjob.yaml"]
+    bad = copy.deepcopy(job)
+    node = bad
+    for part in where.split("/"):
+        node = node[int(part)] if part.isdigit() else node[part]
+    node[key] = value
+    (problem,) = problems(bad)
+    assert problem.startswith(at + ": ") and message in problem, problem
