@@ -120,12 +120,32 @@ def format_validation_error(err: ValidationError, prefix: str = "") -> str:
     return "; ".join(parts)
 
 
-def validate(model: type[C], data: Mapping[str, Any], *, source: str = "config") -> C:
-    """Validate plain data into `model`, raising a one-line ConfigError on failure."""
+def validate(
+    model: type[C],
+    data: Mapping[str, Any],
+    *,
+    source: str = "config",
+    overrides: Iterable[str] = (),
+) -> C:
+    """Validate plain data into `model`, raising a one-line ConfigError on failure. The
+    error names the `--set` item that wrote the first failing key, if one did, else
+    `source`: a user who typed the bad value is pointed at their command, not the file."""
     try:
         return model.model_validate(dict(data))
     except ValidationError as e:
-        raise ConfigError(f"{source}: {format_validation_error(e)}") from None
+        where = set_by(e, overrides) or source
+        raise ConfigError(f"{where}: {format_validation_error(e)}") from None
+
+
+def set_by(err: ValidationError, overrides: Iterable[str]) -> str | None:
+    """`--set KEY=VALUE` for the override whose key is, contains or lies under the first
+    failing field (`seed=abc` for `seed`, `nosuch.key=1` for the unknown `nosuch`)."""
+    first = ".".join(str(p) for p in err.errors()[0]["loc"])
+    for item in overrides:
+        key = ".".join(parse_override(item)[0])
+        if first == key or first.startswith(key + ".") or key.startswith(first + "."):
+            return f"--set {item}"
+    return None
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -169,7 +189,7 @@ def load(
     (errors name `source`: the file, else the key the dict came from)."""
     source = source or (str(base) if isinstance(base, (str, Path)) else "config")
     data = read_yaml(base) if isinstance(base, (str, Path)) else dict(base or {})
-    return validate(model, apply_overrides(data, overrides), source=source)
+    return validate(model, apply_overrides(data, overrides), source=source, overrides=overrides)
 
 
 def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

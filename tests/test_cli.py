@@ -92,11 +92,11 @@ def test_set_with_unknown_key_names_it(tmp_path, capsys):
     out = tmp_path / "never"
     code = main(["datasets", "export", "synthetic", "--out", str(out), "--set", "colour=red"])
     assert code == 2
-    assert capsys.readouterr().err == "error: config: colour: unknown key\n"
+    assert capsys.readouterr().err == "error: --set colour=red: colour: unknown key\n"
     code = main(["datasets", "export", "synthetic", "--out", str(out), "--set", "rows=many"])
     assert code == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: config: rows: Input should be a valid integer")
+    assert err.startswith("error: --set rows=many: rows: Input should be a valid integer")
     assert err.count("\n") == 1
     code = main(["datasets", "export", "synthetic", "--out", str(out), "--set", "rows"])
     assert code == 2
@@ -117,6 +117,8 @@ def test_bad_arguments_exit_with_one_line(capsys):
         (["datasets", "export", "synthetic"], "--out"),
         (["train"], "required: --data, --test, --out"),
         (["purify", "--data", "d", "--out", "o", "--bogus"], "unrecognized arguments: --bogus"),
+        (["sweep", "demo", "--out", "o", "--samples", "0"], "--samples: 0 is not at least 1"),
+        (["sweep", "demo", "--out", "o", "--concurrency", "x"], "'x' is not a whole number"),
     ]:
         with pytest.raises(SystemExit) as e:
             main(argv)

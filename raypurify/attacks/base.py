@@ -240,8 +240,7 @@ def configure(
     from raypurify.attacks import ATTACKS  # the registry imports the attack modules
 
     attack = ATTACKS.get(name, key="attack")
-    data = config.apply_overrides(dict(settings or {}), overrides)
-    return attack, config.validate(attack.config, data, source=f"attack {name}")
+    return attack, config.load(attack.config, settings, overrides, source=f"attack {name}")
 
 
 def poison(

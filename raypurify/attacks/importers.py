@@ -85,8 +85,7 @@ def configure_import(
     fmt: str, settings: Mapping[str, Any] | None = None, overrides: Iterable[str] = ()
 ) -> tuple[Importer, ImportConfig]:
     importer = IMPORTERS.get(fmt, key="format")
-    data = config.apply_overrides(dict(settings or {}), overrides)
-    return importer, config.validate(importer.config, data, source=f"import {fmt}")
+    return importer, config.load(importer.config, settings, overrides, source=f"import {fmt}")
 
 
 # l_inf 8/255, l2 1.0, l0 one pixel

@@ -27,6 +27,17 @@ def common_options(example: str) -> argparse.ArgumentParser:
     return p
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (a count of trials, of CPUs)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not at least 1")
+    return value
+
+
 def gist(description: str | None, width: int = 96) -> str:
     """A listing's one line of a description: its first sentence, whitespace folded, cut
     at a word with an ellipsis where longer than `width`."""

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from raypurify.cli.common import common_options, gist
+from raypurify.cli.common import common_options, gist, positive_int
 
 if TYPE_CHECKING:
     import argparse
@@ -26,8 +26,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("space", help="a shipped space name or a YAML file")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--samples", type=int, help="trials to run (budget.samples)")
-    p.add_argument("--concurrency", type=int, help="trials at once (budget.concurrency)")
+    p.add_argument("--samples", type=positive_int, help="trials to run (budget.samples)")
+    p.add_argument("--concurrency", type=positive_int, help="trials at once (budget.concurrency)")
     p.add_argument(
         "--resume",
         action="store_true",
