@@ -128,12 +128,13 @@ def validate(
     overrides: Iterable[str] = (),
 ) -> C:
     """Validate plain data into `model`, raising a one-line ConfigError on failure. The
-    error names the `--set` item that wrote the first failing key, if one did, else
-    `source`: a user who typed the bad value is pointed at their command, not the file."""
+    error names `source` and, when one wrote the first failing key, the `--set` item: a
+    user who typed the bad value is pointed at their command, not only at the file."""
     try:
         return model.model_validate(dict(data))
     except ValidationError as e:
-        where = set_by(e, overrides) or source
+        typed = set_by(e, overrides)
+        where = f"{source}, {typed}" if typed else source
         raise ConfigError(f"{where}: {format_validation_error(e)}") from None
 
 

@@ -187,7 +187,11 @@ def test_select_rows_is_class_balanced_and_seeded():
 
 @pytest.mark.parametrize(
     ("overrides", "where"),
-    [(["eps=-1"], "attack lsp: eps"), (["ratio=0"], "attack lsp: ratio"), (["epss=1"], "epss")],
+    [
+        (["eps=-1"], "attack lsp, --set eps=-1: eps"),
+        (["ratio=0"], "attack lsp, --set ratio=0: ratio"),
+        (["epss=1"], "attack lsp, --set epss=1: epss: unknown key"),
+    ],
 )
 def test_bad_attack_config_is_one_line_naming_the_key(clean, overrides, where):
     with pytest.raises(ConfigError) as e:

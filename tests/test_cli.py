@@ -92,11 +92,11 @@ def test_set_with_unknown_key_names_it(tmp_path, capsys):
     out = tmp_path / "never"
     code = main(["datasets", "export", "synthetic", "--out", str(out), "--set", "colour=red"])
     assert code == 2
-    assert capsys.readouterr().err == "error: --set colour=red: colour: unknown key\n"
+    assert capsys.readouterr().err == "error: dataset, --set colour=red: colour: unknown key\n"
     code = main(["datasets", "export", "synthetic", "--out", str(out), "--set", "rows=many"])
     assert code == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: --set rows=many: rows: Input should be a valid integer")
+    assert err.startswith("error: dataset, --set rows=many: rows: Input should be a valid")
     assert err.count("\n") == 1
     code = main(["datasets", "export", "synthetic", "--out", str(out), "--set", "rows"])
     assert code == 2

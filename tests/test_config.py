@@ -188,16 +188,16 @@ def test_apply_overrides_creates_sections_and_copies():
 
 
 def test_a_bad_override_is_blamed_on_its_set(tmp_path):
-    """The `--set` that wrote the failing key is named (the user typed it), the file
-    only when the file holds the fault."""
+    """The `--set` that wrote the failing key is named beside the file (the user typed
+    it), the file alone when the file holds the fault."""
     msg = error_of(config.load, Experiment, {}, ["train.optim.lrr=0.1"])
-    assert msg == "--set train.optim.lrr=0.1: train.optim.lrr: unknown key"
+    assert msg == "config, --set train.optim.lrr=0.1: train.optim.lrr: unknown key"
     base = tmp_path / "exp.yaml"
     base.write_text("name: x\n")
     msg = error_of(config.load, Experiment, base, ["name=y", "train.epochs=lots"])
-    assert msg.startswith("--set train.epochs=lots: train.epochs: Input should be a valid")
+    assert msg.startswith(f"{base}, --set train.epochs=lots: train.epochs: Input should be")
     msg = error_of(config.load, Experiment, base, ["nosuch.deeper=1"])
-    assert msg == "--set nosuch.deeper=1: nosuch: unknown key"
+    assert msg == f"{base}, --set nosuch.deeper=1: nosuch: unknown key"
     base.write_text("train: {epochs: lots}\n")
     msg = error_of(config.load, Experiment, base, ["name=y", "train.optim.lr=0.1"])
     assert msg.startswith(f"{base}: train.epochs: Input should be a valid integer")

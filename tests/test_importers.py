@@ -221,4 +221,4 @@ def test_poison_import_cli_writes_manifest_and_mlflow_run(base, tmp_path, mlflow
         )
         == 2
     )
-    assert "import perturbation: unitz: unknown key" in capsys.readouterr().err
+    assert "import perturbation, --set unitz=1: unitz: unknown key" in capsys.readouterr().err
