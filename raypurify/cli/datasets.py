@@ -22,7 +22,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     ls.set_defaults(run=run_list)
 
     ex = dsub.add_parser(
-        "export", parents=[common], help="write a dataset in the interchange format"
+        "export",
+        parents=[common],
+        help="write a dataset in the interchange format, or as an image folder",
+        description="Write a dataset (a registered name or a dataset directory, e.g. a "
+        "purification's p3/) in the interchange format every raypurify step reads, or with "
+        "--format folder as OUT/<class>/<index>.png, which torchvision's ImageFolder and "
+        "other frameworks read with the same labels.",
     )
     ex.add_argument("name", help="a registered dataset name or a dataset directory")
     ex.add_argument("--out", required=True, help="output directory (must not exist)")
@@ -30,6 +36,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     ex.add_argument("--subset", type=int, default=None, help="class-balanced subset size")
     ex.add_argument("--seed", type=int, default=0, help="seed of the subset")
     ex.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    ex.add_argument(
+        "--format",
+        choices=["parquet", "folder"],
+        default="parquet",
+        help="parquet: the interchange format (default); folder: OUT/<class>/<index>.png",
+    )
     ex.set_defaults(run=run_export)
 
     sh = dsub.add_parser("show", help="summarize a dataset directory")
@@ -54,12 +66,19 @@ def run_list(args: argparse.Namespace) -> int:
 
 def run_export(args: argparse.Namespace) -> int:
     from raypurify.atomic import check_new
-    from raypurify.data.export import export
+    from raypurify.data.export import export, export_folder
 
     split = split_of(args.name, args.split)
     base = spec_for(args.name, split=split, subset=args.subset, seed=args.seed)
-    spec = config.load(DatasetSpec, base.to_dict(), args.overrides)
+    spec = config.load(DatasetSpec, base.to_dict(), args.overrides, source="dataset")
     check_new(args.out, args.overwrite, inputs=[spec.path])
+    if args.format == "folder":
+        rows, folders = export_folder(
+            spec, args.out, overwrite=args.overwrite, num_cpus=args.num_cpus
+        )
+        print(f"wrote {rows} images to {args.out}/<class>/<index>.png, classes in label "
+              f"order: {', '.join(folders)}")  # fmt: skip
+        return 0
     info = export(spec, args.out, overwrite=args.overwrite, num_cpus=args.num_cpus)
     print(f"wrote {info.rows} images to {info.path} (id {info.id})")
     return 0
