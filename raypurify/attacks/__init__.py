@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from raypurify.attacks import ar, em, lsp, ops, random_noise, rem, sep, tap
+from raypurify.attacks import ar, em, lsp, ntga, ops, random_noise, rem, sep, tap
 from raypurify.registry import Registry
 
 ATTACKS = Registry(
@@ -16,5 +16,6 @@ ATTACKS = Registry(
         tap.ATTACK,
         rem.ATTACK,
         sep.ATTACK,
+        ntga.ATTACK,
     ],
 )
