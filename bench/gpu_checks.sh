@@ -7,18 +7,20 @@
 #   3. the `paper` preset end to end with 2 epochs per stage: start-up vs work on a GPU
 #      (it logs to MLflow like any purification, so mlflow must be importable);
 #   4. part 1's batch-256 passes with Ray Data's per-operator resource reservation off
-#      (on 2 cores it held an unfused write's encoding to about one CPU).
+#      (on 2 cores it held an unfused write's encoding to about one CPU);
+#   5. NTGA's crafting on the GPU (its Ray tasks take one each): 10,240 rows at the
+#      authors' settings, the budget and the time.
 # Each part has its own time limit, so one that hangs does not take the others' time.
 # SMALL=1 shrinks every size for a dry run on a CPU; PARTS=1,4 runs only those parts.
 set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-$(mktemp -d)}; mkdir -p "$OUT"
 if [ -n "${SMALL:-}" ]; then
-  R=2000 PR=1500 HELD=500 EP=2 EV=1,2 FE=1
+  R=2000 PR=1500 HELD=500 EP=2 EV=1,2 FE=1 NR=600
 else
-  R=50000 PR=45000 HELD=5000 EP=40 EV=10,20,40 FE=2
+  R=50000 PR=45000 HELD=5000 EP=40 EV=10,20,40 FE=2 NR=10240
 fi
-want() { case ",${PARTS:-1,2,3,4}," in *",$1,"*) return 0;; esac; return 1; }
+want() { case ",${PARTS:-1,2,3,4,5}," in *",$1,"*) return 0;; esac; return 1; }
 python3 -c "import torch, ray; print('torch', torch.__version__, 'ray', ray.__version__, 'cuda', torch.cuda.is_available())"
 if want 1; then
 echo "== 1: passes"; date
@@ -61,5 +63,20 @@ echo "== 4: passes, Ray Data's resource reservation off"; date
 timeout 120 python3 bench/dvae_throughput.py --parts passes --rows $R --pass-nets paper \
   --pass-variants 256:1:0 --no-reservation --label passes-no-reservation 2>&1 | grep -a -v "img/s\]" \
   | tee "$OUT/passes-no-reservation.log" | grep -a -E "^\{|Error|Traceback"
+fi
+if want 5; then
+echo "== 5: NTGA crafting"; date
+timeout 200 python3 - $NR <<'PY' 2>&1 | grep -a -v "img/s\]" | tee "$OUT/ntga.log" | tail -5
+import sys, time
+from raypurify.attacks.base import poison
+from raypurify.data.registry import load
+from raypurify.data.spec import DatasetSpec
+
+rows = int(sys.argv[1])
+clean = load(DatasetSpec(name='cifar10', subset=rows, seed=0))
+start = time.perf_counter()
+_, budget = poison(clean, 'ntga', settings={'val_size': min(rows, 10_000)})
+print('NTGA', rows, 'rows', round(time.perf_counter() - start, 1), 's', budget, flush=True)
+PY
 fi
 date; echo "logs in $OUT"
