@@ -7,6 +7,9 @@ originals x, given the poisoned rows x0 = x + delta:
 - poison kept: the least-squares coefficient of the output's change on the poison,
   <out - x, delta> / <delta, delta> over the sample. 1 when the defence left the poison as
   it was, 0 when what remains is uncorrelated with it, 0.3 when 30 % of it survives.
+  out - x also holds what the defence does to the clean image; a poison computed from the
+  images can line up with that, and then it counts too (grayscale on NTGA: 0.98, of which
+  0.40 is the colour it takes out of the clean images, docs/RESULTS.md).
 Read along D-VAE's P1 -> P2 -> P3 this shows which stage removes a poison: the stage-1
 subtraction of p_hat (paper Algorithm 1) or the stage-2 reconstruction.
 
