@@ -32,6 +32,7 @@ CUT_ATTACKS = {
         "surrogate=fast-resnet",
     ],
     "tap": ["steps=1", "restarts=1", "surrogate_overrides=[epochs=1, batch_size=32]"],
+    "ntga": ["steps=1"],
 }
 CUT_DVAE = "[stage1.epochs=1, stage2.epochs=1, stage1.batch_size=32, stage2.batch_size=32]"
 
