@@ -75,7 +75,7 @@ from raypurify.data.spec import DatasetSpec
 rows = int(sys.argv[1])
 clean = load(DatasetSpec(name='cifar10', subset=rows, seed=0))
 start = time.perf_counter()
-_, budget = poison(clean, 'ntga', settings={'val_size': min(rows, 10_000)})
+_, budget = poison(clean, 'ntga')
 print('NTGA', rows, 'rows', round(time.perf_counter() - start, 1), 's', budget, flush=True)
 PY
 fi

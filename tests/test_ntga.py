@@ -15,6 +15,8 @@ from raypurify.attacks.base import poison
 from raypurify.attacks.ntga import NTGAConfig, erf_kernels, predict
 
 NTGA_TINY = {"steps": 4, "block_size": 50, "val_size": 100, "ratio": RATIO}
+W_VAR, B_VAR = NTGAConfig().weight_var, NTGAConfig().bias_var  # the authors' surrogate
+W_STD, B_STD = math.sqrt(W_VAR), math.sqrt(B_VAR)
 
 
 def empirical_ntk(a: torch.Tensor, b: torch.Tensor, width: int, depth: int, seed: int):
@@ -44,9 +46,6 @@ def empirical_ntk(a: torch.Tensor, b: torch.Tensor, width: int, depth: int, seed
     return grads(a) @ grads(b).T
 
 
-W_STD, B_STD = math.sqrt(1.76), math.sqrt(0.18)
-
-
 @pytest.mark.parametrize("depth", [1, 3])
 def test_the_erf_kernel_is_a_wide_networks_tangent_kernel(depth):
     """A readout on the surrogate has tangent kernel W (Θ + K) + B in the infinite-width
@@ -54,13 +53,13 @@ def test_the_erf_kernel_is_a_wide_networks_tangent_kernel(depth):
     gen = torch.Generator().manual_seed(0)
     a = torch.rand(3, 12, generator=gen, dtype=torch.float64)
     b = torch.rand(2, 12, generator=gen, dtype=torch.float64)
-    nngp, ntk = erf_kernels(a, b, depth, 1.76, 0.18)
-    exact = 1.76 * (ntk + nngp) + 0.18
+    nngp, ntk = erf_kernels(a, b, depth, W_VAR, B_VAR)
+    exact = W_VAR * (ntk + nngp) + B_VAR
     wide = empirical_ntk(a, b, width=2048, depth=depth, seed=1)
     assert torch.allclose(wide, exact, rtol=0.1), (wide, exact)
     # and not just any kernel of that size: one layer more or less is told apart
-    other_nngp, other_ntk = erf_kernels(a, b, depth + 1, 1.76, 0.18)
-    assert not torch.allclose(wide, 1.76 * (other_ntk + other_nngp) + 0.18, rtol=0.1)
+    other_nngp, other_ntk = erf_kernels(a, b, depth + 1, W_VAR, B_VAR)
+    assert not torch.allclose(wide, W_VAR * (other_ntk + other_nngp) + B_VAR, rtol=0.1)
 
 
 def test_the_prediction_is_kernel_regression_at_long_times():

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import ray
@@ -86,14 +86,13 @@ def predict(x: torch.Tensor, y: torch.Tensor, x_val: torch.Tensor, cfg: NTGAConf
 
 @dataclass(frozen=True)
 class NTGABlock:
-    """One Ray task's share: which rows form its block, and everything they are attacked
-    against (object refs, put once for all blocks)."""
+    """One Ray task's share: its block of rows, and the validation rows every block is
+    attacked against (object refs, put once for all blocks)."""
 
-    rows: Any  # ref: uint8 (n, H, W, C), the rows to poison
-    labels: Any  # ref: int64 (n,)
+    images: np.ndarray  # uint8 (n, H, W, C), the block's rows to poison
+    labels: np.ndarray  # int64 (n,)
     val_images: Any  # ref: uint8 (m, H, W, C), clean
     val_labels: Any  # ref: int64 (m,)
-    block: np.ndarray  # positions in `rows`
     classes: int
     cfg: NTGAConfig
     progress: BarQueue | None
@@ -104,11 +103,9 @@ def craft_block(spec: NTGABlock) -> np.ndarray:
     (len(block), H, W, C) in [0, 1] units."""
     cfg = spec.cfg
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    images = cast(np.ndarray, ray.get(spec.rows))[spec.block]  # fancy indexing: a copy
-    x0 = torch.from_numpy(images).to(dev).flatten(1).float() / 255
-    y = F.one_hot(torch.from_numpy(ray.get(spec.labels)[spec.block]), spec.classes)
-    y = y.double().to(dev)
     # The object store's arrays are read-only: torch.tensor copies them.
+    x0 = torch.tensor(spec.images, device=dev).flatten(1).float() / 255
+    y = F.one_hot(torch.tensor(spec.labels), spec.classes).double().to(dev)
     x_val = torch.tensor(ray.get(spec.val_images), device=dev).flatten(1).float() / 255
     y_val = torch.tensor(ray.get(spec.val_labels), device=dev)
     step_size = cfg.step_size or 1.1 * cfg.eps / cfg.steps
@@ -119,8 +116,8 @@ def craft_block(spec: NTGABlock) -> np.ndarray:
         (grad,) = torch.autograd.grad(loss, delta)
         delta = (delta.detach() + step_size * grad.sign()).clamp(-cfg.eps, cfg.eps)
         delta = (x0 + delta).clamp(0, 1) - x0
-    add(spec.progress, len(spec.block))
-    return delta.reshape(images.shape).cpu().numpy()
+    add(spec.progress, len(spec.labels))
+    return delta.reshape(spec.images.shape).cpu().numpy()
 
 
 def generate(job: AttackJob, cfg: NTGAConfig) -> np.ndarray:
@@ -132,9 +129,7 @@ def generate(job: AttackJob, cfg: NTGAConfig) -> np.ndarray:
     val = rng.choice(len(job.clean), min(cfg.val_size, len(job.clean)), replace=False)
     order = rng.permutation(len(job.rows))
     blocks = [order[s : s + cfg.block_size] for s in range(0, len(order), cfg.block_size)]
-    shared = {
-        "rows": ray.put(job.rows.images),
-        "labels": ray.put(job.rows.labels),
+    val_refs = {
         "val_images": ray.put(job.clean.images[val]),
         "val_labels": ray.put(job.clean.labels[val]),
     }
@@ -145,8 +140,8 @@ def generate(job: AttackJob, cfg: NTGAConfig) -> np.ndarray:
     delta = np.zeros(job.rows.images.shape, np.float32)
     with Progress(len(job.rows), f"NTGA crafting ({len(blocks)} blocks)", unit="img") as bar:
         specs = [
-            NTGABlock(**shared, block=b, classes=job.clean.num_classes, cfg=cfg,
-                      progress=bar.queue)
+            NTGABlock(job.rows.images[b], job.rows.labels[b], **val_refs,
+                      classes=job.clean.num_classes, cfg=cfg, progress=bar.queue)
             for b in blocks
         ]  # fmt: skip
         for block, part in zip(blocks, ray.get([task.remote(s) for s in specs]), strict=True):
