@@ -23,6 +23,7 @@ band of the poison and of the clean image the purifier passes), to p3_passes-...
 `--quantize STEP,...` decodes z = mu rounded to a grid of STEP posterior std, `--dead-zone
 WIDTH,...` z = 0 where mu is within WIDTH posterior std of zero (JPEG's quantiser and its
 dead zone, in the latent: neither is a better trade, docs/RESULTS.md).
+`--sample` decodes z drawn from the posterior, as the authors purify.
 `--restore T,...` puts x2's values back where x_hat misses them by T/255 or more (TAP
 comes back with them as fast as the image: docs/RESULTS.md).
 `--train-on clean` trains both stages on the rows' clean originals instead (no defender
@@ -42,7 +43,8 @@ better a trade either: docs/RESULTS.md, "A stage 2 that learns to leave out a po
 classifier's adversarial directions").
 `--save DIR` writes each P3 of the
 training rows (DIR/p3-poisoned-K and DIR/p3-clean-K after K passes; -phases, -qSTEP,
--dzWIDTH, -rT and -xG for the averaged, rounded, dead-zoned, restored and extrapolated P3s) for
+-dzWIDTH, -sampled, -rT and -xG for the averaged, rounded, dead-zoned, sampled, restored and
+extrapolated P3s) for
 bench/poison_dose.py and `raypurify train`.
 
     raypurify datasets export cifar10 --subset 3500 --seed 0 --out clean3500
@@ -172,6 +174,23 @@ def dead_zoned(width: float) -> LatentMap:
     return lambda mu, std: torch.where(mu.abs() < width * std, torch.zeros_like(mu), mu)
 
 
+class PosteriorSample:
+    """z drawn from the posterior, mu + std * eps, as the authors purify (the pipeline's
+    `sample: true`): whether latent noise in P3 breaks an adversarial poison's shortcut
+    even where it leaves the poison's linear share as it was. `reset()` before each set of
+    rows, so a row and its clean original (same order, same batches) get the same eps."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def reset(self) -> None:
+        self.gen = torch.Generator().manual_seed(self.seed)
+
+    def __call__(self, mu: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+        return mu + std * torch.randn(mu.shape, generator=self.gen).to(mu.device)
+
+
 def restored(x_hat: torch.Tensor, x2: torch.Tensor, threshold: float) -> torch.Tensor:
     """x_hat with the input's own values put back wherever the reconstruction misses them by
     at least `threshold` (per value): a rate-capped x_hat loses small perturbations and the
@@ -220,6 +239,11 @@ def main() -> None:
         default=[],
         help="also form P3 = x_hat plus x2 - x_hat wherever that is at least T/255 in size "
         "(comma-separated T)",
+    )
+    ap.add_argument(
+        "--sample",
+        action="store_true",
+        help="also form P3 = x_hat with z drawn from the posterior (seeded), as the authors do",
     )
     ap.add_argument(
         "--train-on",
@@ -371,6 +395,12 @@ def main() -> None:
         fn = from_latent(z_of)
         out = {which: ip.apply(stage2, read(x), labels, fn) for which, x in p2.items()}
         keep(label, tag, out)
+    if args.sample:
+        draw, out = PosteriorSample(seed=0), {}
+        for which, x in p2.items():
+            draw.reset()
+            out[which] = ip.apply(stage2, read(x), labels, from_latent(draw))
+        keep("D-VAE, z drawn from the posterior", "sampled", out)
     for t in args.restore:
         out = {which: restored(x_hat[which], p2[which], t / 255) for which in p2}
         keep(f"D-VAE, x_hat + (x2 - x_hat) where >= {t:g}/255", f"r{t:g}", out)
