@@ -31,6 +31,27 @@ def test_version_and_help_as_a_subprocess():
     assert "--version" in helped.stdout
 
 
+def test_help_and_the_listings_do_not_import_torch_or_ray():
+    """`--help`, `--version`, `presets` and `datasets list` answer without torch or Ray,
+    which take seconds to import: the dataset registry that every command loads imports
+    them only when a dataset is made."""
+    for args in (["--help"], ["--version"], ["presets"], ["datasets", "list"]):
+        run = subprocess.run(
+            [sys.executable, "-X", "importtime", "-m", "raypurify", *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert run.returncode == 0, run.stderr[-500:]
+        imported = {
+            line.rsplit("|", 1)[-1].strip()
+            for line in run.stderr.splitlines()
+            if line.startswith("import time:")
+        }
+        assert "raypurify.cli" in imported
+        assert not imported & {"torch", "ray"}, (args, sorted(imported & {"torch", "ray"}))
+
+
 def test_datasets_list(capsys):
     assert main(["datasets", "list"]) == 0
     lines = capsys.readouterr().out.splitlines()

@@ -8,8 +8,6 @@ classes within a few epochs, yet no single pixel gives the label away.
 from __future__ import annotations
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from raypurify.data.imageset import ImageSet
 from raypurify.data.spec import DatasetSpec, Source, subset_of
@@ -19,6 +17,11 @@ DEFAULT_ROWS = {"train": 1000, "test": 500}
 
 def _smooth(rng: np.random.Generator, n: int, size: int, grid: int) -> np.ndarray:
     """n random (3, size, size) fields in [-1, 1], bilinearly upsampled from grid x grid."""
+    # Imported here: the dataset registry (and so every CLI command, `--help` too) imports
+    # this module, and torch takes a second or more to import.
+    import torch
+    import torch.nn.functional as F
+
     coarse = torch.from_numpy(rng.uniform(-1, 1, (n, 3, grid, grid)).astype(np.float32))
     return F.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False).numpy()
 
