@@ -32,10 +32,10 @@ def test_version_and_help_as_a_subprocess():
 
 
 def test_help_and_the_listings_do_not_import_torch_or_ray():
-    """`--help`, `--version`, `presets` and `datasets list` answer without torch or Ray,
+    """`--help`, `--version`, `presets`, `spaces` and `datasets list` answer without torch or Ray,
     which take seconds to import: the dataset registry that every command loads imports
     them only when a dataset is made."""
-    for args in (["--help"], ["--version"], ["presets"], ["datasets", "list"]):
+    for args in (["--help"], ["--version"], ["presets"], ["spaces"], ["datasets", "list"]):
         run = subprocess.run(
             [sys.executable, "-X", "importtime", "-m", "raypurify", *args],
             capture_output=True,

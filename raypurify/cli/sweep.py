@@ -83,12 +83,16 @@ def resume_command(args: argparse.Namespace) -> str:
 
 
 def run_spaces(args: argparse.Namespace) -> int:
+    """Each shipped space's name and gist, read as typed YAML only: resolving its names
+    against the registries imports torch and Ray (seconds), and `raypurify sweep` does
+    that before it starts anything."""
+    from raypurify import config
     from raypurify.errors import ConfigError
-    from raypurify.sweeps.space import SPACE_DIR, load_space, spaces
+    from raypurify.sweeps.space import SPACE_DIR, SweepSpace, spaces
 
     if not spaces():
         raise ConfigError(f"no sweep spaces in {SPACE_DIR}: this install lacks tune_spaces/")
-    for name in spaces():
-        space = load_space(name, datasets=False)
+    for name, path in spaces().items():
+        space = config.load(SweepSpace, path)
         print(f"{name:<20} {gist(space.description)}")
     return 0
