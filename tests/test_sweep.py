@@ -366,6 +366,9 @@ def test_asha_stops_a_trial_and_the_sweep_still_finishes(sweep):
     assert all(int(r["epoch"]) < 6 for r in stopped)
     assert any(float(r["kld2"]) == pytest.approx(0.001) for r in stopped)  # the flat one
     assert sum(r["status"] == "DONE" for r in rows) >= 1
+    # The time split counts finished steps; the report says whose classifiers it leaves out.
+    report = (sweep["out"] / "results.md").read_text()
+    assert f"not the classifiers of the {len(stopped)} trials ASHA stopped" in report
 
 
 @pytest.mark.slow

@@ -267,14 +267,15 @@ def markdown(space: SweepSpace, trials: list[dict], s: dict) -> str:
             "Rank correlations with test accuracy need three finished trials "
             f"({vt['trials']} here)."
         )
+    rest = f"{STEP_REST}; a trial's classifier also scores itself: test accuracy and the probes"
+    if s["stopped_by_asha"]:  # their classifiers never finish, so no step record holds them
+        stopped = s["stopped_by_asha"]
+        rest += f"; finished steps only, not the classifiers of the {stopped} trials ASHA stopped"
     lines += [
         "",
         ranks,
         "",
-        *time_markdown(
-            s.get("time_split", {}),
-            f"{STEP_REST}; a trial's classifier also scores itself: test accuracy and the probes",
-        ),
+        *time_markdown(s.get("time_split", {}), rest),
         *[f"![{p}]({p})" for p in PLOTS],
         "",
     ]
