@@ -415,6 +415,39 @@ def test_the_analyses_plan_a_clean_control_for_the_disentanglement_check_only():
     assert "disentangle/tap" in without and "disentangle/clean" not in without  # no P for it
 
 
+def test_the_ablation_preset_plans_each_ablation_and_analyses_read_a_stage_1():
+    """Each column of the shipped ablation table purifies with its own ablation; the
+    analyses, which read stage 1's p_hat, skip a column without stage 1 even when it
+    comes first."""
+    from raypurify.experiments.steps import plan
+
+    steps = {s.name: s for s in plan(load_spec("ablation"))}
+    for column, ablation in [
+        ("dvae", "none"),
+        ("without-stage1", "without-stage1"),
+        ("without-p2", "without-p2"),
+        ("stage1-only", "stage1-only"),
+    ]:
+        for row in ("em-class", "ar"):
+            resolved = steps[f"purify/{row}/{column}"].config["resolved"]
+            assert resolved.get("ablation", "none") == ablation, (row, column)
+            assert f"train/{row}/{column}/fast-resnet" in steps
+    reordered = load_spec(
+        "ablation",
+        [
+            "analyses=[detect]",
+            "defenses=[{name: none}, "
+            + ", ".join(
+                f"{{name: dvae, label: {c}, options: {{overrides: [ablation={c}]}}}}"
+                for c in ("without-stage1", "without-p2")
+            )
+            + "]",
+        ],
+    )
+    detect = {s.name: s for s in plan(reordered)}["detect/ar"]
+    assert detect.meta["column"] == "without-p2"
+
+
 @pytest.mark.parametrize(
     "value, message",
     [("[jpeg]", r"clean_row names unknown columns \['jpeg'\]"), ("[]", "clean_row: give true")],

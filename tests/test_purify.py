@@ -311,3 +311,44 @@ def test_purification_removes_a_class_wise_pattern(ray_session, warm_fits, mlflo
     own = np.einsum("nhwc,nhwc->n", p_hat, patterns[poisoned.labels]) / norm
     other = np.einsum("nhwc,nhwc->n", p_hat, patterns[(poisoned.labels + 1) % k]) / norm
     assert own.mean() > other.mean() + 0.08
+
+
+def test_the_papers_ablations_form_their_outputs(
+    ray_session, warm_fits, mlflow_uri, tiny_set, tmp_path
+):
+    """The paper's ablations of Algorithm 1, on one worker and one seed: stage 1 alone
+    outputs P1; without P2's subtraction, P3 is stage 2's x_hat of P1 itself (and stage 1
+    is the same model as stage 1 alone); without stage 1, stage 2 trains on P0 and P2 and
+    P3 descend from it."""
+    runs = {}
+    for ablation in ("stage1-only", "without-p2", "without-stage1"):
+        cfg = preset("cpu", [*TINY, f"ablation={ablation}"])
+        runs[ablation] = (tmp_path / ablation, cfg, purify(tiny_set, tmp_path / ablation, cfg))
+    p0 = open_dataset(tiny_set)
+
+    out, cfg, summary = runs["stage1-only"]
+    assert cfg.output == "p1" and summary["output"].endswith("p1")
+    assert set(summary["stages"]) == {"stage1"} and set(summary["outputs"]) == {"p1"}
+    assert not (out / "stage2.pt").exists()
+
+    out, cfg, summary = runs["without-p2"]
+    assert set(summary["outputs"]) == {"p1", "p3"} and summary["output"].endswith("p3")
+    assert np.array_equal(
+        sorted_rows(out / "p1").images, sorted_rows(runs["stage1-only"][0] / "p1").images
+    )
+    p1 = sorted_rows(out / "p1")
+    expected = run_in_process(out / "stage2.pt", cfg, p1, mode="reconstruct")
+    assert nearly_equal(sorted_rows(out / "p3").images, expected)
+    subtracted = run_in_process(out / "stage2.pt", cfg, p1, mode="subtract_reconstruct")
+    assert not nearly_equal(expected, subtracted)  # the subtraction the ablation leaves out
+
+    out, cfg, summary = runs["without-stage1"]
+    assert set(summary["stages"]) == {"stage2"} and set(summary["outputs"]) == {"p2", "p3"}
+    assert not (out / "stage1.pt").exists() and not (out / "p1").exists()
+    for name in ("p2", "p3"):
+        assert open_dataset(out / name).manifest["parents"][0]["sha256"] == p0.sha256
+
+
+def test_an_ablation_of_the_plain_vae_is_refused():
+    with pytest.raises(RaypurifyError, match="ablation: 'without-p2' ablates D-VAE"):
+        preset("vae-cpu", ["ablation=without-p2"])

@@ -57,5 +57,5 @@ def run(args: argparse.Namespace) -> int:
     for name, p in summary["passes"].items():
         rate = "reused" if p.get("reused") else f"{p.get('images_per_s', 0):.0f} images/s"
         print(f"pass {name}: {rate}")
-    print(f"purified set (P{'3' if cfg.method == 'dvae' else '1'}) -> {summary['output']}")
+    print(f"purified set ({cfg.output.upper()}) -> {summary['output']}")
     return 0

@@ -263,9 +263,14 @@ def analysis_steps(spec: ExperimentSpec, steps: list[Step]) -> list[Step]:
     blurred residual), so clean + that p_hat is the control that says how much of an
     attack row's collapse is the poison's.
     """
+    from raypurify.defenses.dvae.config import preset
     from raypurify.experiments import analyses
 
-    dvae = [d.column for d in spec.defenses if d.name == "dvae"]
+    def trains_stage1(options: dict[str, Any]) -> bool:  # the analyses read its p_hat
+        _, opts = defenses.options("dvae", options)
+        return preset(opts.preset, opts.overrides).ablation != "without-stage1"
+
+    dvae = [d.column for d in spec.defenses if d.name == "dvae" and trains_stage1(d.options)]
     if not spec.analyses or not dvae:
         return []
     by_name = {s.name: s for s in steps}

@@ -3,7 +3,8 @@
     Stage 1: train a fresh D-VAE on P0 with kld1;   P1 = clip(x0 - p_hat(x0))
     Stage 2: train a fresh D-VAE on P1 with kld2;   P2 = clip(x1 - p_hat(x1))   (float)
                                                     P3 = x_hat(P2)
-The plain VAE (Eq. 3) is one stage with P1 = x_hat(x0).
+The plain VAE (Eq. 3) is one stage with P1 = x_hat(x0); the paper's ablations (config.py)
+drop stage 1, stage 2's subtraction or stage 2.
 
 Everything lands in the output directory: p1/, p2/, p3/ (interchange format, same `index`
 and `label` as the input, lineage in their manifests), the stage weights, the Ray Train
@@ -271,6 +272,8 @@ def _run_passes(
         outputs, mode, key = {"image": out / "p1"}, "reconstruct", "p1"
     elif name == "stage1":
         outputs, mode, key = {"image": out / "p1"}, "subtract", "p1"
+    elif cfg.ablation == "without-p2":
+        outputs, mode, key = {"image": out / "p3"}, "reconstruct", "p3"
     else:
         outputs, mode, key = (
             {"image": out / "p3", "p2": out / "p2"},
@@ -288,5 +291,5 @@ def _run_passes(
         run.log_metrics({f"pass_{key}_images_per_s": timing["images_per_s"]})
     summary["passes"][key] = timing
     result = open_dataset(outputs["image"])
-    needs_data = cfg.method == "dvae" and name == "stage1"
+    needs_data = name != cfg.stages[-1][0]  # the next stage trains on this pass's output
     return result, (read_images(result.path) if needs_data else None)
