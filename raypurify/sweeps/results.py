@@ -268,9 +268,8 @@ def markdown(space: SweepSpace, trials: list[dict], s: dict) -> str:
             f"({vt['trials']} here)."
         )
     rest = f"{STEP_REST}; a trial's classifier also scores itself: test accuracy and the probes"
-    if s["stopped_by_asha"]:  # their classifiers never finish, so no step record holds them
-        stopped = s["stopped_by_asha"]
-        rest += f"; finished steps only, not the classifiers of the {stopped} trials ASHA stopped"
+    if stopped := s["stopped_by_asha"]:  # their classifiers never finish: no step record
+        rest += f"; finished steps only: the classifiers ASHA stopped ({stopped}) are not in it"
     lines += [
         "",
         ranks,
