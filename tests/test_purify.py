@@ -352,3 +352,16 @@ def test_the_papers_ablations_form_their_outputs(
 def test_an_ablation_of_the_plain_vae_is_refused():
     with pytest.raises(RaypurifyError, match="ablation: 'without-p2' ablates D-VAE"):
         preset("vae-cpu", ["ablation=without-p2"])
+
+
+def test_the_plain_vae_writes_its_reconstruction_as_p1(
+    ray_session, warm_fits, mlflow_uri, tiny_set, tmp_path
+):
+    """Eq. 3's VAE: one stage, and its output P1 is x_hat(x0), row for row."""
+    cfg = preset("vae-cpu", [t for t in TINY if not t.startswith("stage2.")])
+    summary = purify(tiny_set, tmp_path / "vae", cfg)
+    assert set(summary["stages"]) == {"stage1"} and set(summary["passes"]) == {"p1"}
+    assert set(summary["outputs"]) == {"p1"} and summary["output"].endswith("p1")
+    source = sorted_rows(tiny_set)
+    expected = run_in_process(tmp_path / "vae" / "stage1.pt", cfg, source, mode="reconstruct")
+    assert nearly_equal(sorted_rows(tmp_path / "vae" / "p1").images, expected)

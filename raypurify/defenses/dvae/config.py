@@ -95,6 +95,14 @@ class PurifyConfig(Config):
             return [("stage2", self.stage2)]
         return [("stage1", self.stage1), ("stage2", self.stage2)]
 
+    def pass_mode(self, stage: str) -> Literal["subtract", "subtract_reconstruct", "reconstruct"]:
+        """What the pass after `stage` forms: stage 1's P1 = clip(x - p_hat(x)), stage 2's
+        P2 = clip(x - p_hat(x)) and P3 = x_hat(P2); the plain VAE's one stage and stage 2
+        `without-p2` reconstruct their input."""
+        if self.method == "vae" or (stage == "stage2" and self.ablation == "without-p2"):
+            return "reconstruct"
+        return "subtract" if stage == "stage1" else "subtract_reconstruct"
+
     @property
     def output(self) -> str:
         """The purified set's name: p3, or p1 for the plain VAE and stage 1 alone."""

@@ -43,7 +43,7 @@ from raypurify.worker_group import warm_workers
 from raypurify.workers import check_one_batch
 
 from .config import PurifyConfig
-from .passes import Mode, run_pass
+from .passes import run_pass
 from .stage import images_per_s, train_stage
 
 if TYPE_CHECKING:
@@ -267,19 +267,13 @@ def _run_passes(
 ) -> tuple[DatasetInfo, ImageSet | None]:
     """The inference pass(es) after stage `name`; returns (output info, its data or None)."""
     lineage = [source.lineage()]
-    mode: Mode
-    if cfg.method == "vae":
-        outputs, mode, key = {"image": out / "p1"}, "reconstruct", "p1"
-    elif name == "stage1":
-        outputs, mode, key = {"image": out / "p1"}, "subtract", "p1"
-    elif cfg.ablation == "without-p2":
-        outputs, mode, key = {"image": out / "p3"}, "reconstruct", "p3"
-    else:
-        outputs, mode, key = (
-            {"image": out / "p3", "p2": out / "p2"},
-            "subtract_reconstruct",
-            "p2_p3",
-        )
+    mode = cfg.pass_mode(name)
+    last = name == cfg.stages[-1][0]
+    image = cfg.output if last else "p1"  # only stage 1 passes its set on to another stage
+    outputs = {"image": out / image}
+    if mode == "subtract_reconstruct":
+        outputs["p2"] = out / "p2"
+    key = "p2_p3" if "p2" in outputs else image
     if all(_kept(p, recorded) for p in outputs.values()):
         timing = summary["passes"].get(key, {"seconds": 0.0, "reused": True})
     else:
@@ -291,5 +285,4 @@ def _run_passes(
         run.log_metrics({f"pass_{key}_images_per_s": timing["images_per_s"]})
     summary["passes"][key] = timing
     result = open_dataset(outputs["image"])
-    needs_data = name != cfg.stages[-1][0]  # the next stage trains on this pass's output
-    return result, (read_images(result.path) if needs_data else None)
+    return result, (None if last else read_images(result.path))  # the next stage's input

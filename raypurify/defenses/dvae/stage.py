@@ -192,7 +192,7 @@ def stage_worker(job: StageJob, ctx: LoopContext) -> None:
 
     if rank == 0 and job.mlflow is not None and start_epoch < stage.epochs:
         images, labels = batches.unpack(ray.get(job.grid_arrays))
-        final = name == "stage2" and cfg.ablation != "without-p2"  # the stage that forms x3
+        final = cfg.pass_mode(name) == "subtract_reconstruct"  # the stage that forms x3
         log_grids(job.mlflow, cast(DVAE, unwrap(model)), images, labels, cfg, dev, final)
 
 
