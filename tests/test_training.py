@@ -187,6 +187,23 @@ def test_ctrl_c_during_raypurify_train_says_so_and_the_rerun_resumes(
     assert metrics["history"][: killed["epoch"]] == killed["history"]
 
 
+def test_a_run_shorter_than_its_recipes_warm_up_still_decays():
+    from raypurify.training.config import recipe
+    from raypurify.training.epoch import lr_factor
+
+    def factors(epochs: int, steps: int = 40) -> list[float]:
+        o = recipe("cpu", [f"epochs={epochs}"]).optim
+        total, warmup = epochs * steps, int(o.warmup_epochs * steps)
+        return [lr_factor(o.schedule, s, total, warmup) for s in range(total)]
+
+    full = factors(14)  # the recipe as the protocol runs it: 2 warm-up epochs, then decay
+    assert full[79] == 1.0 and full[0] == 1 / 80 and full[-1] < 0.01
+    for epochs in (1, 2, 4):  # at or under the warm-up: a quarter warms up, the rest decays
+        f = factors(epochs)
+        assert max(f) == 1.0 and f.index(1.0) == epochs * 10 - 1
+        assert f[-1] == pytest.approx(1 / (epochs * 30))  # one decay step from zero
+
+
 def test_a_set_without_a_full_batch_per_worker_is_refused():
     with pytest.raises(ConfigError, match=r"^batch_size: d has 63 rows, .* over 2 workers"):
         check_one_batch(63, 64, 2, "d", "batch_size")  # 31 rows each, batches of 32

@@ -22,7 +22,7 @@ class OptimConfig(Config):
     nesterov: bool = False
     weight_decay: float = Field(5e-4, ge=0)
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_epochs: float = Field(0.0, ge=0)
+    warmup_epochs: float = Field(0.0, ge=0)  # at most a quarter of the run (epoch.lr_factor)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     grad_clip: float | None = Field(None, gt=0)
 

@@ -59,7 +59,13 @@ def lr_schedule(
 
 
 def lr_factor(schedule: Schedule, step: int, total: int, warmup: int) -> float:
-    """Multiplier of the base learning rate at `step` of `total` (linear warm-up first)."""
+    """Multiplier of the base learning rate at `step` of `total` (linear warm-up first).
+
+    The warm-up takes at most a quarter of the run: a short run of a recipe (the `cpu`
+    recipe's 2 warm-up epochs at `--set epochs=2`) would otherwise end at its peak rate
+    and never decay, and be judged on its noisiest weights.
+    """
+    warmup = min(warmup, total // 4)
     if step < warmup:
         return (step + 1) / warmup
     t = (step - warmup) / max(1, total - warmup)
