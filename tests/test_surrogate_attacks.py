@@ -116,6 +116,57 @@ def test_tap_keeps_the_budget_labels_and_ratio_and_is_seeded(ray_session, warm_f
     assert np.array_equal(again.poisoned, poisoned.poisoned)
 
 
+def test_untargeted_pgd_pushes_each_image_from_its_label_where_targeted_pulls_to_the_target(
+    ray_session, clean
+):
+    import ray
+    import torch
+    import torch.nn.functional as F
+
+    from raypurify.attacks.targeted import PGD, Crafter, Surrogates
+    from raypurify.models import build_model
+
+    torch.manual_seed(0)
+    net = build_model("fast-resnet", 10, 32, width=8)
+    x_all = torch.from_numpy(clean.images).permute(0, 3, 1, 2).float() / 255
+    y_all = torch.from_numpy(clean.labels.astype(np.int64))
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    for _ in range(30):  # a surrogate that has learned something, so its gradients mean it
+        opt.zero_grad()
+        F.cross_entropy(net(x_all), y_all).backward()
+        opt.step()
+    net.eval()
+    rows = clean.take(np.arange(0, 200, 5))
+    batch = {"image": rows.images, "label": rows.labels, "index": rows.index}
+    x, y = x_all[::5], y_all[::5]
+
+    def ce(delta: np.ndarray, target: torch.Tensor) -> float:
+        adv = (x + torch.from_numpy(delta).permute(0, 3, 1, 2)).clamp(0, 1)
+        with torch.no_grad():
+            return F.cross_entropy(net(adv), target).item()
+
+    def crafted(objective: str) -> np.ndarray:
+        pgd = PGD(8 / 255, 5, 2 / 255, 1, 1, False, "fp32", 0, objective)  # type: ignore[arg-type]
+        surrogates = Surrogates(ray.put([net.state_dict()]), "fast-resnet", {"width": 8}, 10, 32)
+        delta = Crafter(surrogates, pgd)(batch)["delta"]
+        assert np.abs(delta).max() <= 8 / 255 + 1e-6
+        return delta
+
+    none, target = np.zeros_like(crafted("targeted")), (y + 1) % 10
+    away, towards = crafted("untargeted"), crafted("targeted")
+    assert ce(away, y) > ce(none, y) + 0.1 and ce(away, y) > ce(towards, y)
+    assert ce(towards, target) < ce(none, target) - 0.1 and ce(towards, target) < ce(away, target)
+
+
+def test_tap_objective_leaves_the_targeted_configs_key_alone():
+    from raypurify.attacks.tap import TAPConfig
+
+    assert "objective" not in TAPConfig().to_dict()
+    assert TAPConfig(objective="untargeted").to_dict()["objective"] == "untargeted"
+    with pytest.raises(ValueError, match="objective"):
+        TAPConfig(objective="sideways")  # type: ignore[arg-type]
+
+
 REM_TINY = {
     "surrogate": "fast-resnet",
     "surrogate_options": {"width": 8},

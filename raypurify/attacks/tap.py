@@ -5,7 +5,9 @@ then every image is pushed by targeted PGD towards the class (y + shift) mod K, 
 crop/flip at every step (the authors' differentiable augmentation) and `restarts` random
 starts (see `targeted.py`). Adversarial features of the wrong class become the shortcut a
 victim learns. The authors use 250 steps and 8 restarts on a 40-epoch ResNet-18 (the
-defaults); the CPU protocol passes fewer.
+defaults); the CPU protocol passes fewer. `objective=untargeted` is the authors' other
+recipe (PGD away from each image's own label), which APBench's copy of their code runs by
+default and their released CIFAR-10 poison was made with; `shift` is then unused.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 from pydantic import Field, PositiveInt
 
 from raypurify.attacks.base import Attack, AttackJob, EpsConfig, perturb
-from raypurify.attacks.targeted import PGD, craft
+from raypurify.attacks.targeted import PGD, Objective, craft
 from raypurify.runtime import Precision
 from raypurify.storage import scratch
 
@@ -27,11 +29,14 @@ if TYPE_CHECKING:
 
 
 class TAPConfig(EpsConfig):
+    added_fields = frozenset({"objective"})
+
     eps: float = Field(8 / 255, gt=0, le=1, description="l_inf bound, [0, 1] units")
     steps: PositiveInt = 250
     restarts: PositiveInt = 8
     step_size: float | None = Field(None, gt=0, description="default: eps * max(0.05, 2.5/steps)")
     shift: PositiveInt = Field(1, description="target class (y + shift) mod K")
+    objective: Objective = "targeted"
     augment: bool = True
     surrogate_recipe: str = "paper"  # trained on the clean set with this classifier recipe
     surrogate_overrides: list[str] = Field(default_factory=lambda: ["epochs=40"])
@@ -74,6 +79,7 @@ def generate(job: AttackJob, cfg: TAPConfig) -> np.ndarray:
         augment=cfg.augment,
         precision=cfg.precision,
         seed=cfg.seed,
+        objective=cfg.objective,
     )
     delta = craft(
         job.rows,

@@ -1,20 +1,23 @@
-"""Targeted PGD against a surrogate, or an ensemble of surrogates: TAP and SEP's crafting.
+"""PGD against a surrogate, or an ensemble of surrogates: TAP and SEP's crafting.
 
-Every image is pushed towards the class (y + shift) mod K:
+Every image is pushed towards the class (y + shift) mod K (targeted, as TAP and SEP are
+published):
 
     min_{||delta||_inf <= eps}  mean_k CE(f_k(A(x + delta)), (y + shift) mod K)
 
-with A an optional random crop/flip drawn at every step (so the features survive the
-victim's augmentation), over `restarts` random starts, keeping per image the start with the
-lowest final target loss. It runs as Ray Data `map_batches` on an actor pool holding the
-surrogates (GPUs when the cluster has them), and returns the float perturbations, which
-the attack then quantises within the budget.
+or, untargeted (TAP's other recipe in its authors' code, and APBench's default), away
+from its own label: min -mean_k CE(f_k(A(x + delta)), y). A is an optional random
+crop/flip drawn at every step (so the features survive the victim's augmentation); of
+`restarts` random starts, each image keeps the one with the lowest final objective. It
+runs as Ray Data `map_batches` on an actor pool holding the surrogates (GPUs when the
+cluster has them), and returns the float perturbations, which the attack then quantises
+within the budget.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import numpy as np
 import ray
@@ -30,6 +33,8 @@ from raypurify.progress import BarQueue, Progress, add
 from raypurify.runtime import Precision, autocast, torch_threads, use_bf16
 from raypurify.training.augment import crop_flip
 
+Objective = Literal["targeted", "untargeted"]
+
 
 @dataclass(frozen=True)
 class PGD:
@@ -43,6 +48,7 @@ class PGD:
     augment: bool  # a random crop/flip at every step
     precision: Precision
     seed: int
+    objective: Objective = "targeted"
 
 
 @dataclass(frozen=True)
@@ -75,6 +81,7 @@ class Crafter:
         self.amp = use_bf16(pgd.precision, self.dev)
 
     def loss(self, x: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """The objective PGD lowers: CE to the target class, or minus CE to the own label."""
         x = x.contiguous(memory_format=torch.channels_last)
         total: torch.Tensor | float = 0.0
         for model in self.models:
@@ -82,13 +89,14 @@ class Crafter:
                 logits = model(x)
             total = total + F.cross_entropy(logits.float(), target, reduction=reduction)
         # There is at least one surrogate, so the sum is a tensor.
-        return cast(torch.Tensor, total) / len(self.models)
+        sign = -1.0 if self.pgd.objective == "untargeted" else 1.0
+        return sign * cast(torch.Tensor, total) / len(self.models)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         p = self.pgd
         x = torch.from_numpy(np.array(batch["image"])).to(self.dev).permute(0, 3, 1, 2) / 255.0
         labels = torch.from_numpy(np.array(batch["label"], dtype=np.int64)).to(self.dev)
-        target = (labels + p.shift) % self.classes
+        target = labels if p.objective == "untargeted" else (labels + p.shift) % self.classes
         gen = torch.Generator().manual_seed(p.seed * 1_000_003 + int(batch["index"].min()))
         best = torch.zeros_like(x)
         best_loss = torch.full((len(x),), float("inf"), device=self.dev)
