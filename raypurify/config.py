@@ -1,16 +1,19 @@
 """Typed configs: pydantic models loaded from YAML, with `--set key.path=value` overrides.
 
 Every config model rejects unknown keys and wrong types; errors carry the dotted key path
-(``train.epochs: Input should be a valid integer``) so a user can find the offending line.
+(``train.epochs: Input should be a valid integer``) so a user can find the offending line,
+and an unknown key names the one meant or the keys known there.
 """
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
+import types
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, model_serializer
@@ -104,20 +107,60 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str,
     return out
 
 
-def format_validation_error(err: ValidationError, prefix: str = "") -> str:
-    """One line: ``key.path: message (got value)`` for each problem, joined with '; '."""
+def format_validation_error(
+    err: ValidationError, prefix: str = "", model: type[BaseModel] | None = None
+) -> str:
+    """One line: ``key.path: message (got value)`` for each problem, joined with '; '.
+    Given the `model` validated, an unknown key says which key was meant, or which exist."""
     parts = []
     for e in err.errors():
         loc = ".".join(str(p) for p in [prefix, *e["loc"]] if p != "")
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
-            msg = "unknown key"
+            msg = "unknown key" + known_keys_hint(model, e["loc"])
         elif e["type"] == "value_error":  # our validators' own words, which name the field
             msg = str(e["ctx"]["error"])
         elif "input" in e and not isinstance(e["input"], (dict, list)):
             msg = f"{msg} (got {e['input']!r})"
         parts.append(f"{loc}: {msg}" if loc else msg)
     return "; ".join(parts)
+
+
+def known_keys_hint(model: type[BaseModel] | None, loc: tuple[int | str, ...]) -> str:
+    """`` (did you mean 'ratio'?)`` or `` (known: a, b)`` for the unknown key at `loc` of
+    `model`, or nothing where the keys there are not a model's fields."""
+    node: Any = model
+    for part in loc[:-1]:
+        node = _section(node, part)
+    node = _bare(node)
+    if not (isinstance(node, type) and issubclass(node, BaseModel)):
+        return ""
+    keys = [f.alias or name for name, f in node.model_fields.items()]
+    close = difflib.get_close_matches(str(loc[-1]), keys, n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(keys)})"
+
+
+def _bare(node: Any) -> Any:
+    """X for Optional[X]; None for another union (its member is not known here)."""
+    if get_origin(node) in (Union, types.UnionType):
+        inner = [a for a in get_args(node) if a is not type(None)]
+        return inner[0] if len(inner) == 1 else None
+    return node
+
+
+def _section(node: Any, part: int | str) -> Any:
+    """The type found at `part` under the type `node` (a model's field, a list's or a
+    dict's item), None where there is none to follow."""
+    node = _bare(node)
+    origin = get_origin(node)
+    if isinstance(node, type) and issubclass(node, BaseModel):
+        fields = {f.alias or name: f for name, f in node.model_fields.items()}
+        return fields[part].annotation if part in fields else None
+    if origin in (list, tuple) and isinstance(part, int):
+        return get_args(node)[0]
+    if origin is dict:
+        return get_args(node)[1]
+    return None
 
 
 def validate(
@@ -135,7 +178,7 @@ def validate(
     except ValidationError as e:
         typed = set_by(e, overrides)
         where = f"{source}, {typed}" if typed else source
-        raise ConfigError(f"{where}: {format_validation_error(e)}") from None
+        raise ConfigError(f"{where}: {format_validation_error(e, model=model)}") from None
 
 
 def set_by(err: ValidationError, overrides: Iterable[str]) -> str | None:

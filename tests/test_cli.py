@@ -113,7 +113,10 @@ def test_set_with_unknown_key_names_it(tmp_path, capsys):
     out = tmp_path / "never"
     code = main(["datasets", "export", "synthetic", "--out", str(out), "--set", "colour=red"])
     assert code == 2
-    assert capsys.readouterr().err == "error: dataset, --set colour=red: colour: unknown key\n"
+    assert capsys.readouterr().err == (
+        "error: dataset, --set colour=red: colour: unknown key"
+        " (known: name, split, path, subset, seed, size, classes, rows)\n"
+    )
     code = main(["datasets", "export", "synthetic", "--out", str(out), "--set", "rows=many"])
     assert code == 2
     err = capsys.readouterr().err

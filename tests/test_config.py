@@ -47,16 +47,16 @@ def test_defaults_validate():
 
 
 @pytest.mark.parametrize(
-    "data, path",
+    "data, path, hint",
     [
-        ({"nmae": "x"}, "nmae"),
-        ({"train": {"epochz": 3}}, "train.epochz"),
-        ({"train": {"optim": {"momentum": 0.9}}}, "train.optim.momentum"),
+        ({"nmae": "x"}, "nmae", "did you mean 'name'?"),
+        ({"train": {"epochz": 3}}, "train.epochz", "did you mean 'epochs'?"),
+        ({"train": {"optim": {"momentum": 0.9}}}, "train.optim.momentum", "known: lr, betas"),
     ],
 )
-def test_unknown_keys_rejected_with_key_path(data, path):
+def test_unknown_keys_rejected_with_key_path_and_the_keys_known_there(data, path, hint):
     assert error_of(config.validate, Experiment, data, source="exp.yaml") == (
-        f"exp.yaml: {path}: unknown key"
+        f"exp.yaml: {path}: unknown key ({hint})"
     )
 
 
@@ -187,17 +187,37 @@ def test_apply_overrides_creates_sections_and_copies():
     assert data == {"train": {"epochs": 1}}  # the input is not modified
 
 
+def test_an_unknown_key_under_a_list_an_optional_or_a_dict_is_matched_to_its_model():
+    class Part(Config):
+        paths: list[str] = []
+
+    class Whole(Config):
+        parts: list[Part] = []
+        spare: Part | None = None
+        named: dict[str, Part] = {}
+        free: dict[str, int] = {}
+
+    data = {"parts": [{}, {"pathz": []}], "spare": {"pathz": []}, "named": {"a": {"pathz": []}}}
+    assert error_of(config.validate, Whole, data) == "config: " + "; ".join(
+        f"{where}.pathz: unknown key (did you mean 'paths'?)"
+        for where in ("parts.1", "spare", "named.a")
+    )
+    assert error_of(config.validate, Whole, {"free": {"a": "x"}}).startswith("config: free.a: ")
+
+
 def test_a_bad_override_is_blamed_on_its_set(tmp_path):
     """The `--set` that wrote the failing key is named beside the file (the user typed
     it), the file alone when the file holds the fault."""
     msg = error_of(config.load, Experiment, {}, ["train.optim.lrr=0.1"])
-    assert msg == "config, --set train.optim.lrr=0.1: train.optim.lrr: unknown key"
+    assert msg == (
+        "config, --set train.optim.lrr=0.1: train.optim.lrr: unknown key (did you mean 'lr'?)"
+    )
     base = tmp_path / "exp.yaml"
     base.write_text("name: x\n")
     msg = error_of(config.load, Experiment, base, ["name=y", "train.epochs=lots"])
     assert msg.startswith(f"{base}, --set train.epochs=lots: train.epochs: Input should be")
     msg = error_of(config.load, Experiment, base, ["nosuch.deeper=1"])
-    assert msg == f"{base}, --set nosuch.deeper=1: nosuch: unknown key"
+    assert msg == f"{base}, --set nosuch.deeper=1: nosuch: unknown key (known: name, tags, train)"
     base.write_text("train: {epochs: lots}\n")
     msg = error_of(config.load, Experiment, base, ["name=y", "train.optim.lr=0.1"])
     assert msg.startswith(f"{base}: train.epochs: Input should be a valid integer")

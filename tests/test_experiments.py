@@ -336,7 +336,9 @@ def test_unknown_keys_in_a_yaml_name_their_path(tmp_path):
         "name: x\ndataset: {name: cifar10-sample}\ntest: {name: cifar10-sample}\n"
         "attacks: [{name: lsp, ratoi: 0.5}]\ndefenses: [{name: none}]\n"
     )
-    with pytest.raises(ConfigError, match=r"attacks\.0\.ratoi: unknown key"):
+    with pytest.raises(
+        ConfigError, match=r"attacks\.0\.ratoi: unknown key \(did you mean 'ratio'\?\)"
+    ):
         load_spec(str(spec))
 
 
