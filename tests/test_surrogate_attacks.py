@@ -146,7 +146,17 @@ def test_untargeted_pgd_pushes_each_image_from_its_label_where_targeted_pulls_to
             return F.cross_entropy(net(adv), target).item()
 
     def crafted(objective: str) -> np.ndarray:
-        pgd = PGD(8 / 255, 5, 2 / 255, 1, 1, False, "fp32", 0, objective)  # type: ignore[arg-type]
+        pgd = PGD(
+            eps=8 / 255,
+            steps=5,
+            step_size=2 / 255,
+            restarts=1,
+            shift=1,
+            augment=False,
+            precision="fp32",
+            seed=0,
+            objective=objective,  # type: ignore[arg-type]
+        )
         surrogates = Surrogates(ray.put([net.state_dict()]), "fast-resnet", {"width": 8}, 10, 32)
         delta = Crafter(surrogates, pgd)(batch)["delta"]
         assert np.abs(delta).max() <= 8 / 255 + 1e-6
