@@ -58,7 +58,7 @@ from raypurify.data.interchange import read_images, write_images  # noqa: E402
 from raypurify.defenses.dvae.config import PurifyConfig  # noqa: E402
 from raypurify.defenses.dvae.model import DVAE  # noqa: E402
 from raypurify.defenses.dvae.stage import build  # noqa: E402
-from raypurify.experiments.trace import class_parts  # noqa: E402
+from raypurify.experiments.trace import class_parts, share_kept  # noqa: E402
 from raypurify.training.run import run_training  # noqa: E402
 
 
@@ -73,12 +73,17 @@ def load_stages(folder: Path, num_classes: int, size: int) -> tuple[PurifyConfig
     return cfg, models
 
 
+def stage2_output(stage2: DVAE, x1: torch.Tensor, labels: np.ndarray) -> torch.Tensor:
+    """x_hat(x2), x2 = x1 - p_hat2(x1) kept in float: P3 before rounding."""
+    x2 = ip.apply(stage2, x1, labels, ip.subtract)
+    return ip.apply(stage2, x2, labels, ip.reconstruct)
+
+
 def purify(stages: list[DVAE], images: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """P3 of `images` as the pipeline forms it (P1 stored as uint8, x2 kept in float)."""
     stage1, stage2 = stages
     x1 = ip.as_input(ip.to_uint8(ip.apply(stage1, ip.as_input(images), labels, ip.subtract)))
-    x2 = ip.apply(stage2, x1, labels, ip.subtract)
-    return ip.to_uint8(ip.apply(stage2, x2, labels, ip.reconstruct))
+    return ip.to_uint8(stage2_output(stage2, x1, labels))
 
 
 def refit_stage2(
@@ -90,11 +95,8 @@ def refit_stage2(
     labels, x1 = poisoned.labels, ip.as_input(p1)
     cfg = PurifyConfig.model_validate({**cfg.to_dict(), "seed": seed})
     refit = ip.train_stage(cfg, cfg.stage2, p1, labels, poisoned.num_classes)
-    outputs = []
-    for stage2 in (refit, stages[1]):
-        x2 = ip.apply(stage2, x1, labels, ip.subtract)
-        outputs.append(ip.apply(stage2, x2, labels, ip.reconstruct))
-    return ip.to_uint8(outputs[0]), ip.to_uint8((outputs[0] + outputs[1]) / 2)
+    own, other = (stage2_output(stage2, x1, labels) for stage2 in (refit, stages[1]))
+    return ip.to_uint8(own), ip.to_uint8((own + other) / 2)
 
 
 SETS = (
@@ -183,7 +185,7 @@ def write_parts(args: argparse.Namespace, out: Path) -> None:
             "part": name,
             "rms": rms(x),
             "classwise_rms": rms(class_parts(x, labels)[0]),
-            "poison_kept": float(np.sum(x * delta) / np.sum(delta * delta)),
+            "poison_kept": share_kept(x, delta),
         }
         for name, x in parts.items()
     ]
