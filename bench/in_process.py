@@ -22,13 +22,6 @@ from raypurify.runtime import autocast, device, use_bf16
 DEV = device()  # the GPU when there is one
 
 
-def radial_frequency(size: int) -> np.ndarray:
-    """Each spatial frequency's distance from zero in cycles per image, shaped (1, size,
-    size, 1) to mask the spectra np.fft.fft2 gives of (N, H, W, C) images (axes 1, 2)."""
-    f = np.fft.fftfreq(size) * size
-    return np.hypot(*np.meshgrid(f, f, indexing="ij"))[None, :, :, None]
-
-
 def positions(data: ImageSet, index: np.ndarray) -> np.ndarray:
     """The positions in `data` of the rows whose index is `index`, in that order."""
     order = np.argsort(data.index)

@@ -51,14 +51,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import in_process as ip  # noqa: E402
 from common import write_results  # noqa: E402
 from p3_passes import BANDS  # noqa: E402
-from poison_dose import frequency_parts  # noqa: E402
 
 from raypurify.data.imageset import ImageSet  # noqa: E402
 from raypurify.data.interchange import read_images, write_images  # noqa: E402
 from raypurify.defenses.dvae.config import PurifyConfig  # noqa: E402
 from raypurify.defenses.dvae.model import DVAE  # noqa: E402
 from raypurify.defenses.dvae.stage import build  # noqa: E402
-from raypurify.experiments.trace import class_parts, share_kept  # noqa: E402
+from raypurify.experiments.trace import (  # noqa: E402
+    class_parts,
+    frequency_parts,
+    radial_frequency,
+    share_kept,
+)
 from raypurify.training.run import run_training  # noqa: E402
 
 
@@ -118,7 +122,7 @@ def rms(x: np.ndarray) -> float:
 def band_rows(delta: np.ndarray, residual: np.ndarray) -> list[dict]:
     """Per band: the poison's and the residual's share of their energy, and the share of
     the poison's band that the residual passes (<F(r), F(delta)> / <F(delta), F(delta)>)."""
-    radius = ip.radial_frequency(delta.shape[1])
+    radius = radial_frequency(*delta.shape[1:3])
     fd, fr = (np.fft.fft2(x, axes=(1, 2)) for x in (delta, residual))
     total_d, total_r = np.sum(np.abs(fd) ** 2), np.sum(np.abs(fr) ** 2)
     rows = []

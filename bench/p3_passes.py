@@ -80,7 +80,7 @@ from p3_forms import (  # noqa: E402
 from raypurify.data.imageset import ImageSet  # noqa: E402
 from raypurify.data.interchange import read_images, write_images  # noqa: E402
 from raypurify.defenses.squeeze import JpegOptions, jpeg  # noqa: E402
-from raypurify.experiments.trace import psnr, share_kept  # noqa: E402
+from raypurify.experiments.trace import psnr, radial_frequency, share_kept  # noqa: E402
 
 # Radial bands of spatial frequency (cycles per image) for --bands; 32-px images reach 16
 # along an axis, and the last band (labelled 12-16) also holds the corners beyond, to 16 * 2**0.5.
@@ -103,7 +103,7 @@ def band_rows(
         return np.fft.fft2(x.astype(np.float64), axes=(1, 2))
 
     size = delta.shape[1]
-    radius = ip.radial_frequency(size)
+    radius = radial_frequency(size, size)
     masks = [(radius >= lo) & (radius < hi) for lo, hi in BANDS]
     # Per band: poison energy, clean energy (mean removed), clean energy (with its mean),
     # the purifier's change against the poison, its clean output against the clean image.

@@ -41,20 +41,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_results  # noqa: E402
-from in_process import by_index, positions, probe_split, radial_frequency  # noqa: E402
+from in_process import by_index, positions, probe_split  # noqa: E402
 
 from raypurify.data.imageset import ImageSet  # noqa: E402
 from raypurify.data.interchange import read_images, write_images  # noqa: E402
-from raypurify.experiments.trace import class_parts  # noqa: E402
+from raypurify.experiments.trace import class_parts, frequency_parts  # noqa: E402
 from raypurify.training.run import run_training  # noqa: E402
-
-
-def frequency_parts(delta: np.ndarray, cut: float) -> tuple[np.ndarray, np.ndarray]:
-    """`delta` (N, H, W, C) split into its spatial frequencies below `cut` cycles per image
-    and the rest (the two add up to `delta`)."""
-    below = radial_frequency(delta.shape[1]) < cut
-    low = np.fft.ifft2(np.fft.fft2(delta, axes=(1, 2)) * below, axes=(1, 2)).real
-    return low, delta - low
 
 
 def main() -> None:

@@ -76,6 +76,8 @@ def test_every_cell_is_in_the_table_and_the_plots_exist(demo):
     for png in ("accuracy.png", "images.png"):
         assert (out / png).stat().st_size > 1000
     assert results["budgets"]["em-class"]["linf_255"] <= 8.0 + 1e-6
+    assert all(0.0 <= c["train_accuracy"] <= 1.0 for c in results["cells"])
+    assert "Generalisation gap, classifier `fast-resnet`" in md
 
 
 def test_the_trace_covers_every_defence_output_of_every_row(demo):
@@ -86,7 +88,10 @@ def test_the_trace_covers_every_defence_output_of_every_row(demo):
     assert all(found[("clean", o)]["kept"] is None for o in outputs)
     assert all(np.isfinite(found[("em-class", o)]["kept"]) for o in outputs)
     assert all(5.0 < e["psnr"] < 60.0 for e in found.values())
-    assert "Purification trace" in (out / "results.md").read_text()
+    assert all(0.0 <= found[("em-class", o)]["high_share"] <= 1.0 for o in outputs)
+    assert all(np.isfinite(found[("em-class", o)]["kept_high"]) for o in outputs)
+    md = (out / "results.md").read_text()
+    assert "Purification trace" in md and "By spatial frequency" in md
 
 
 def test_steps_at_once_train_on_warm_groups_of_their_own(demo):
@@ -386,6 +391,39 @@ def test_the_iss_column_takes_the_better_of_its_columns_per_row_and_only_when_bo
     assert "| ops | - | 73.00 | 16.00 | - | 73.00 | - | - |" in table
     assert "| tap | - | 70.00 | - | - | - | - | - |" in table  # no ISS yet
     assert "better input column per row (lsp: grayscale, ops: jpeg-10)" in table
+
+
+def test_the_gap_table_shows_training_minus_test_accuracy_and_leaves_older_cells_blank():
+    from raypurify.reports.experiment import markdown
+
+    spec = load_spec("demo")
+
+    def cell(row, column, test, fit=None):
+        kept = {} if fit is None else {"train_accuracy": fit}
+        return {"row": row, "column": column, "classifier": "fast-resnet", "accuracy": test} | kept
+
+    older = [cell("clean", "none", 0.56), cell("em-class", "none", 0.25)]
+    assert "Generalisation gap" not in markdown(spec, {"cells": older})
+    cells = [
+        cell("clean", "none", 0.56, fit=0.66),
+        cell("em-class", "none", 0.25, fit=1.0),
+        cell("em-class", "jpeg", 0.37),  # trained before the training accuracy was kept
+        cell("em-class", "dvae", 0.52, fit=0.61),
+    ]
+    table = markdown(spec, {"cells": cells})
+    assert "| clean | 10.00 | - | - |" in table
+    assert "| em-class | 75.00 | - | 9.00 |" in table
+
+
+def test_a_spec_without_classifiers_reports_its_trace_and_no_chart(tmp_path):
+    """Datasets only (the poisons, the defences and their trace): no cells to chart."""
+    from raypurify.reports.experiment import write
+
+    spec = load_spec("demo", ["classifiers=[]"])
+    files = write(spec, {"cells": [], "trace": []}, tmp_path, [])
+    assert [f.name for f in files] == ["results.json", "results.csv", "results.md"]
+    assert not (tmp_path / "accuracy.png").exists()
+    assert "# demo" in (tmp_path / "results.md").read_text()
 
 
 def test_the_detection_table_lists_each_scored_attack_by_statistic():

@@ -8,8 +8,10 @@ import pytest
 from raypurify.data.imageset import ImageSet
 from raypurify.data.interchange import write_images
 from raypurify.experiments.trace import (
+    HIGH_BAND,
     class_parts,
     energy_share,
+    frequency_parts,
     markdown,
     psnr,
     share_kept,
@@ -70,6 +72,22 @@ def test_the_parts_of_a_poison_are_kept_apart():
     assert share_kept(rest, means) == pytest.approx(0.0, abs=1e-9)  # orthogonal parts
     assert share_kept(rest, rest) == pytest.approx(1.0)
     assert share_kept(np.zeros_like(delta), np.zeros_like(delta)) is None
+
+
+def test_frequency_parts_split_a_poison_at_the_band_edge():
+    """A smooth gradient lies below HIGH_BAND, a pixel checkerboard (16 cycles) above it; the
+    parts are orthogonal and add up to the poison."""
+    y, x = np.mgrid[0:32, 0:32]
+    smooth = np.cos(2 * np.pi * 2 * x / 32)[None, :, :, None] * np.ones((4, 1, 1, 3))
+    checker = ((-1.0) ** (x + y))[None, :, :, None] * np.ones((4, 1, 1, 3))
+    low, high = frequency_parts(smooth + checker)
+    assert np.allclose(low, smooth) and np.allclose(high, checker)
+    assert np.allclose(low + high, smooth + checker)
+    assert energy_share(high, smooth + checker) == pytest.approx(2 / 3)  # cos^2 averages 1/2
+    assert share_kept(low, high) == pytest.approx(0.0, abs=1e-9)
+    # the edge itself: a frequency of HIGH_BAND cycles counts as high
+    edge = np.cos(2 * np.pi * HIGH_BAND * x / 32)[None, :, :, None]
+    assert np.allclose(frequency_parts(edge)[1], edge)
 
 
 def test_psnr_is_none_for_identical_images_and_falls_with_the_error():
@@ -138,3 +156,33 @@ def test_trace_follows_the_poison_through_each_output_in_the_store(tmp_path):
     assert "| x | dvae P1 | 1.00 | 0.50 | - |" in table  # stage 1 by part
     untraced = "\n".join(markdown([found[("x", "dvae P1")]], ["clean", "x"]))
     assert "| x | 1.00 | 0.50 / " in untraced and "| clean |" not in untraced
+
+
+def test_trace_splits_what_an_output_kept_by_spatial_frequency(tmp_path):
+    """An output that blurred the poison away from HIGH_BAND up and kept its coarse part: the
+    overall figure says 'some of it', the band split says which part."""
+    rng = np.random.default_rng(5)
+    n = 40
+    clean = rng.integers(60, 190, (n, 32, 32, 3)).astype(np.int16)
+    y, x = np.mgrid[0:32, 0:32]
+    coarse = np.full((1, 32, 32, 1), 6)  # a brightness shift: frequency 0
+    fine = 6 * ((-1) ** (x + y))[None, :, :, None]  # a checkerboard: 16 cycles
+    delta = np.broadcast_to(coarse + fine, clean.shape).astype(np.int16)
+
+    def write(pixels, name):
+        order = np.arange(n)
+        data = ImageSet(pixels.astype(np.uint8), order % 2, order, ["a", "b"])
+        return write_images(data, tmp_path / name).path
+
+    records = [
+        record("data", "data/clean", write(clean, "clean"), "clean"),
+        record("poison", "poison/x", write(clean + delta, "poison"), "x"),
+        record("defend", "defend/x/blur", write(clean + coarse, "blur"), "x", "blur"),
+    ]
+    (entry,) = trace(records)
+    assert entry["high_share"] == pytest.approx(0.5)
+    assert entry["kept_low"] == pytest.approx(1.0)
+    assert entry["kept_high"] == pytest.approx(0.0, abs=1e-9)
+    assert entry["kept"] == pytest.approx(0.5)
+    table = "\n".join(markdown([entry], ["clean", "x"]))
+    assert "| x | 0.50 | 1.00 / 0.00 |" in table

@@ -67,13 +67,15 @@ def load(name_or_path: str, overrides: Sequence[str]) -> ExperimentSpec:
 
 def run(args: argparse.Namespace) -> int:
     from raypurify.experiments.runner import run_experiment
+    from raypurify.reports.experiment import REPORT_FILES
 
     spec = load(args.spec, args.overrides)
     results = run_experiment(spec, args.out, force=args.force, num_cpus=args.num_cpus)
     print((Path(args.out) / "results.md").read_text())
     steps = results["steps"]
     print(f"{steps['ran']} steps run, {steps['reused']} reused from earlier runs")
-    print(f"results -> {args.out}/results.md, results.csv, accuracy.png, images.png")
+    made = [f for f in REPORT_FILES if (Path(args.out) / f).exists()]
+    print(f"results -> {args.out}/" + ", ".join(made))
     return 0
 
 

@@ -141,6 +141,7 @@ def train_cell(step: Step, directory: Path, ctx: Context) -> dict[str, Any]:
     run.finish()
     keep = (
         "accuracy",
+        "train_accuracy",
         "per_class",
         "epochs",
         "wall_s",

@@ -22,6 +22,13 @@ image, and the per-class mean is the simplest such part: a poison whose share is
 (a fresh pattern per image) mostly passes stage 1 and is left to stage 2's rate cap. Over
 a sample of n rows per class, noise with no class part still shows a share of about 1/n.
 
+And its share at fine spatial frequencies (HIGH_BAND cycles per image and up), with what each
+output kept below and from there. A sample-wise poison crafted by gradient steps lies mostly
+there, where a natural image holds little energy and a classifier still finds its shortcut;
+JPEG's quantiser drops small coefficients there, while a reconstruction sharp enough to
+keep the image's detail passes a small perturbation about as it passes that detail
+(docs/RESULTS.md, "Where in the spectrum TAP passes").
+
 These are diagnostics of an experiment, which holds the clean images a defender does not:
 they explain a table and must never be used to choose a setting.
 """
@@ -39,6 +46,7 @@ from raypurify.reports.figures import images_by_index
 
 SAMPLE = 2000  # rows per comparison: enough for two decimals, cheap to decode
 STAGES = ("p1", "p2", "p3")
+HIGH_BAND = 8.0  # cycles per image: for 32-px images, the finest three quarters of the radii
 
 
 def psnr(clean: np.ndarray, out: np.ndarray) -> float | None:
@@ -67,6 +75,22 @@ def energy_share(part: np.ndarray, whole: np.ndarray) -> float | None:
     `whole` is empty."""
     energy = float(np.sum(whole * whole))
     return None if energy == 0 else float(np.sum(part * part)) / energy
+
+
+def radial_frequency(height: int, width: int) -> np.ndarray:
+    """Each spatial frequency's distance from zero in cycles per image, shaped (1, H, W, 1)
+    to mask the spectra np.fft.fft2 gives of (N, H, W, C) images (axes 1, 2)."""
+    fy = np.fft.fftfreq(height) * height
+    fx = np.fft.fftfreq(width) * width
+    return np.hypot(*np.meshgrid(fy, fx, indexing="ij"))[None, :, :, None]
+
+
+def frequency_parts(delta: np.ndarray, cut: float = HIGH_BAND) -> tuple[np.ndarray, np.ndarray]:
+    """`delta` (N, H, W, C) split into its spatial frequencies below `cut` cycles per image
+    and the rest (orthogonal parts that add up to `delta`)."""
+    below = radial_frequency(*delta.shape[1:3]) < cut
+    low = np.fft.ifft2(np.fft.fft2(delta, axes=(1, 2)) * below, axes=(1, 2)).real
+    return low, delta - low
 
 
 def labels_by_index(path: str | Path, wanted: np.ndarray) -> np.ndarray:
@@ -107,8 +131,9 @@ def trace(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     ids = sample_rows(clean_path)
     clean = images_by_index(clean_path, ids)
     labels = labels_by_index(clean_path, ids)
-    # Each poisoned row's delta = x0 - x, with its class-wise part and the rest, read once.
-    poisons: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    # Each poisoned row's delta = x0 - x, with its class-wise part and the rest and its
+    # parts below and from HIGH_BAND, read once.
+    poisons: dict[str, tuple[np.ndarray, ...]] = {}
     entries = []
     for r in records:
         if r["kind"] not in ("defend", "purify") or not r.get("result"):
@@ -119,7 +144,7 @@ def trace(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             if poison is None:
                 continue
             delta = images_by_index(poison["result"]["path"], ids).astype(np.float64) - clean
-            poisons[row] = (delta, *class_parts(delta, labels))
+            poisons[row] = (delta, *class_parts(delta, labels), *frequency_parts(delta))
         for label, path in defence_outputs(r):
             if tuple(open_dataset(path).shape) != clean.shape[1:]:
                 continue  # grayscale and resizing defences change the image space
@@ -127,13 +152,16 @@ def trace(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             entry = {"row": row, "output": label, "rows": len(ids), "psnr": psnr(clean, out)}
             entry.update(kept=None, class_share=None)  # the clean row has no poison
             if row in poisons:  # how much of the poison, and of each part, the output kept
-                delta, means, rest = poisons[row]
+                delta, means, rest, low, high = poisons[row]
                 change = out.astype(np.float64) - clean
                 entry.update(
                     kept=share_kept(change, delta),
                     class_share=energy_share(means, delta),
                     kept_classwise=share_kept(change, means),
                     kept_rest=share_kept(change, rest),
+                    high_share=energy_share(high, delta),
+                    kept_low=share_kept(change, low),
+                    kept_high=share_kept(change, high),
                 )
             entries.append(entry)
     return entries
@@ -168,7 +196,7 @@ def markdown(entries: list[dict[str, Any]], rows: list[str]) -> list[str]:
             db = "inf" if e["psnr"] is None else f"{e['psnr']:.1f}"
             vals.append(f"{kept} / {db}")
         out.append(f"| {row} | " + " | ".join(vals) + " |")
-    return [*out, "", *stage1_parts(entries, rows)]
+    return [*out, "", *stage1_parts(entries, rows), *by_band(entries, rows)]
 
 
 def stage1_parts(entries: list[dict[str, Any]], rows: list[str]) -> list[str]:
@@ -189,4 +217,30 @@ def stage1_parts(entries: list[dict[str, Any]], rows: list[str]) -> list[str]:
         vals = [e["class_share"], e["kept_classwise"], e["kept_rest"]]
         cells = " | ".join("-" if v is None else f"{v:.2f}" for v in vals)
         out.append(f"| {e['row']} | {e['output']} | {cells} |")
+    return [*out, ""]
+
+
+def by_band(entries: list[dict[str, Any]], rows: list[str]) -> list[str]:
+    """What each output kept of each poison below HIGH_BAND and from there on."""
+    found = [e for e in entries if e.get("high_share") is not None]
+    if not found:
+        return []
+    outputs = list(dict.fromkeys(e["output"] for e in found))
+    cell = {(e["row"], e["output"]): e for e in found}
+    share = {e["row"]: e["high_share"] for e in found}
+    out = [
+        f"By spatial frequency: the share of the poison's energy at {HIGH_BAND:g} cycles per "
+        "image and up (where a sample-wise poison's shortcut mostly lies), and what each "
+        f"output kept of the poison below / from {HIGH_BAND:g} cycles:",
+        "",
+        f"| attack | share at {HIGH_BAND:g}+ cycles | " + " | ".join(outputs) + " |",
+        "|---|---:|" + "---:|" * len(outputs),
+    ]
+    for row in (r for r in rows if r in share):
+        vals = [f"{share[row]:.2f}"]
+        for o in outputs:
+            e = cell.get((row, o))
+            parts = () if e is None else (e["kept_low"], e["kept_high"])
+            vals.append(" / ".join("-" if v is None else f"{v:.2f}" for v in parts))
+        out.append(f"| {row} | " + " | ".join(vals) + " |")
     return [*out, ""]

@@ -21,6 +21,7 @@ from raypurify.experiments import trace
 from raypurify.experiments.spec import ExperimentSpec
 
 RUN_FILE = "run.json"
+REPORT_FILES = ("results.md", "results.csv", "accuracy.png", "images.png")  # what users open
 # What an experiment folder holds: a new run writes only into one of these (or an empty one).
 EXPERIMENT_SIGNS = (RUN_FILE, "store")
 
@@ -100,11 +101,44 @@ def columns(spec: ExperimentSpec) -> list[str]:
     return [d.column for d in spec.defenses] + extra
 
 
-def lookup(results: dict[str, Any], row: str, column: str, classifier: str) -> float | None:
+def lookup(
+    results: dict[str, Any], row: str, column: str, classifier: str, key: str = "accuracy"
+) -> float | None:
     for c in results["cells"]:
         if (c["row"], c["column"], c["classifier"]) == (row, column, classifier):
-            return c["accuracy"]
+            return c.get(key)
     return None
+
+
+def gap(results: dict[str, Any], row: str, column: str, classifier: str) -> float | None:
+    """Training minus test accuracy of a cell: about the clean row's for a training set
+    that teaches the images, far above it for one that still teaches a shortcut."""
+    fit = lookup(results, row, column, classifier, "train_accuracy")
+    test = lookup(results, row, column, classifier)
+    return None if fit is None or test is None else fit - test
+
+
+def gap_markdown(spec: ExperimentSpec, results: dict[str, Any]) -> list[str]:
+    """Each classifier's generalisation gap, cell by cell (cells trained before the
+    training accuracy was kept show '-')."""
+    cols, out = columns(spec), []
+    for c in spec.classifiers:
+        vals = {(r, col): gap(results, r, col, c.name) for r in rows(spec) for col in cols}
+        if all(v is None for v in vals.values()):
+            continue
+        out += [
+            f"Generalisation gap, classifier `{c.name}`: accuracy on its own training rows "
+            "in the last epoch minus clean test accuracy (points). A poison's shortcut is "
+            "learned and fails on clean images, so a cell far above the clean row's gap "
+            "trained on a set that still teaches one:",
+            "",
+            "| attack | " + " | ".join(cols) + " |",
+            "|---|" + "---:|" * len(cols),
+        ]
+        for row in rows(spec):
+            out.append(f"| {row} | " + " | ".join(pct(vals[row, col]) for col in cols) + " |")
+        out.append("")
+    return out
 
 
 def markdown(spec: ExperimentSpec, results: dict[str, Any]) -> str:
@@ -127,6 +161,7 @@ def markdown(spec: ExperimentSpec, results: dict[str, Any]) -> str:
             drops = [None if m is None or clean is None else clean - m for m in means]
             out.append(f"| drop vs clean ({cols[0]}) | " + " | ".join(pct(v) for v in drops) + " |")
         out.append("")
+    out += gap_markdown(spec, results)
     out += detection_markdown(results.get("detection", []))
     out += trace.markdown(results.get("trace", []), rows(spec))
     chosen = [x for x in results["cells"] if "chosen" in x]
@@ -202,7 +237,16 @@ def mean(values: list[float | None]) -> float | None:
 
 
 def write_csv(results: dict[str, Any], path: Path) -> None:
-    keys = ["row", "column", "classifier", "accuracy", "epochs", "wall_s", "chosen"]
+    keys = [
+        "row",
+        "column",
+        "classifier",
+        "accuracy",
+        "train_accuracy",
+        "epochs",
+        "wall_s",
+        "chosen",
+    ]
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
         w.writeheader()
@@ -245,12 +289,15 @@ def bar_chart(spec: ExperimentSpec, results: dict[str, Any], path: Path) -> None
 def write(
     spec: ExperimentSpec, results: dict[str, Any], out: Path, records: list[dict[str, Any]]
 ) -> list[Path]:
-    """results.json/.csv/.md, the bar chart and the image figure; returns the paths."""
-    files = [out / "results.json", out / "results.csv", out / "results.md", out / "accuracy.png"]
+    """results.json/.csv/.md, the bar chart (with a classifier to chart) and the image
+    figure; returns the paths."""
+    files = [out / "results.json", out / "results.csv", out / "results.md"]
     write_json(files[0], results)
     write_csv(results, files[1])
     files[2].write_text(markdown(spec, results))
-    bar_chart(spec, results, files[3])
+    if spec.classifiers:  # a spec without one makes the datasets and their trace only
+        files.append(out / "accuracy.png")
+        bar_chart(spec, results, files[-1])
     from raypurify.reports.figures import pipeline_figure
 
     figure = pipeline_figure(spec, records, out / "images.png")
